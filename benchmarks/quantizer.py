@@ -1,0 +1,218 @@
+"""Speed and memory of one VectorQuantize call: ours against vector_quantize_pytorch.
+
+Times forward + backward of one training-mode call (EMA codebook, decay=0.8,
+commitment_weight=1.0) of each layer, in the same process, alternating between them so that
+machine noise hits both alike, and prints medians and the ratio ours / library. Two simple
+baselines are timed beside them: the course's layer (``torch.cdist`` + argmin + straight-through,
+learnable codebook) and a plain matmul layer (``addmm`` + argmin + straight-through, no codebook
+update). A second table gives the peak extra memory of one call on a (65536, 256) batch against
+8192 codes, each measured in a fresh subprocess.
+
+    python benchmarks/quantizer.py                 # CPU, and CUDA when present
+    python benchmarks/quantizer.py --device cpu --repeats 30 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vqvae import VectorQuantize
+
+CPU_SHAPES = [((128, 16, 16), 512), ((8, 1024, 256), 512)]
+CUDA_SHAPES = CPU_SHAPES + [((64, 4096, 256), 8192)]
+MEMORY_CASE = ((65536, 256), 8192)
+
+
+class CourseLayer(torch.nn.Module):
+    """The seed's VectorQuantize: cdist + argmin + straight-through, learnable codebook."""
+
+    def __init__(self, dim: int, codebook_size: int):
+        super().__init__()
+        self.codebook = torch.nn.Parameter(torch.rand(codebook_size, dim))
+
+    def forward(self, x):
+        codes = torch.cdist(x, self.codebook).argmin(dim=-1)
+        quantized = self.codebook[codes]
+        loss = F.mse_loss(x, quantized.detach()) + F.mse_loss(x.detach(), quantized)
+        return (quantized - x).detach() + x, codes, loss
+
+
+class MatmulLayer(torch.nn.Module):
+    """A lower bound: addmm + argmin + straight-through, nothing else."""
+
+    def __init__(self, dim: int, codebook_size: int):
+        super().__init__()
+        self.register_buffer("codebook", torch.randn(codebook_size, dim))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            d = torch.addmm(self.codebook.pow(2).sum(-1), flat, self.codebook.t(), alpha=-2)
+            codes = d.argmin(-1)
+        quantized = self.codebook[codes].view_as(x)
+        return (quantized - x).detach() + x, codes, F.mse_loss(x, quantized)
+
+
+def make_layers(dim: int, codebook_size: int) -> dict[str, torch.nn.Module]:
+    from vector_quantize_pytorch import VectorQuantize as LibraryVQ
+
+    return {
+        "ours": VectorQuantize(dim=dim, codebook_size=codebook_size, decay=0.8,
+                               commitment_weight=1.0),
+        "library": LibraryVQ(dim=dim, codebook_size=codebook_size, decay=0.8,
+                             commitment_weight=1.0),
+        "course cdist": CourseLayer(dim, codebook_size),
+        "plain matmul": MatmulLayer(dim, codebook_size),
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step(layer: torch.nn.Module, x: torch.Tensor) -> None:
+    quantized, _, loss = layer(x)
+    (quantized.sum() + loss).backward()
+
+
+def time_shape(shape, codebook_size, device, repeats, warmup) -> dict:
+    torch.manual_seed(0)
+    layers = {name: layer.to(device).train() for name, layer in
+              make_layers(shape[-1], codebook_size).items()}
+    x = torch.randn(shape, device=device, requires_grad=True)
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    for layer in layers.values():
+        for _ in range(warmup):
+            step(layer, x)
+    sync(device)
+    for _ in range(repeats):
+        for name, layer in layers.items():  # alternate, so drift hits every layer alike
+            x.grad = None
+            sync(device)
+            start = time.perf_counter()
+            step(layer, x)
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {
+        "device": device.type,
+        "shape": list(shape),
+        "codebook_size": codebook_size,
+        "median_ms": medians,
+        "ratio_ours_over_library": medians["ours"] / medians["library"],
+        "repeats": repeats,
+    }
+
+
+MEMORY_SCRIPT = r"""
+import resource, sys, torch
+sys.path.insert(0, {bench_dir!r})
+from quantizer import make_layers, step, sync
+name, device = sys.argv[1], torch.device(sys.argv[2])
+(rows, dim), k = {case!r}
+torch.manual_seed(0)
+layer = make_layers(dim, k)[name].to(device).train()
+x = torch.randn(rows, dim, device=device, requires_grad=True)
+def rss():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * 4096
+sync(device)
+if device.type == 'cuda':
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+else:
+    before = rss()
+step(layer, x)
+sync(device)
+if device.type == 'cuda':
+    peak = torch.cuda.max_memory_allocated(device)
+else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(max(0, peak - before))
+"""
+
+
+def peak_memory(name: str, device: torch.device) -> float:
+    """Peak memory of one forward + backward above what was allocated before it, in GiB."""
+    script = MEMORY_SCRIPT.format(bench_dir=str(Path(__file__).parent), case=MEMORY_CASE)
+    out = subprocess.run([sys.executable, "-c", script, name, str(device)],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 2**30
+
+
+def print_speed_table(rows: list[dict]) -> None:
+    names = list(rows[0]["median_ms"])
+    header = ["device", "shape × codes"] + [f"{n} (ms)" for n in names] + ["ours / library"]
+    lines = [header]
+    for r in rows:
+        lines.append([r["device"], f"{tuple(r['shape'])} × {r['codebook_size']}"]
+                     + [f"{r['median_ms'][n]:.2f}" for n in names]
+                     + [f"{r['ratio_ours_over_library']:.3f}"])
+    print_markdown(lines)
+
+
+def print_markdown(lines: list[list[str]]) -> None:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for j, line in enumerate(lines):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
+        if j == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/quantizer.json"))
+    args = parser.parse_args()
+
+    devices = []
+    if args.device in ("all", "cpu"):
+        devices.append(torch.device("cpu"))
+    if args.device in ("all", "cuda") and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+
+    rows = []
+    for device in devices:
+        for shape, k in CPU_SHAPES if device.type == "cpu" else CUDA_SHAPES:
+            rows.append(time_shape(shape, k, device, args.repeats, args.warmup))
+            print(f"timed {device.type} {shape} × {k}", file=sys.stderr)
+    print(f"\nForward + backward of one training call, median of {args.repeats} "
+          f"(torch {torch.__version__}, {torch.get_num_threads()} threads):\n")
+    print_speed_table(rows)
+
+    memory = []
+    if not args.skip_memory:
+        for device in devices:
+            for name in ("ours", "library"):
+                memory.append({"device": device.type, "layer": name,
+                               "case": [list(MEMORY_CASE[0]), MEMORY_CASE[1]],
+                               "peak_extra_gib": peak_memory(name, device)})
+        print(f"\nPeak memory of one forward + backward, {MEMORY_CASE[0]} batch × "
+              f"{MEMORY_CASE[1]} codes, above what was allocated before the call:\n")
+        print_markdown([["device", "layer", "peak (GiB)"]] + [
+            [m["device"], m["layer"], f"{m['peak_extra_gib']:.3f}"] for m in memory])
+
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    result = {"speed": rows, "memory": memory, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "machine": platform.machine(),
+              "processor": platform.processor()}
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Quantizers: modules that map vectors to discrete codes and back."""
+
+from .kmeans import KMeansResult, kmeans
+from .metrics import CodebookUsage, code_counts, codebook_usage
+from .search import nearest_code, sample_code
+from .vector_quantize import QuantizerInputError, VectorQuantize, VQOutput
+
+__all__ = [
+    "CodebookUsage",
+    "KMeansResult",
+    "QuantizerInputError",
+    "VQOutput",
+    "VectorQuantize",
+    "code_counts",
+    "codebook_usage",
+    "kmeans",
+    "nearest_code",
+    "sample_code",
+]
