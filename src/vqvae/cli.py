@@ -1,21 +1,327 @@
-"""The ``vqvae`` command: parses arguments, then calls the library. No logic of its own."""
+"""The ``vqvae`` command: parses arguments, then calls the library. No logic of its own.
+
+Misuse (bad options, a directory that is not a run) exits with status 2 and a message; a
+failure while working (data that fails verification, a diverged run) exits with status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+import time
+from pathlib import Path
 
 from . import __version__
 
 
-def _demo(args: argparse.Namespace) -> int:
+class UsageError(Exception):
+    """The command line asks for something that cannot be done; exit status 2."""
+
+
+# ---------------------------------------------------------------------------- option parsing
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().replace("-", "_"), value
+
+
+def _index_list(text: str) -> list[int]:
+    """``0-9``, ``3,5,7`` or a mix: ``0-4,10``."""
+    indices: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                indices += list(range(int(lo), int(hi) + 1))
+            else:
+                indices.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected indices like 0-9 or 1,5,7, got {text!r}") \
+            from None
+    if not indices or min(indices) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative indices, got {text!r}")
+    return indices
+
+
+TRAINING_OPTIONS = ("quantizer", "vector_dim", "num_embeddings", "codebook_size", "hidden_dim",
+                    "quantizer_option", "epochs", "batch_size", "lr", "lr_schedule", "seed",
+                    "device", "precision", "dataset", "train_subset", "test_subset")
+
+
+def _add_training_options(parser: argparse.ArgumentParser, *, quantizer_choices) -> None:
+    from .data import DATASETS
+    from .models import ModelConfig
+    from .train import TrainConfig
+
+    model, train = ModelConfig(), TrainConfig()
+    group = parser.add_argument_group("model")
+    group.add_argument("--vector-dim", type=_positive_int, metavar="D",
+                       help=f"size of each code vector (default: {model.vector_dim})")
+    group.add_argument("--num-embeddings", type=_positive_int, metavar="N",
+                       help=f"code positions per image (default: {model.num_embeddings})")
+    group.add_argument("--codebook-size", type=_positive_int, metavar="K",
+                       help=f"codes in the codebook (default: {model.codebook_size})")
+    group.add_argument("--hidden-dim", type=_positive_int, metavar="H",
+                       help=f"width of the MLP's hidden layers (default: {model.hidden_dim})")
+    group.add_argument("-o", "--quantizer-option", type=_key_value, action="append",
+                       metavar="KEY=VALUE",
+                       help="an option of the quantizer, e.g. -o decay=0.95 -o "
+                            "rotation_trick=true (repeatable; values are JSON)")
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=_positive_int, help=f"(default: {train.epochs})")
+    group.add_argument("--batch-size", type=_positive_int, help=f"(default: {train.batch_size})")
+    group.add_argument("--lr", type=_positive_float,
+                       help=f"peak learning rate of Adam (default: {train.lr})")
+    group.add_argument("--lr-schedule", choices=("cosine", "constant"),
+                       help=f"cosine: {train.warmup_fraction:.0%} warm-up, then cosine decay "
+                            f"to zero (default: {train.lr_schedule})")
+    group.add_argument("--seed", type=int, help=f"random seed (default: {train.seed})")
+    group.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
+    group.add_argument("--precision", choices=("fp32", "bf16"),
+                       help="bf16 runs encoder and decoder under autocast; the quantizer's "
+                            "distances stay float32 (default: fp32)")
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", choices=sorted(DATASETS),
+                       help=f"(default: {train.dataset})")
+    group.add_argument("--data-dir", metavar="DIR",
+                       help="directory with the four IDX files, looked at before "
+                            "$VQVAE_DATA_DIR and the cache; downloads go here if missing")
+    group.add_argument("--train-subset", type=_positive_int, metavar="N",
+                       help="train on the first N training images only")
+    group.add_argument("--test-subset", type=_positive_int, metavar="N",
+                       help="evaluate on the first N test images only")
+    if quantizer_choices:
+        parser.add_argument("--quantizer", choices=quantizer_choices,
+                            help=f"ours: our VectorQuantize; lucidrains: the library's (the "
+                                 f"course's Exercise 1); naive: the course's own layer "
+                                 f"(Exercise 2) (default: {model.quantizer})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _configs(args: argparse.Namespace, out_dir: str):
+    from .models import ModelConfig
+    from .train import TrainConfig
+
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    model_kwargs = {k: v for k, v in given.items() if k in model_fields}
+    if args.quantizer_option:
+        model_kwargs["quantizer_options"] = dict(args.quantizer_option)
+    train_kwargs = {k: v for k, v in given.items() if k in train_fields}
+    train_kwargs.update(out_dir=out_dir, progress=not args.no_progress)
+    try:
+        return TrainConfig(**train_kwargs), ModelConfig(**model_kwargs)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+
+
+def _default_out_dir(prefix: str) -> str:
+    return str(Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _check_new_run_dir(path: Path) -> None:
+    from .train import CHECKPOINT, CONFIG
+
+    if (path / CONFIG).exists() or (path / CHECKPOINT).exists():
+        raise UsageError(f"{path} already holds a run; continue it with --resume {path}, or "
+                         "choose another --out-dir")
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _print_metrics(metrics: dict, run_dir: Path, figures: dict) -> None:
+    print(f"\nrun directory: {run_dir}")
+    print(f"  test MSE          {metrics['test_mse']:.5f}  (per pixel, pixels in [0, 1])")
+    print(f"  perplexity        {metrics['perplexity']:.1f}")
+    print(f"  used codes        {metrics['used_codes']} / {metrics['codebook_size']}")
+    print(f"  seconds per epoch {metrics['seconds_per_epoch']:.2f}  (median)")
+    print("images:")
+    for path in figures.values():
+        print(f"  {path}")
+    print(f"metrics: {run_dir / 'metrics.json'}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import resume, train
+    from .workflow import write_run_figures
+
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k in TRAINING_OPTIONS
+                 if getattr(args, k, None) is not None]
+        if given or args.out_dir:
+            raise UsageError(f"--resume continues a run with the settings it started with; "
+                             f"remove {' '.join(given + (['--out-dir'] if args.out_dir else []))}")
+        overrides = {"progress": not args.no_progress}
+        if args.data_dir:
+            overrides["data_dir"] = args.data_dir
+        try:
+            run = resume(args.resume, **overrides)
+        except FileNotFoundError as error:
+            raise UsageError(str(error)) from None
+    else:
+        train_config, model_config = _configs(args, args.out_dir or _default_out_dir("train"))
+        _check_new_run_dir(Path(train_config.out_dir))
+        print(f"training {model_config.quantizer} VQ-VAE on {train_config.dataset} for "
+              f"{train_config.epochs} epochs -> {train_config.out_dir}")
+        run = train(train_config, model_config)
+    figures = write_run_figures(run)
+    _print_metrics(run.metrics, run.run_dir, figures)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .models import QUANTIZERS
+    from .workflow import compare, comparison_table
+
+    names = [n.strip() for n in args.quantizers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in QUANTIZERS]
+    if unknown or not names:
+        raise UsageError(f"unknown quantizer(s) {unknown}; choose from {sorted(QUANTIZERS)}")
+    if args.quantizer_option:
+        raise UsageError("compare trains each quantizer with its own defaults; "
+                         "-o/--quantizer-option applies to 'vqvae train' only")
+    out_dir = Path(args.out_dir or _default_out_dir("compare"))
+    for name in names:
+        _check_new_run_dir(out_dir / name)
+    train_config, model_config = _configs(args, str(out_dir))
+    rows = compare(names, train_config, model_config, out_dir)
+    print()
+    print(comparison_table(rows))
+    print(f"\nwrote {out_dir / 'comparison.json'}, {out_dir / 'comparison.md'} and "
+          f"{out_dir / 'comparison.png'}")
+    return 0
+
+
+def _load_run_model(run_dir: str, device: str):
+    from .train import load_model, resolve_device
+
+    try:
+        return load_model(run_dir, resolve_device(device))
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from None
+
+
+def _source_images(args, model):
+    """Images named on the command line: test-set indices or PNG files."""
+    from .data import load_dataset
+    from .train import read_config
+    from .workflow import read_png_images
+
+    if args.images:
+        return read_png_images(args.images, model.config.image_size, invert=args.invert), \
+            [str(p) for p in args.images]
+    train_config, _ = read_config(Path(args.run_dir))
+    test = load_dataset(train_config.dataset, "test", args.data_dir or train_config.data_dir,
+                        progress=False)
+    indices = args.indices or list(range(10))
+    if max(indices) >= len(test):
+        raise UsageError(f"test-set index {max(indices)} out of range (0-{len(test) - 1})")
+    images = test.as_float()[indices].unsqueeze(1)
+    return images, [f"{train_config.dataset}-test[{i}]" for i in indices]
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from . import plots
+    from .workflow import reconstruct
+
+    model = _load_run_model(args.run_dir, args.device)
+    images, _ = _source_images(args, model)
+    device = next(model.parameters()).device
+    out = Path(args.out or Path(args.run_dir) / "reconstruct.png")
+    plots.image_rows([images, reconstruct(model, images.to(device))],
+                     ["input", "reconstruction"], out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from . import plots
+    from .workflow import random_codes
+
+    model = _load_run_model(args.run_dir, args.device)
+    device = next(model.parameters()).device
+    images = model.decode(random_codes(model.config, args.num, args.seed).to(device))
+    out = Path(args.out or Path(args.run_dir) / "samples_random.png")
+    if out.suffix == ".npy":
+        import numpy as np
+
+        np.save(out, images[:, 0].float().cpu().numpy())
+    else:
+        plots.image_grid(images, out, columns=min(args.num, 8),
+                         title="Decoded from uniformly random codes")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from .workflow import save_codes
+
+    model = _load_run_model(args.run_dir, args.device)
+    images, sources = _source_images(args, model)
+    codes = model.encode(images.to(next(model.parameters()).device))
+    out = save_codes(Path(args.out), codes, model.config, sources)
+    print(f"wrote {len(codes)} code sequences of {codes.shape[1]} codes to {out}")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from . import plots
+    from .workflow import load_codes, write_png_images
+
+    model = _load_run_model(args.run_dir, args.device)
+    try:
+        codes, _ = load_codes(Path(args.codes), model.config)
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    images = model.decode(codes.to(next(model.parameters()).device))
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        plots.image_grid(images, out, columns=min(len(images), 10))
+        print(f"wrote {out}")
+    else:
+        paths = write_png_images(images, out, [f"{i:05d}.png" for i in range(len(images))])
+        print(f"wrote {len(paths)} PNG files to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from .quantizers import VectorQuantize, codebook_usage
 
     torch.manual_seed(args.seed)
-    vq = VectorQuantize(dim=args.dim, codebook_size=args.codebook_size, decay=0.8,
-                        commitment_weight=1.0, kmeans_init=True)
+    vq = VectorQuantize(dim=args.dim, codebook_size=args.codebook_size, kmeans_init=True)
     x = torch.randn(8, 1024, args.dim)
     print(f"{vq}\ninput x: {tuple(x.shape)}")
     for step in range(1, args.steps + 1):
@@ -23,30 +329,91 @@ def _demo(args: argparse.Namespace) -> int:
         usage = codebook_usage(indices, args.codebook_size)
         print(f"step {step}: loss {loss.item():.4f}  perplexity {usage.perplexity:.1f}  "
               f"used codes {usage.used_codes}/{args.codebook_size}")
-    vq.eval()
-    quantized, indices, _ = vq(x)
-    print(f"quantized: {tuple(quantized.shape)}  indices: {tuple(indices.shape)} "
-          f"{indices.dtype}  decode(indices) == quantized: "
-          f"{torch.equal(vq.decode(indices), quantized)}")
     return 0
 
 
+# ---------------------------------------------------------------------------- the parser
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .models import QUANTIZERS
+
     parser = argparse.ArgumentParser(
         prog="vqvae",
-        description="Vector Quantized VAEs: quantizers, training and evaluation on MNIST.",
-    )
+        description="Vector Quantized VAEs: train on MNIST / Fashion-MNIST, compare quantizers, "
+                    "turn images into discrete codes and back.",
+        epilog="Run 'vqvae COMMAND --help' for the options of a command.")
     parser.add_argument("--version", action="version", version=f"vqvae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="quantize random vectors and print codebook usage",
-                          description="Quantize random vectors with VectorQuantize (k-means "
-                                      "init, EMA codebook) and print loss and codebook usage.")
-    demo.add_argument("--dim", type=int, default=256, help="vector size (default: 256)")
-    demo.add_argument("--codebook-size", type=int, default=512, help="codes (default: 512)")
-    demo.add_argument("--steps", type=int, default=5, help="training calls (default: 5)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.set_defaults(func=_demo)
+    p = sub.add_parser("train", help="train a VQ-VAE and write its run directory",
+                       description="Train the course's MLP VQ-VAE. The run directory gets "
+                                   "config.json, metrics.json, checkpoint.pt, "
+                                   "reconstructions.png, samples_random.png and curves.png.")
+    _add_training_options(p, quantizer_choices=sorted(QUANTIZERS))
+    p.add_argument("--out-dir", metavar="DIR", help="run directory (default: runs/train-TIME)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train several quantizers side by side",
+                       description="Train each quantizer with the same data order and seed; "
+                                   "print a table and write comparison.json, comparison.md and "
+                                   "comparison.png (the same test digits reconstructed by each).")
+    p.add_argument("--quantizers", default="ours,lucidrains,naive",
+                   help=f"comma-separated, from {', '.join(sorted(QUANTIZERS))} "
+                        "(default: ours,lucidrains,naive)")
+    _add_training_options(p, quantizer_choices=())
+    p.add_argument("--out-dir", metavar="DIR", help="(default: runs/compare-TIME)")
+    p.set_defaults(func=cmd_compare)
+
+    def run_command(name, help_, description, func, sources=False):
+        p = sub.add_parser(name, help=help_, description=description)
+        p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by vqvae train")
+        p.add_argument("--device", default="cpu", help="(default: cpu)")
+        if sources:
+            src = p.add_mutually_exclusive_group()
+            src.add_argument("--indices", type=_index_list, metavar="LIST",
+                             help="test-set images, e.g. 0-9 or 3,14,15 (default: 0-9)")
+            src.add_argument("--images", type=Path, nargs="+", metavar="PNG",
+                             help="PNG files (grayscale, resized to 28×28)")
+            p.add_argument("--invert", action="store_true",
+                           help="invert PNGs drawn dark on light (MNIST is light on dark)")
+            p.add_argument("--data-dir", metavar="DIR", help="where the dataset is")
+        p.set_defaults(func=func)
+        return p
+
+    p = run_command("reconstruct", "reconstruct test images or PNGs with a trained model",
+                    "Write a figure with the images above their reconstructions.",
+                    cmd_reconstruct, sources=True)
+    p.add_argument("--out", metavar="PNG", help="(default: RUN_DIR/reconstruct.png)")
+
+    p = run_command("sample", "decode random codes with a trained model",
+                    "Decode uniformly random codes into images.", cmd_sample)
+    p.add_argument("--num", type=_positive_int, default=64, help="images (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--out", metavar="FILE",
+                   help="a .png grid, or .npy for an (N, 28, 28) array in [0, 1] "
+                        "(default: RUN_DIR/samples_random.png)")
+
+    p = run_command("encode", "turn images into codes (a JSON codes file)",
+                    "Encode test-set images or PNG files to their discrete codes.",
+                    cmd_encode, sources=True)
+    p.add_argument("--out", required=True, metavar="CODES.json", help="codes file to write")
+
+    p = run_command("decode", "turn a codes file back into images",
+                    "Decode a codes file (from vqvae encode, or an (N, positions) .npy integer "
+                    "array) into images.", cmd_decode)
+    p.add_argument("codes", metavar="CODES", help="codes file (.json or .npy)")
+    p.add_argument("--out", required=True, metavar="OUT",
+                   help="a .png grid, or a directory for one PNG per image")
+
+    p = sub.add_parser("demo", help="quantize random vectors and print codebook usage")
+    p.add_argument("--dim", type=_positive_int, default=256, help="(default: 256)")
+    p.add_argument("--codebook-size", type=_positive_int, default=512, help="(default: 512)")
+    p.add_argument("--steps", type=_positive_int, default=5, help="(default: 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -54,9 +421,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
-    return args.func(args)
+    from .data import DatasetError
+
+    try:
+        return args.func(args)
+    except UsageError as error:
+        parser.exit(2, f"vqvae {args.command}: error: {error}\n")
+    except (DatasetError, FloatingPointError) as error:
+        parser.exit(1, f"vqvae {args.command}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "\ninterrupted; a run can be continued with 'vqvae train --resume "
+                         "RUN_DIR'\n")
+    return 0
 
 
 if __name__ == "__main__":

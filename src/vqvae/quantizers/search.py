@@ -29,6 +29,11 @@ def _row_blocks(num_rows: int, codebook_size: int, itemsize: int, max_block_byte
         yield start, min(num_rows, start + rows)
 
 
+def _float_inputs(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    dtype = distance_dtype(torch.promote_types(x.dtype, codebook.dtype))
+    return x.to(dtype), codebook.to(dtype)
+
+
 @torch.no_grad()
 def nearest_code(
     x: Tensor, codebook: Tensor, *, max_block_bytes: int = DEFAULT_BLOCK_BYTES
@@ -43,18 +48,20 @@ def nearest_code(
     Returns:
         ``(N,)`` int64 indices, equal to ``torch.cdist(x, codebook).argmin(-1)`` up to ties.
     """
-    dtype = distance_dtype(torch.promote_types(x.dtype, codebook.dtype))
-    with torch.autocast(x.device.type, enabled=False):
-        x = x.to(dtype)
-        codebook = codebook.to(dtype)
-        code_sq = codebook.pow(2).sum(-1)  # (K,)
-        codebook_t = codebook.t()  # (D, K)
-        out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        for start, stop in _row_blocks(x.shape[0], codebook.shape[0], itemsize, max_block_bytes):
-            # (rows, K) = ||c||² - 2 x·cᵀ, the squared distance less the row constant ||x||²
-            partial = torch.addmm(code_sq, x[start:stop], codebook_t, beta=1.0, alpha=-2.0)
-            torch.argmin(partial, dim=-1, out=out[start:stop])
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return nearest_code(x, codebook, max_block_bytes=max_block_bytes)
+    x, codebook = _float_inputs(x, codebook)
+    code_sq = codebook.pow(2).sum(-1)  # (K,)
+    blocks = list(_row_blocks(x.shape[0], codebook.shape[0], x.dtype.itemsize, max_block_bytes))
+    if len(blocks) == 1:
+        # (N, K) = ||c||² - 2 x·cᵀ, the squared distance less the row constant ||x||²
+        return torch.addmm(code_sq, x, codebook.t(), alpha=-2.0).min(dim=-1).indices
+    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    values = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    for start, stop in blocks:
+        partial = torch.addmm(code_sq, x[start:stop], codebook.t(), alpha=-2.0)
+        torch.min(partial, dim=-1, out=(values[start:stop], out[start:stop]))
     return out
 
 
@@ -77,23 +84,22 @@ def sample_code(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return nearest_code(x, codebook, max_block_bytes=max_block_bytes)
-    dtype = distance_dtype(torch.promote_types(x.dtype, codebook.dtype))
-    with torch.autocast(x.device.type, enabled=False):
-        x = x.to(dtype)
-        codebook = codebook.to(dtype)
-        code_sq = codebook.pow(2).sum(-1)  # (K,)
-        x_sq = x.pow(2).sum(-1, keepdim=True)  # (N, 1)
-        out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        tiny = torch.finfo(dtype).tiny
-        for start, stop in _row_blocks(x.shape[0], codebook.shape[0], itemsize, max_block_bytes):
-            sq = torch.addmm(code_sq, x[start:stop], codebook.t(), beta=1.0, alpha=-2.0)
-            distance = sq.add_(x_sq[start:stop]).clamp_(min=0).sqrt_()  # (rows, K)
-            uniform = torch.rand(
-                distance.shape, generator=generator, dtype=dtype, device=x.device
-            )
-            gumbel = uniform.clamp_(min=tiny).log_().neg_().log_().neg_()
-            # argmax(-d/T + g) samples from softmax(-d/T)
-            torch.argmax(gumbel.add_(distance, alpha=-1.0 / temperature), dim=-1,
-                         out=out[start:stop])
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return sample_code(x, codebook, temperature, generator=generator,
+                               max_block_bytes=max_block_bytes)
+    x, codebook = _float_inputs(x, codebook)
+    code_sq = codebook.pow(2).sum(-1)  # (K,)
+    x_sq = x.pow(2).sum(-1, keepdim=True)  # (N, 1)
+    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    tiny = torch.finfo(x.dtype).tiny
+    for start, stop in _row_blocks(x.shape[0], codebook.shape[0], x.dtype.itemsize,
+                                   max_block_bytes):
+        sq = torch.addmm(code_sq, x[start:stop], codebook.t(), alpha=-2.0)
+        distance = sq.add_(x_sq[start:stop]).clamp_(min=0).sqrt_()  # (rows, K)
+        uniform = torch.rand(distance.shape, generator=generator, dtype=x.dtype,
+                             device=x.device)
+        gumbel = uniform.clamp_(min=tiny).log_().neg_().log_().neg_()
+        # argmax(-d/T + g) samples from softmax(-d/T)
+        out[start:stop] = gumbel.add_(distance, alpha=-1.0 / temperature).argmax(dim=-1)
     return out

@@ -236,11 +236,6 @@ class VectorQuantize(nn.Module):
                                max_block_bytes=self.max_search_bytes)
         return nearest_code(h, codebook, max_block_bytes=self.max_search_bytes)
 
-    def _all_reduce(self, tensor: Tensor) -> Tensor:
-        if distributed.should_sync(self.sync_codebook):
-            distributed.all_reduce(tensor)
-        return tensor
-
     def _smoothed_cluster_size(self, cluster_size: Tensor) -> Tensor:
         # Laplace smoothing: no code has a zero size, and the sizes still sum to n
         n = cluster_size.sum()
@@ -256,16 +251,18 @@ class VectorQuantize(nn.Module):
         user stays written.
         """
         counts = torch.bincount(indices, minlength=self.codebook_size).to(h.dtype)  # (K,)
-        sums = torch.zeros_like(self.codebook, dtype=h.dtype).index_add_(0, indices, h)  # (K, D)
-        self._all_reduce(counts)
-        self._all_reduce(sums)
-        embed_sum = self.codebook * self._smoothed_cluster_size(self.cluster_size).unsqueeze(-1)
-        embed_sum.lerp_(sums.to(embed_sum.dtype), 1.0 - self.decay)
+        sums = h.new_zeros(self.codebook.shape).index_add_(0, indices, h)  # (K, D)
+        if distributed.should_sync(self.sync_codebook):
+            distributed.all_reduce(counts)
+            distributed.all_reduce(sums)
+        codebook = self.codebook
+        embed_sum = codebook * self._smoothed_cluster_size(self.cluster_size).unsqueeze(-1)
+        embed_sum.lerp_(sums.to(codebook.dtype), 1.0 - self.decay)
         self.cluster_size.lerp_(counts.to(self.cluster_size.dtype), 1.0 - self.decay)
-        codebook = embed_sum / self._smoothed_cluster_size(self.cluster_size).unsqueeze(-1)
+        torch.div(embed_sum, self._smoothed_cluster_size(self.cluster_size).unsqueeze(-1),
+                  out=codebook)
         if self.use_cosine_sim:
-            codebook = F.normalize(codebook, dim=-1)
-        self.codebook.copy_(codebook)
+            codebook.copy_(F.normalize(codebook, dim=-1))
 
     @torch.no_grad()
     def _initialize_from(self, h: Tensor) -> None:

@@ -1,0 +1,177 @@
+"""VQ-VAE models: encoder, quantizer and decoder, configured by one dataclass.
+
+The MLP model is the course's, layer for layer:
+
+    encoder  784 → 300 → 300 → vector_dim·num_embeddings   (LeakyReLU between)
+    reshape  (B, num_embeddings, vector_dim): one code per position
+    decoder  vector_dim·num_embeddings → 300 → 300 → 784    (LeakyReLU between, Sigmoid last)
+
+The quantizer is chosen by name (see :data:`QUANTIZERS`); every one follows the contract
+``quantized, indices, loss = q(x)`` with ``x`` of shape ``(..., vector_dim)`` and has
+``decode(indices)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .quantizers import VectorQuantize
+from .quantizers.course import CourseVectorQuantize
+
+#: Options of our VectorQuantize for the MNIST models (``--quantizer ours``). See the README's
+#: "What the defaults are and why" for the runs behind each choice.
+OURS_DEFAULTS: dict[str, Any] = {
+    "decay": 0.8,
+    "commitment_weight": 1.0,
+    "kmeans_init": True,
+    "kmeans_iters": 10,
+    "threshold_ema_dead_code": 1.0,
+}
+
+
+def _ours(dim: int, codebook_size: int, options: dict) -> nn.Module:
+    return VectorQuantize(dim=dim, codebook_size=codebook_size, **options)
+
+
+def _lucidrains(dim: int, codebook_size: int, options: dict) -> nn.Module:
+    from vector_quantize_pytorch import VectorQuantize as LibraryVectorQuantize
+
+    layer = LibraryVectorQuantize(dim=dim, codebook_size=codebook_size, **options)
+    layer.decode = layer.get_output_from_indices
+    return layer
+
+
+def _naive(dim: int, codebook_size: int, options: dict) -> nn.Module:
+    if options:
+        raise ValueError(f"the course's layer takes no options, got {sorted(options)}")
+    return CourseVectorQuantize(codebook_size=codebook_size, dim=dim)
+
+
+#: name -> (builder, default options). Options given in a config replace the defaults key by key.
+QUANTIZERS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "ours": (_ours, OURS_DEFAULTS),
+    # Exercise 1: the library's layer with the course's settings
+    "lucidrains": (_lucidrains, {"decay": 0.8, "commitment_weight": 1.0}),
+    # Exercise 2 as the course writes it
+    "naive": (_naive, {}),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; saved with every checkpoint."""
+
+    model: str = "mlp"
+    image_size: int = 28
+    hidden_dim: int = 300
+    vector_dim: int = 16
+    num_embeddings: int = 16  # code positions per image
+    codebook_size: int = 512
+    quantizer: str = "ours"
+    quantizer_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(MODELS)}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(
+                f"unknown quantizer {self.quantizer!r}; choose one of {sorted(QUANTIZERS)}")
+        for name in ("image_size", "hidden_dim", "vector_dim", "num_embeddings", "codebook_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        # Record the options in full, so a checkpoint says exactly what was trained
+        self.quantizer_options = {**QUANTIZERS[self.quantizer][1], **self.quantizer_options}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**values)
+
+
+class VQVAEOutput(NamedTuple):
+    reconstruction: Tensor  # (B, 1, H, W) in [0, 1]
+    indices: Tensor  # (B, num_embeddings) int64 codes
+    vq_loss: Tensor  # scalar
+
+
+class MLPEncoder(nn.Sequential):
+    def __init__(self, config: ModelConfig):
+        pixels = config.image_size**2
+        super().__init__(
+            nn.Flatten(),
+            nn.Linear(pixels, config.hidden_dim),
+            nn.LeakyReLU(),
+            nn.Linear(config.hidden_dim, config.hidden_dim),
+            nn.LeakyReLU(),
+            nn.Linear(config.hidden_dim, config.vector_dim * config.num_embeddings),
+            nn.Unflatten(1, (config.num_embeddings, config.vector_dim)),
+        )
+
+
+class MLPDecoder(nn.Sequential):
+    def __init__(self, config: ModelConfig):
+        super().__init__(
+            nn.Flatten(),
+            nn.Linear(config.vector_dim * config.num_embeddings, config.hidden_dim),
+            nn.LeakyReLU(),
+            nn.Linear(config.hidden_dim, config.hidden_dim),
+            nn.LeakyReLU(),
+            nn.Linear(config.hidden_dim, config.image_size**2),
+            nn.Sigmoid(),
+            nn.Unflatten(1, (1, config.image_size, config.image_size)),
+        )
+
+
+MODELS = {"mlp": (MLPEncoder, MLPDecoder)}
+
+
+class VQVAE(nn.Module):
+    """Encoder → quantizer → decoder. Images are ``(B, 1, H, W)`` floats in [0, 1]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        encoder, decoder = MODELS[config.model]
+        self.encoder = encoder(config)
+        self.decoder = decoder(config)
+        build, _ = QUANTIZERS[config.quantizer]
+        self.quantizer = build(config.vector_dim, config.codebook_size, config.quantizer_options)
+
+    def forward(self, images: Tensor) -> VQVAEOutput:
+        z = self.encoder(images)  # (B, num_embeddings, vector_dim)
+        quantized, indices, vq_loss = self.quantizer(z)
+        return VQVAEOutput(self.decoder(quantized), indices, vq_loss)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Codes of ``images``: ``(B, num_embeddings)`` int64. Leaves the model's mode as it was."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.quantizer(self.encoder(images)).indices
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def decode(self, indices: Tensor) -> Tensor:
+        """Images from codes ``(B, num_embeddings)``: ``(B, 1, H, W)`` in [0, 1]."""
+        if indices.ndim != 2 or indices.shape[1] != self.config.num_embeddings:
+            raise ValueError(
+                f"codes must have shape (B, {self.config.num_embeddings}), "
+                f"got {tuple(indices.shape)}")
+        if indices.numel() and (int(indices.min()) < 0
+                                or int(indices.max()) >= self.config.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.config.codebook_size})")
+        return self.decoder(self.quantizer.decode(indices.long()))

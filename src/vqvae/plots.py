@@ -1,0 +1,104 @@
+"""Figures as PNG files: labelled image grids and training curves (matplotlib, no display)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display is needed or used
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+def _as_images(images: Tensor | np.ndarray) -> np.ndarray:
+    """``(N, H, W)`` float array in [0, 1] from ``(N, 1, H, W)`` or ``(N, H, W)``."""
+    array = images.detach().float().cpu().numpy() if isinstance(images, Tensor) else images
+    if array.ndim == 4:
+        array = array[:, 0]
+    return np.clip(array, 0.0, 1.0)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def image_rows(rows: Sequence[Tensor | np.ndarray], labels: Sequence[str], path: Path,
+               title: str | None = None) -> Path:
+    """One labelled row per entry of ``rows`` (each ``(N, ...)`` with the same N)."""
+    arrays = [_as_images(r) for r in rows]
+    n = max(len(a) for a in arrays)
+    cell = 0.9
+    fig, axes = plt.subplots(len(arrays), n, figsize=(cell * n + 1.6, cell * len(arrays) + 0.6),
+                             squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.08})
+    for r, (array, label) in enumerate(zip(arrays, labels, strict=True)):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(array):
+                ax.imshow(array[c], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9,
+                              labelpad=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def image_grid(images: Tensor | np.ndarray, path: Path, columns: int = 10,
+               title: str | None = None, labels: Sequence[str] | None = None) -> Path:
+    """A grid of images, ``columns`` wide, optionally with a caption under each image."""
+    array = _as_images(images)
+    rows = max(1, -(-len(array) // columns))
+    cell = 0.9 if labels is None else 1.1
+    fig, axes = plt.subplots(rows, columns, figsize=(cell * columns, cell * rows + 0.5),
+                             squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.05
+                                                         if labels is None else 0.35})
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(array):
+            ax.imshow(array[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            if labels is not None:
+                ax.set_title(labels[i], fontsize=7, pad=2)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def training_curves(history: Sequence[dict], path: Path, title: str | None = None) -> Path:
+    """Loss and reconstruction error (left), codebook perplexity (right), per epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss (total)")
+    left.plot(epochs, [h["train_recon_mse"] for h in history], "o-", label="train MSE")
+    left.plot(epochs, [h["test_mse"] for h in history], "o-", label="test MSE")
+    left.set_yscale("log")
+    left.set_xlabel("epoch")
+    left.set_ylabel("loss / MSE per pixel")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    right.plot(epochs, [h["train_perplexity"] for h in history], "o-", label="train")
+    right.plot(epochs, [h["perplexity"] for h in history], "o-", label="test")
+    right.set_xlabel("epoch")
+    right.set_ylabel("codebook perplexity")
+    right.grid(True, alpha=0.3)
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.set_xticks(epochs if len(epochs) <= 20 else ax.get_xticks())
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

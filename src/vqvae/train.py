@@ -1,0 +1,368 @@
+"""Training a VQ-VAE on an MNIST-format dataset, top to bottom.
+
+    run = train(TrainConfig(...), ModelConfig(...))   # or resume(run_dir)
+
+Sections: configuration, data, the run directory (config, checkpoint, metrics), one epoch,
+evaluation, the loop. The whole dataset lives on the training device and batches are index
+slices of one permutation per epoch, drawn from ``seed`` and the epoch number alone, so a run
+resumed from its checkpoint sees the same batches as an uninterrupted one. The checkpoint also
+carries the optimiser, schedule and random-number state: on CPU, a run killed after epoch k and
+resumed ends with the same weights, bit for bit, as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data import load_dataset
+from .models import VQVAE, ModelConfig
+from .quantizers.metrics import code_counts, usage_from_counts
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+METRICS = "metrics.json"
+
+# ---------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
+    lr_schedule: str = "cosine"  # "cosine" (one-cycle: short warm-up, cosine decay) or "constant"
+    warmup_fraction: float = 0.05
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast for encoder and decoder)
+    train_subset: int | None = None  # first N training images (quick runs and tests)
+    test_subset: int | None = None
+    out_dir: str = "runs/latest"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0, got {self.lr}"),
+            (self.lr_schedule in ("cosine", "constant"),
+             f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}"),
+            (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
+            (self.precision in ("fp32", "bf16"),
+             f"precision must be 'fp32' or 'bf16', got {self.precision!r}"),
+            (self.train_subset is None or self.train_subset >= 1, "train_subset must be >= 1"),
+            (self.test_subset is None or self.test_subset >= 1, "test_subset must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device; "
+                         "use --device cpu (or auto)")
+    return device
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    train: Tensor  # (N, 1, 28, 28) float32 in [0, 1], on the training device
+    test: Tensor
+    test_labels: Tensor
+
+
+def load_data(config: TrainConfig, device: torch.device) -> Data:
+    train = load_dataset(config.dataset, "train", config.data_dir, progress=config.progress)
+    test = load_dataset(config.dataset, "test", config.data_dir, progress=config.progress)
+    n_train = config.train_subset or len(train)
+    n_test = config.test_subset or len(test)
+    return Data(
+        train=train.as_float()[:n_train].unsqueeze(1).to(device),
+        test=test.as_float()[:n_test].unsqueeze(1).to(device),
+        test_labels=test.labels[:n_test],
+    )
+
+
+def epoch_permutation(seed: int, epoch: int, n: int, device: torch.device) -> Tensor:
+    """The order of the training images in ``epoch``: a function of seed and epoch alone."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).to(device)
+
+
+# ---------------------------------------------------------------------------- run directory
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write ``path`` so that it holds either its old content or all of the new: never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_config(run_dir: Path, train_config: TrainConfig, model_config: ModelConfig) -> None:
+    atomic_write_json(run_dir / CONFIG, {"model": model_config.to_dict(),
+                                         "train": dataclasses.asdict(train_config)})
+
+
+def read_config(run_dir: Path) -> tuple[TrainConfig, ModelConfig]:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not a run directory")
+    values = json.loads(path.read_text())
+    return TrainConfig(**values["train"]), ModelConfig.from_dict(values["model"])
+
+
+def load_checkpoint(run_dir: Path, map_location="cpu") -> dict:
+    """The checkpoint of a run, loaded with ``weights_only=True`` (no code is executed)."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the run has not finished an epoch yet")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> VQVAE:
+    """The trained model of a run directory, in eval mode."""
+    checkpoint = load_checkpoint(Path(run_dir), map_location=device)
+    model = VQVAE(ModelConfig.from_dict(checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------- training pieces
+
+
+def make_optimizer(model: VQVAE, config: TrainConfig, device: torch.device):
+    # The fused Adam kernel does the same arithmetic in one pass per step (CPU and CUDA).
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=fused)
+    return optimizer
+
+
+def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Multiplier of ``config.lr`` at ``step``: linear warm-up then cosine decay to zero."""
+    if config.lr_schedule == "constant":
+        return 1.0
+    warmup = max(1, int(config.warmup_fraction * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    recon_mse: float
+    vq_loss: float
+    perplexity: float
+    used_codes: int
+    seconds: float
+
+
+def train_epoch(model: VQVAE, optimizer, data: Data, config: TrainConfig, epoch: int,
+                device: torch.device) -> EpochStats:
+    from tqdm import tqdm
+
+    model.train()
+    n = data.train.shape[0]
+    per_epoch = steps_per_epoch(n, config.batch_size)
+    total_steps = per_epoch * config.epochs
+    order = epoch_permutation(config.seed, epoch, n, device)
+    sums = torch.zeros(3, device=device)  # loss, recon, vq: summed on device, read once
+    counts = torch.zeros(model.config.codebook_size, dtype=torch.long, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=config.precision == "bf16")
+    bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+               disable=not config.progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(config, epoch * per_epoch + step, total_steps)
+        batch = data.train[order[step * config.batch_size:(step + 1) * config.batch_size]]
+        with autocast:
+            reconstruction, indices, vq_loss = model(batch)
+        recon = F.mse_loss(reconstruction.float(), batch)
+        loss = recon + vq_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            sums += torch.stack([loss.detach(), recon.detach(), vq_loss.detach().float()])
+            counts += torch.bincount(indices.reshape(-1), minlength=counts.shape[0])
+        if config.progress and (step % 25 == 0 or step == per_epoch - 1):
+            usage = usage_from_counts(counts)
+            mean = (sums / (step + 1)).tolist()
+            bar.set_postfix(loss=f"{mean[0]:.4f}", mse=f"{mean[1]:.4f}",
+                            ppl=f"{usage.perplexity:.0f}", refresh=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    bar.close()
+    mean = (sums / per_epoch).tolist()
+    usage = usage_from_counts(counts)
+    if not all(math.isfinite(v) for v in mean):
+        raise FloatingPointError(f"training diverged in epoch {epoch + 1}: loss {mean[0]}")
+    return EpochStats(mean[0], mean[1], mean[2], usage.perplexity, usage.used_codes, seconds)
+
+
+@torch.no_grad()
+def evaluate(model: VQVAE, images: Tensor, batch_size: int = 1000) -> dict[str, float]:
+    """Test MSE per pixel (pixels in [0, 1]) and codebook usage on ``images``."""
+    model.eval()
+    squared_error = torch.zeros((), dtype=torch.float64, device=images.device)
+    counts = torch.zeros(model.config.codebook_size, dtype=torch.long, device=images.device)
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start:start + batch_size]
+        reconstruction, indices, _ = model(batch)
+        squared_error += (reconstruction.float() - batch).pow(2).sum().double()
+        counts += code_counts(indices, model.config.codebook_size)
+    usage = usage_from_counts(counts)
+    return {"test_mse": float(squared_error) / images.numel(),
+            "perplexity": usage.perplexity, "used_codes": usage.used_codes}
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    model: VQVAE
+    metrics: dict[str, Any]
+    data: Data
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _summary(history: list[dict], model_config: ModelConfig, train_config: TrainConfig) -> dict:
+    last = history[-1]
+    return {
+        "test_mse": last["test_mse"],
+        "perplexity": last["perplexity"],
+        "used_codes": last["used_codes"],
+        "codebook_size": model_config.codebook_size,
+        "seconds_per_epoch": statistics.median(h["seconds"] for h in history),
+        "epochs_done": len(history),
+        "epochs": history,
+        "quantizer": model_config.quantizer,
+        "dataset": train_config.dataset,
+    }
+
+
+def train(train_config: TrainConfig, model_config: ModelConfig, *,
+          resume_from: Path | None = None, on_epoch_end=None) -> Run:
+    """Train (or, with ``resume_from``, continue) a run; returns the trained model and metrics.
+
+    ``on_epoch_end(epoch, metrics)`` is called after each epoch's checkpoint is written.
+    """
+    device = resolve_device(train_config.device)
+    run_dir = Path(resume_from or train_config.out_dir)
+    data = load_data(train_config, device)
+
+    torch.manual_seed(train_config.seed)
+    model = VQVAE(model_config).to(device)
+    optimizer = make_optimizer(model, train_config, device)
+    history: list[dict] = []
+    if resume_from is not None:
+        checkpoint = load_checkpoint(run_dir, map_location=device)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        history = json.loads(checkpoint["history"])
+        _set_rng_state(checkpoint["rng"], device)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(run_dir, train_config, model_config)
+
+    for epoch in range(len(history), train_config.epochs):
+        stats = train_epoch(model, optimizer, data, train_config, epoch, device)
+        evaluation = evaluate(model, data.test)
+        history.append({"epoch": epoch + 1, "train_loss": stats.loss,
+                        "train_recon_mse": stats.recon_mse, "train_vq_loss": stats.vq_loss,
+                        "train_perplexity": stats.perplexity,
+                        "train_used_codes": stats.used_codes, "seconds": stats.seconds,
+                        **evaluation})
+        atomic_torch_save(run_dir / CHECKPOINT, {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "model_config": model_config.to_dict(),
+            "train_config": json.dumps(dataclasses.asdict(train_config)),
+            "history": json.dumps(history),
+            "rng": _rng_state(device),
+        })
+        metrics = _summary(history, model_config, train_config)
+        atomic_write_json(run_dir / METRICS, metrics)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+    return Run(run_dir, model.eval(), _summary(history, model_config, train_config), data)
+
+
+def resume(run_dir: str | Path, **overrides) -> Run:
+    """Continue the run in ``run_dir`` from its last checkpoint, with the settings it started with.
+
+    ``overrides`` may change settings that do not affect the result (``progress``, ``data_dir``).
+    """
+    run_dir = Path(run_dir)
+    train_config, model_config = read_config(run_dir)
+    allowed = {"progress", "data_dir"}
+    if set(overrides) - allowed:
+        raise ValueError(f"a resumed run keeps its settings; cannot change "
+                         f"{sorted(set(overrides) - allowed)}")
+    train_config = dataclasses.replace(train_config, **overrides)
+    return train(train_config, model_config, resume_from=run_dir)
