@@ -1,16 +1,19 @@
-# The README's two commands: `make run` (set up, train on MNIST) and `make test`.
+# The README's two commands: `make run` (set up, then train on MNIST) and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup run demo test lint bench clean
+# MNIST is read from ../shared/data/mnist when that copy exists (machines without internet);
+# otherwise from $VQVAE_DATA_DIR, the cache, or downloaded (see src/vqvae/data.py).
+ifeq ($(VQVAE_DATA_DIR),)
+export VQVAE_DATA_DIR := $(abspath $(wildcard ../shared/data/mnist))
+endif
+
+.PHONY: setup run test lint bench clean
 
 setup:
 	@bash scripts/setup.sh
 
 run: setup
-	@$(PY) -m vqvae demo
-
-demo: setup
-	@$(PY) -m vqvae demo
+	@$(PY) -m vqvae train
 
 test: setup
 	@$(PY) -m pytest -q
@@ -23,4 +26,4 @@ bench: setup
 	@$(PY) benchmarks/quantizer.py
 
 clean:
-	rm -rf .venv runs .pytest_cache .ruff_cache
+	rm -rf .venv .pytest_cache .ruff_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -102,8 +103,8 @@ def _add_training_options(parser: argparse.ArgumentParser, *, quantizer_choices)
     group.add_argument("--lr", type=_positive_float,
                        help=f"peak learning rate of Adam (default: {train.lr})")
     group.add_argument("--lr-schedule", choices=("cosine", "constant"),
-                       help=f"cosine: {train.warmup_fraction:.0%} warm-up, then cosine decay "
-                            f"to zero (default: {train.lr_schedule})")
+                       help=f"cosine: {train.warmup_fraction * 100:.0f}%% warm-up, then cosine "
+                            f"decay to zero (default: {train.lr_schedule})")
     group.add_argument("--seed", type=int, help=f"random seed (default: {train.seed})")
     group.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
     group.add_argument("--precision", choices=("fp32", "bf16"),
@@ -128,7 +129,7 @@ def _add_training_options(parser: argparse.ArgumentParser, *, quantizer_choices)
 
 
 def _configs(args: argparse.Namespace, out_dir: str):
-    from .models import ModelConfig
+    from .models import VQVAE, ModelConfig
     from .train import TrainConfig
 
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -140,13 +141,25 @@ def _configs(args: argparse.Namespace, out_dir: str):
     train_kwargs = {k: v for k, v in given.items() if k in train_fields}
     train_kwargs.update(out_dir=out_dir, progress=not args.no_progress)
     try:
-        return TrainConfig(**train_kwargs), ModelConfig(**model_kwargs)
+        train_config, model_config = TrainConfig(**train_kwargs), ModelConfig(**model_kwargs)
+        VQVAE(model_config)  # the quantizer checks its options when it is built
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
+    return train_config, model_config
 
 
 def _default_out_dir(prefix: str) -> str:
-    return str(Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # Under torchrun the processes may start a second apart: name the run after the rendezvous
+    # id when there is one, so every process agrees on the directory.
+    stamp = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not stamp or stamp == "none":
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / f"{prefix}-{stamp}")
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun, or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _check_new_run_dir(path: Path) -> None:
@@ -191,12 +204,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError(str(error)) from None
     else:
         train_config, model_config = _configs(args, args.out_dir or _default_out_dir("train"))
-        _check_new_run_dir(Path(train_config.out_dir))
-        print(f"training {model_config.quantizer} VQ-VAE on {train_config.dataset} for "
-              f"{train_config.epochs} epochs -> {train_config.out_dir}")
+        if _is_main_process():
+            _check_new_run_dir(Path(train_config.out_dir))
+            print(f"training {model_config.quantizer} VQ-VAE on {train_config.dataset} for "
+                  f"{train_config.epochs} epochs -> {train_config.out_dir}")
         run = train(train_config, model_config)
-    figures = write_run_figures(run)
-    _print_metrics(run.metrics, run.run_dir, figures)
+    if run.processes.is_main:
+        figures = write_run_figures(run)
+        _print_metrics(run.metrics, run.run_dir, figures)
     return 0
 
 

@@ -54,6 +54,9 @@ class TrainConfig:
     test_subset: int | None = None
     out_dir: str = "runs/latest"
     progress: bool = True
+    # Under torchrun: how long a collective may wait for the other processes before the run
+    # fails (so a crashed process never leaves the others hanging).
+    dist_timeout_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -67,6 +70,7 @@ class TrainConfig:
              f"precision must be 'fp32' or 'bf16', got {self.precision!r}"),
             (self.train_subset is None or self.train_subset >= 1, "train_subset must be >= 1"),
             (self.test_subset is None or self.test_subset >= 1, "test_subset must be >= 1"),
+            (self.dist_timeout_seconds > 0, "dist_timeout_seconds must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -81,6 +85,65 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device; "
                          "use --device cpu (or auto)")
     return device
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process stands in a (possibly one-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def start_processes(config: TrainConfig) -> tuple[Processes, torch.device]:
+    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1).
+
+    gloo on CPU, NCCL on CUDA (one GPU per process, ``LOCAL_RANK``). Every collective has a
+    timeout of ``config.dist_timeout_seconds``, so when a process dies the others fail instead
+    of hanging; ``torchrun`` also stops the remaining workers when one exits with an error.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Processes(), resolve_device(config.device)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=config.dist_timeout_seconds))
+    return Processes(dist.get_rank(), dist.get_world_size()), device
+
+
+def stop_processes(processes: Processes) -> None:
+    import torch.distributed as dist
+
+    if processes.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _all_reduce_sum(tensor: Tensor, processes: Processes) -> Tensor:
+    if processes.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
 
 
 # ---------------------------------------------------------------------------- data
@@ -205,37 +268,50 @@ class EpochStats:
     seconds: float
 
 
-def train_epoch(model: VQVAE, optimizer, data: Data, config: TrainConfig, epoch: int,
-                device: torch.device) -> EpochStats:
+def train_epoch(model, optimizer, data: Data, config: TrainConfig, epoch: int,
+                device: torch.device, processes: Processes = Processes()) -> EpochStats:
+    """One pass over the training set. ``model`` may be wrapped in DistributedDataParallel.
+
+    Under several processes each global batch of ``batch_size`` images is split into
+    contiguous shards, one per process; each shard's loss is weighted by its share of the
+    batch, so DDP's gradient average is the gradient of the global batch's mean loss.
+    """
     from tqdm import tqdm
 
     model.train()
+    vqvae = getattr(model, "module", model)
     n = data.train.shape[0]
     per_epoch = steps_per_epoch(n, config.batch_size)
     total_steps = per_epoch * config.epochs
     order = epoch_permutation(config.seed, epoch, n, device)
     sums = torch.zeros(3, device=device)  # loss, recon, vq: summed on device, read once
-    counts = torch.zeros(model.config.codebook_size, dtype=torch.long, device=device)
+    counts = torch.zeros(vqvae.config.codebook_size, dtype=torch.long, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=config.precision == "bf16")
     bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-               disable=not config.progress, dynamic_ncols=True)
+               disable=not (config.progress and processes.is_main), dynamic_ncols=True)
     start = time.perf_counter()
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(config, epoch * per_epoch + step, total_steps)
-        batch = data.train[order[step * config.batch_size:(step + 1) * config.batch_size]]
+        index = order[step * config.batch_size:(step + 1) * config.batch_size]
+        share = 1.0
+        if processes.distributed:
+            global_size = index.shape[0]
+            index = index.tensor_split(processes.world_size)[processes.rank]
+            share = index.shape[0] * processes.world_size / global_size
+        batch = data.train[index]
         with autocast:
             reconstruction, indices, vq_loss = model(batch)
         recon = F.mse_loss(reconstruction.float(), batch)
         loss = recon + vq_loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share if share != 1.0 else loss).backward()
         optimizer.step()
         with torch.no_grad():
             sums += torch.stack([loss.detach(), recon.detach(), vq_loss.detach().float()])
             counts += torch.bincount(indices.reshape(-1), minlength=counts.shape[0])
-        if config.progress and (step % 25 == 0 or step == per_epoch - 1):
+        if config.progress and processes.is_main and (step % 25 == 0 or step == per_epoch - 1):
             usage = usage_from_counts(counts)
             mean = (sums / (step + 1)).tolist()
             bar.set_postfix(loss=f"{mean[0]:.4f}", mse=f"{mean[1]:.4f}",
@@ -244,7 +320,9 @@ def train_epoch(model: VQVAE, optimizer, data: Data, config: TrainConfig, epoch:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     bar.close()
-    mean = (sums / per_epoch).tolist()
+    _all_reduce_sum(sums, processes)
+    _all_reduce_sum(counts, processes)
+    mean = (sums / (per_epoch * processes.world_size)).tolist()
     usage = usage_from_counts(counts)
     if not all(math.isfinite(v) for v in mean):
         raise FloatingPointError(f"training diverged in epoch {epoch + 1}: loss {mean[0]}")
@@ -276,6 +354,7 @@ class Run:
     model: VQVAE
     metrics: dict[str, Any]
     data: Data
+    processes: Processes = Processes()
 
 
 def _rng_state(device: torch.device) -> dict[str, Tensor]:
@@ -310,9 +389,18 @@ def train(train_config: TrainConfig, model_config: ModelConfig, *,
           resume_from: Path | None = None, on_epoch_end=None) -> Run:
     """Train (or, with ``resume_from``, continue) a run; returns the trained model and metrics.
 
-    ``on_epoch_end(epoch, metrics)`` is called after each epoch's checkpoint is written.
+    Started by ``torchrun``, every process trains its shard of each batch under
+    DistributedDataParallel and only rank 0 writes the run directory.
+    ``on_epoch_end(epoch, metrics)`` is called on rank 0 after each epoch's checkpoint is written.
     """
-    device = resolve_device(train_config.device)
+    processes, device = start_processes(train_config)
+    try:
+        return _train(train_config, model_config, resume_from, on_epoch_end, processes, device)
+    finally:
+        stop_processes(processes)
+
+
+def _train(train_config, model_config, resume_from, on_epoch_end, processes, device) -> Run:
     run_dir = Path(resume_from or train_config.out_dir)
     data = load_data(train_config, device)
 
@@ -326,18 +414,28 @@ def train(train_config: TrainConfig, model_config: ModelConfig, *,
         optimizer.load_state_dict(checkpoint["optimizer"])
         history = json.loads(checkpoint["history"])
         _set_rng_state(checkpoint["rng"], device)
-    else:
+    elif processes.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(run_dir, train_config, model_config)
 
+    trained = model
+    if processes.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Quantizers keep their buffers (codebooks, EMA statistics) equal across processes by
+        # all-reducing their statistics, so DDP need not broadcast buffers.
+        trained = DistributedDataParallel(model, broadcast_buffers=False)
+
     for epoch in range(len(history), train_config.epochs):
-        stats = train_epoch(model, optimizer, data, train_config, epoch, device)
+        stats = train_epoch(trained, optimizer, data, train_config, epoch, device, processes)
+        if not processes.is_main:
+            continue
         evaluation = evaluate(model, data.test)
         history.append({"epoch": epoch + 1, "train_loss": stats.loss,
                         "train_recon_mse": stats.recon_mse, "train_vq_loss": stats.vq_loss,
                         "train_perplexity": stats.perplexity,
                         "train_used_codes": stats.used_codes, "seconds": stats.seconds,
-                        **evaluation})
+                        "processes": processes.world_size, **evaluation})
         atomic_torch_save(run_dir / CHECKPOINT, {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -350,7 +448,8 @@ def train(train_config: TrainConfig, model_config: ModelConfig, *,
         atomic_write_json(run_dir / METRICS, metrics)
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
-    return Run(run_dir, model.eval(), _summary(history, model_config, train_config), data)
+    metrics = _summary(history, model_config, train_config) if processes.is_main else {}
+    return Run(run_dir, model.eval(), metrics, data, processes)
 
 
 def resume(run_dir: str | Path, **overrides) -> Run:
