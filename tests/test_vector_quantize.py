@@ -386,3 +386,20 @@ def test_codebook_usage():
         float(np.exp(-(p * np.log(p)).sum())))
     with pytest.raises(ValueError, match="lie in"):
         codebook_usage(torch.tensor([8]), 8)
+
+
+def test_dead_codes_wait_for_the_warmup():
+    torch.manual_seed(17)
+    vq = VectorQuantize(dim=3, codebook_size=16, threshold_ema_dead_code=1.0,
+                        dead_code_warmup_steps=3)
+    with torch.no_grad():
+        vq.codebook[8:] += 50.0  # never chosen by the data below
+    far = vq.codebook[8:].clone()
+    for step in range(1, 5):
+        vq(torch.randn(64, 3))
+        assert int(vq.steps) == step
+        moved = (vq.codebook[8:] - far).abs().amax(dim=-1) > 1.0
+        assert moved.any() == (step > 3), step
+    vq.eval()
+    vq(torch.randn(64, 3))
+    assert int(vq.steps) == 4  # eval calls do not count

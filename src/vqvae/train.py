@@ -44,8 +44,8 @@ class TrainConfig:
     data_dir: str | None = None
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 2e-3
-    lr_schedule: str = "cosine"  # "cosine" (one-cycle: short warm-up, cosine decay) or "constant"
+    lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine": linear warm-up, then cosine decay to zero
     warmup_fraction: float = 0.05
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...

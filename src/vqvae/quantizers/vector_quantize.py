@@ -64,6 +64,10 @@ class VectorQuantize(nn.Module):
             that batch (``kmeans_iters`` steps). Otherwise codes start as N(0, 1) samples.
         threshold_ema_dead_code: codes whose EMA cluster size falls below this value are moved
             onto random vectors of the current batch (EMA codebook only). 0 disables restarts.
+        dead_code_warmup_steps: training calls before the first restart. Early in training the
+            vectors of different positions of an untrained encoder sit in separate small
+            clusters; codes restarted onto them end up serving one position each, which wastes
+            the codebook. Waiting until the encoder's outputs have spread out keeps codes shared.
 
     Search and gradient:
         use_cosine_sim: L2-normalise vectors and codes; the nearest code is then the one of
@@ -87,6 +91,7 @@ class VectorQuantize(nn.Module):
     codebook: Tensor
     cluster_size: Tensor
     initialized: Tensor
+    steps: Tensor
 
     def __init__(
         self,
@@ -101,6 +106,7 @@ class VectorQuantize(nn.Module):
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         threshold_ema_dead_code: float = 0.0,
+        dead_code_warmup_steps: int = 0,
         use_cosine_sim: bool = False,
         rotation_trick: bool = False,
         stochastic_sample_codes: bool = False,
@@ -122,6 +128,8 @@ class VectorQuantize(nn.Module):
         _require(kmeans_iters >= 1, f"kmeans_iters must be >= 1, got {kmeans_iters!r}")
         _require(threshold_ema_dead_code >= 0,
                  f"threshold_ema_dead_code must be >= 0, got {threshold_ema_dead_code!r}")
+        _require(isinstance(dead_code_warmup_steps, int) and dead_code_warmup_steps >= 0,
+                 f"dead_code_warmup_steps must be an int >= 0, got {dead_code_warmup_steps!r}")
         _require(threshold_ema_dead_code == 0 or decay is not None,
                  "threshold_ema_dead_code needs the EMA codebook (decay=float): dead codes are "
                  "found from the EMA cluster sizes")
@@ -139,6 +147,7 @@ class VectorQuantize(nn.Module):
         self.kmeans_init = kmeans_init
         self.kmeans_iters = kmeans_iters
         self.threshold_ema_dead_code = threshold_ema_dead_code
+        self.dead_code_warmup_steps = dead_code_warmup_steps
         self.use_cosine_sim = use_cosine_sim
         self.rotation_trick = rotation_trick
         self.stochastic_sample_codes = stochastic_sample_codes
@@ -161,6 +170,8 @@ class VectorQuantize(nn.Module):
         # is never chosen where it was, instead of pulling it to zero on the first update.
         self.register_buffer("cluster_size", torch.ones(codebook_size))
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        # training calls so far (a buffer: it is checkpointed and restored with the codebook)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     @property
     def is_ema(self) -> bool:
@@ -198,10 +209,13 @@ class VectorQuantize(nn.Module):
         if not bool(torch.isfinite(loss)):
             self._check_finite(h)
 
-        if self.training and self.is_ema:
-            self._ema_update(h.detach(), indices)
-            if self.threshold_ema_dead_code > 0:
-                self._restart_dead_codes(h.detach())
+        if self.training:
+            self.steps += 1
+            if self.is_ema:
+                self._ema_update(h.detach(), indices)
+                if (self.threshold_ema_dead_code > 0
+                        and int(self.steps) > self.dead_code_warmup_steps):
+                    self._restart_dead_codes(h.detach())
 
         if isinstance(self.project_out, nn.Linear):
             out = self.project_out(out.to(self.project_out.weight.dtype))
