@@ -55,7 +55,7 @@ def reference_forward(x: torch.Tensor, codebooks: list[torch.Tensor], commitment
         loss = loss + codebook_weight * F.mse_loss(residual.detach(), q)
         residual = residual - q.detach()
         total = total + q.detach()
-    return x + (total - x).detach(), loss
+    return x + (total - x).detach(), loss / len(codebooks)
 
 
 # ---------------------------------------------------------------- the residual computation
@@ -72,8 +72,8 @@ def test_matches_numpy_residual_quantization(num_quantizers):
     assert indices.shape == (3, 40, num_quantizers) and indices.dtype == torch.int64
     np.testing.assert_array_equal(indices.reshape(-1, num_quantizers).numpy(), expected_indices)
     np.testing.assert_allclose(quantized.reshape(-1, 6).numpy(), total, rtol=1e-12, atol=1e-12)
-    # the loss is the sum over layers of each layer's commitment loss
-    assert loss.item() == pytest.approx(0.7 * sum(mses), rel=1e-6)
+    # the loss is the mean over layers of each layer's commitment loss
+    assert loss.item() == pytest.approx(0.7 * np.mean(mses), rel=1e-6)
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(commitment_weight=0.3),
@@ -362,12 +362,17 @@ def test_quantize_dropout_uses_between_min_and_all_layers(min_layers):
     x = torch.randn(40, 6)
     used = []
     for _ in range(60):
-        quantized, indices, _ = rvq.train()(x)
+        quantized, indices, loss = rvq.train()(x)
         active = (indices >= 0).all(dim=0)  # (5,) depths this call used
         n = int(active.sum())
         assert torch.equal(active, torch.arange(5) < n)  # the first n, never a gap
         assert torch.all(indices[:, n:] == -1)
         assert torch.equal(rvq.decode(indices), quantized.detach())  # -1 adds nothing
+        # the loss is the mean over the n layers used (commitment + codebook term: 2 · mse)
+        # layer l's mse is that of the residual it leaves, x - (q_1 + ... + q_l)
+        partial = rvq.partial_reconstructions(indices[:, :n]).detach()  # (40, n, 6)
+        mses = (x[:, None] - partial).pow(2).mean(dim=(0, 2))  # (n,)
+        assert loss.item() == pytest.approx(2 * mses.mean().item(), rel=1e-5)
         used.append(n)
     assert min(used) == min_layers and max(used) == 5
     assert set(used) == set(range(min_layers, 6))

@@ -63,8 +63,9 @@ class LibraryResidual(nn.Module):
     """The library's ``ResidualVQ`` / ``GroupedResidualVQ`` behind our contract.
 
     The library returns one loss per depth (and group) and puts the group axis first; this
-    returns a scalar loss reduced as ours is (sum over depths, mean over groups) and indices
-    laid out as ours, ``(..., num_quantizers)`` or ``(..., groups, num_quantizers)``.
+    returns a scalar loss reduced as ours is (the mean over depths and groups) and indices laid
+    out as ours, ``(..., num_quantizers)`` or ``(..., groups, num_quantizers)``. (The library
+    pads the depths quantize dropout skipped with zero losses; the comparisons use no dropout.)
     """
 
     def __init__(self, module: nn.Module, grouped: bool):
@@ -75,8 +76,8 @@ class LibraryResidual(nn.Module):
     def forward(self, x: Tensor) -> VQOutput:
         quantized, indices, losses = self.module(x)
         if self.grouped:
-            return VQOutput(quantized, indices.movedim(0, -2), losses.sum(-1).mean())
-        return VQOutput(quantized, indices, losses.sum())
+            indices = indices.movedim(0, -2)
+        return VQOutput(quantized, indices, losses.mean())
 
     def decode(self, indices: Tensor) -> Tensor:
         if self.grouped:
