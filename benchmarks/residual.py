@@ -15,12 +15,14 @@ cost much less than four of it.
 
     python benchmarks/residual.py                  # CPU, and CUDA when present
     python benchmarks/residual.py --device cpu --repeats 30 --json out.json
+    python benchmarks/residual.py --device cpu --threads 1     # a busy machine
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -68,11 +70,11 @@ def step(layer: torch.nn.Module, x: torch.Tensor) -> None:
     (quantized.sum() + loss.sum()).backward()  # the library returns one loss per layer
 
 
-def time_shape(shape, codebook_size, device, repeats, warmup) -> list[dict]:
+def time_shape(shape, codebook_size, device, repeats, warmup, cases) -> list[dict]:
     torch.manual_seed(0)
     dim = shape[-1]
     modules = {"one VectorQuantize": VectorQuantize(dim, codebook_size, **COMMON)}
-    for case in CASES:
+    for case in cases:
         for side, module in make_pair(case, dim, codebook_size).items():
             modules[f"{case} {side}"] = module
     modules = {name: module.to(device).train() for name, module in modules.items()}
@@ -92,7 +94,7 @@ def time_shape(shape, codebook_size, device, repeats, warmup) -> list[dict]:
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     rows = []
-    for case in CASES:
+    for case in cases:
         ours, library = medians[f"{case} ours"], medians[f"{case} library"]
         rows.append({"device": device.type, "shape": list(shape), "codebook_size": codebook_size,
                      "layers": LAYERS, "case": case, "ours_ms": ours, "library_ms": library,
@@ -115,8 +117,20 @@ def main() -> None:
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"comma-separated, from {', '.join(CASES)} (default: all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice). On a busy machine "
+                             "each multi-threaded op can wait for a descheduled thread, which "
+                             "buries the compute in scheduling stalls; 1 thread avoids them")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/residual.json"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown or not cases:
+        parser.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
 
     devices = []
     if args.device in ("all", "cpu"):
@@ -127,7 +141,7 @@ def main() -> None:
     rows = []
     for device in devices:
         for shape, k in SHAPES:
-            rows += time_shape(shape, k, device, args.repeats, args.warmup)
+            rows += time_shape(shape, k, device, args.repeats, args.warmup, cases)
             print(f"timed {device.type} {shape} × {k}", file=sys.stderr)
     print(f"\nForward + backward of one training call, {LAYERS} layers, median of "
           f"{args.repeats} (torch {torch.__version__}, {torch.get_num_threads()} threads):\n")
@@ -141,7 +155,8 @@ def main() -> None:
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     result = {"speed": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": platform.machine(), "processor": platform.processor()}
+              "machine": platform.machine(), "processor": platform.processor(),
+              "load_average": os.getloadavg()}
     args.json.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")
 

@@ -118,7 +118,7 @@ def test_rotation_trick_rotates_onto_the_whole_sum():
 
 @functools.cache
 def encoder_like_vectors() -> torch.Tensor:
-    """MNIST test digits through the course's MLP encoder (seeded, untrained): (1000·16, 16)."""
+    """MNIST test digits through the course's MLP encoder (seeded, untrained): (500·16, 16)."""
     from vqvae.data import DATASETS, find_dataset_dir, load_dataset
     from vqvae.models import VQVAE, ModelConfig
 
@@ -126,7 +126,7 @@ def encoder_like_vectors() -> torch.Tensor:
         os.environ["VQVAE_DATA_DIR"] = str(SHARED_MNIST)
     if find_dataset_dir(DATASETS["mnist"]) is None:
         pytest.skip("MNIST not found locally: set VQVAE_DATA_DIR (tests never download)")
-    images = load_dataset("mnist", "test", progress=False).as_float()[:1000].unsqueeze(1)
+    images = load_dataset("mnist", "test", progress=False).as_float()[:500].unsqueeze(1)
     torch.manual_seed(3)
     with torch.no_grad():
         return VQVAE(ModelConfig()).encoder(images).reshape(-1, 16)

@@ -57,10 +57,10 @@ class ResidualVQ(nn.Module):
     Why the mean: the loss, and the pull of the commitment term on the encoder, then keep the
     scale of one ``VectorQuantize`` whatever the depth, so a ``commitment_weight`` tuned for one
     layer carries over, and under quantize dropout the loss does not jump with the number of
-    layers a step used. (Summed, the terms multiply the commitment with depth: on the course's
-    MLP VQ-VAE, 4 summed layers learned more slowly than 1 layer, test MSE 0.044 against 0.036
-    for the mean after one epoch.) RQ-VAE's sum over depths is the mean with
-    ``commitment_weight · num_quantizers``.
+    layers a step used. (Summed, the terms multiply the commitment with depth, and it slows the
+    autoencoder: on the course's MLP VQ-VAE after one epoch, test MSE 0.044 with 4 summed
+    layers, 0.036 with 4 averaged ones, 0.033 with no quantizer.) RQ-VAE's sum over depths is
+    the mean with ``commitment_weight · num_quantizers``.
 
     Gradients: ``quantized`` passes its gradient to ``x`` once, straight through from ``x`` to the
     whole sum (or by the rotation trick from ``x`` to the sum, with ``rotation_trick=True``), as
