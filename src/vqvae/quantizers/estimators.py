@@ -20,6 +20,10 @@ The gradient of the output reaches ``x`` through one of two estimators:
 The output passes no gradient to ``q``: codes learn only from the codebook term (or from the EMA).
 One autograd function instead of the textbook expressions: ``x + (q - x).detach()`` rounds (its
 value differs from ``q`` in the last bits), and the fused form saves passes over the batch.
+
+:func:`quantize_residual` is the same for a residual stack (``residual.py``): one output for the
+sum of the layers' codes, and the layers' commitment terms from running sums, so backward
+needs no per-layer tensors.
 """
 
 from __future__ import annotations
