@@ -4,7 +4,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .quantizers import (
     CodebookUsage,
+    GroupedResidualVQ,
     QuantizerInputError,
+    ResidualVQ,
     VectorQuantize,
     VQOutput,
     codebook_usage,
@@ -19,7 +21,9 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "CodebookUsage",
+    "GroupedResidualVQ",
     "QuantizerInputError",
+    "ResidualVQ",
     "VQOutput",
     "VectorQuantize",
     "__version__",

@@ -74,8 +74,9 @@ def _index_list(text: str) -> list[int]:
 
 
 TRAINING_OPTIONS = ("quantizer", "vector_dim", "num_embeddings", "codebook_size", "hidden_dim",
-                    "quantizer_option", "epochs", "batch_size", "lr", "lr_schedule", "seed",
-                    "device", "precision", "dataset", "train_subset", "test_subset")
+                    "num_quantizers", "groups", "quantizer_option", "epochs", "batch_size", "lr",
+                    "lr_schedule", "seed", "device", "precision", "dataset", "train_subset",
+                    "test_subset")
 
 
 def _add_training_options(parser: argparse.ArgumentParser, *, quantizer_choices) -> None:
@@ -93,6 +94,13 @@ def _add_training_options(parser: argparse.ArgumentParser, *, quantizer_choices)
                        help=f"codes in the codebook (default: {model.codebook_size})")
     group.add_argument("--hidden-dim", type=_positive_int, metavar="H",
                        help=f"width of the MLP's hidden layers (default: {model.hidden_dim})")
+    group.add_argument("--num-quantizers", type=_positive_int, metavar="L",
+                       help="depths of a residual quantizer (rvq, rqvae, grvq, lucidrains-rvq, "
+                            f"lucidrains-grvq): L codes per position (default: "
+                            f"{model.num_quantizers})")
+    group.add_argument("--groups", type=_positive_int, metavar="G",
+                       help="feature groups of a grouped residual quantizer (grvq, "
+                            f"lucidrains-grvq); must divide --vector-dim (default: {model.groups})")
     group.add_argument("-o", "--quantizer-option", type=_key_value, action="append",
                        metavar="KEY=VALUE",
                        help="an option of the quantizer, e.g. -o decay=0.95 -o "
@@ -124,7 +132,11 @@ def _add_training_options(parser: argparse.ArgumentParser, *, quantizer_choices)
         parser.add_argument("--quantizer", choices=quantizer_choices,
                             help=f"ours: our VectorQuantize; lucidrains: the library's (the "
                                  f"course's Exercise 1); naive: the course's own layer "
-                                 f"(Exercise 2) (default: {model.quantizer})")
+                                 f"(Exercise 2); rvq: our ResidualVQ; rqvae: ResidualVQ with a "
+                                 f"shared codebook and stochastic code sampling; grvq: our "
+                                 f"GroupedResidualVQ; lucidrains-rvq, lucidrains-grvq: the "
+                                 f"library's, with the same settings as ours "
+                                 f"(default: {model.quantizer})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -176,8 +188,12 @@ def _check_new_run_dir(path: Path) -> None:
 def _print_metrics(metrics: dict, run_dir: Path, figures: dict) -> None:
     print(f"\nrun directory: {run_dir}")
     print(f"  test MSE          {metrics['test_mse']:.5f}  (per pixel, pixels in [0, 1])")
-    print(f"  perplexity        {metrics['perplexity']:.1f}")
-    print(f"  used codes        {metrics['used_codes']} / {metrics['codebook_size']}")
+    several = metrics.get("num_quantizers", 1) * metrics.get("groups", 1) > 1
+    per = "  (per codebook, averaged)" if several else ""
+    used = metrics["used_codes"]
+    used = f"{used}" if isinstance(used, int) else f"{used:.1f}"
+    print(f"  perplexity        {metrics['perplexity']:.1f}{per}")
+    print(f"  used codes        {used} / {metrics['codebook_size']}{per}")
     print(f"  seconds per epoch {metrics['seconds_per_epoch']:.2f}  (median)")
     print("images:")
     for path in figures.values():
@@ -206,8 +222,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_config, model_config = _configs(args, args.out_dir or _default_out_dir("train"))
         if _is_main_process():
             _check_new_run_dir(Path(train_config.out_dir))
-            print(f"training {model_config.quantizer} VQ-VAE on {train_config.dataset} for "
-                  f"{train_config.epochs} epochs -> {train_config.out_dir}")
+            print(f"training {model_config.quantizer} VQ-VAE ({model_config.bits_per_image:g} "
+                  f"bits per image) on {train_config.dataset} for {train_config.epochs} epochs "
+                  f"-> {train_config.out_dir}")
         run = train(train_config, model_config)
     if run.processes.is_main:
         figures = write_run_figures(run)
@@ -229,7 +246,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir or _default_out_dir("compare"))
     for name in names:
         _check_new_run_dir(out_dir / name)
+    args.quantizer = names[0]  # the shared settings must fit a quantizer of the list
     train_config, model_config = _configs(args, str(out_dir))
+    for name in names:  # refuse a mismatch (e.g. --num-quantizers for 'ours') before training
+        try:
+            dataclasses.replace(model_config, quantizer=name, quantizer_options={})
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     rows = compare(names, train_config, model_config, out_dir)
     print()
     print(comparison_table(rows))
@@ -306,7 +329,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     images, sources = _source_images(args, model)
     codes = model.encode(images.to(next(model.parameters()).device))
     out = save_codes(Path(args.out), codes, model.config, sources)
-    print(f"wrote {len(codes)} code sequences of {codes.shape[1]} codes to {out}")
+    shape = " × ".join(map(str, codes.shape[1:]))
+    print(f"wrote {len(codes)} code sequences of {shape} codes to {out}")
     return 0
 
 
@@ -417,8 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="CODES.json", help="codes file to write")
 
     p = run_command("decode", "turn a codes file back into images",
-                    "Decode a codes file (from vqvae encode, or an (N, positions) .npy integer "
-                    "array) into images.", cmd_decode)
+                    "Decode a codes file (from vqvae encode, or a .npy integer array of shape "
+                    "(N, positions), (N, positions, depths) for a residual quantizer or "
+                    "(N, positions, groups, depths) for a grouped one) into images.", cmd_decode)
     p.add_argument("codes", metavar="CODES", help="codes file (.json or .npy)")
     p.add_argument("--out", required=True, metavar="OUT",
                    help="a .png grid, or a directory for one PNG per image")

@@ -9,18 +9,23 @@ The MLP model is the course's, layer for layer:
 The quantizer is chosen by name (see :data:`QUANTIZERS`); every one follows the contract
 ``quantized, indices, loss = q(x)`` with ``x`` of shape ``(..., vector_dim)`` and has
 ``decode(indices)``.
+
+Codes of one image have the shape :attr:`ModelConfig.code_shape`: ``(num_embeddings,)`` for a
+single codebook, ``(num_embeddings, num_quantizers)`` for a residual quantizer and
+``(num_embeddings, groups, num_quantizers)`` for a grouped residual one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .quantizers import VectorQuantize
+from .quantizers import GroupedResidualVQ, ResidualVQ, VectorQuantize, VQOutput
 from .quantizers.course import CourseVectorQuantize
 
 #: Options of our VectorQuantize for the MNIST models (``--quantizer ours``), chosen by
@@ -50,11 +55,68 @@ def _lucidrains(dim: int, codebook_size: int, options: dict) -> nn.Module:
     return layer
 
 
+def _residual(dim: int, codebook_size: int, options: dict) -> nn.Module:
+    return ResidualVQ(dim=dim, codebook_size=codebook_size, **options)
+
+
+def _grouped(dim: int, codebook_size: int, options: dict) -> nn.Module:
+    return GroupedResidualVQ(dim=dim, codebook_size=codebook_size, **options)
+
+
+class LibraryResidual(nn.Module):
+    """The library's ``ResidualVQ`` / ``GroupedResidualVQ`` behind our contract.
+
+    The library returns one loss per depth (and group) and puts the group axis first; this
+    returns a scalar loss reduced as ours is (the mean over depths and groups) and indices laid
+    out as ours, ``(..., num_quantizers)`` or ``(..., groups, num_quantizers)``. (The library
+    pads the depths quantize dropout skipped with zero losses; the comparisons use no dropout.)
+    """
+
+    def __init__(self, module: nn.Module, grouped: bool):
+        super().__init__()
+        self.module = module
+        self.grouped = grouped
+
+    def forward(self, x: Tensor) -> VQOutput:
+        quantized, indices, losses = self.module(x)
+        if self.grouped:
+            indices = indices.movedim(0, -2)
+        return VQOutput(quantized, indices, losses.mean())
+
+    def decode(self, indices: Tensor) -> Tensor:
+        if self.grouped:
+            indices = indices.movedim(-2, 0)  # (groups, ..., num_quantizers)
+        return self.module.get_output_from_indices(indices)
+
+
+def _lucidrains_residual(dim: int, codebook_size: int, options: dict) -> nn.Module:
+    from vector_quantize_pytorch import ResidualVQ as LibraryResidualVQ
+
+    return LibraryResidual(
+        LibraryResidualVQ(dim=dim, codebook_size=codebook_size, **options), grouped=False)
+
+
+def _lucidrains_grouped(dim: int, codebook_size: int, options: dict) -> nn.Module:
+    from vector_quantize_pytorch import GroupedResidualVQ as LibraryGroupedResidualVQ
+
+    return LibraryResidual(
+        LibraryGroupedResidualVQ(dim=dim, codebook_size=codebook_size, **options), grouped=True)
+
+
 def _naive(dim: int, codebook_size: int, options: dict) -> nn.Module:
     if options:
         raise ValueError(f"the course's layer takes no options, got {sorted(options)}")
     return CourseVectorQuantize(codebook_size=codebook_size, dim=dim)
 
+
+#: The library's residual quantizers with the settings of ours (``OURS_DEFAULTS``) that it has,
+#: so that a comparison is like with like: the same decay, commitment weight, initialisation and
+#: dead-code threshold, and straight-through gradients (the library's default is the rotation
+#: trick). It has no warm-up before dead-code restarts: its restarts start at the first step.
+LIBRARY_RESIDUAL_DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in OURS_DEFAULTS.items() if k != "dead_code_warmup_steps"},
+    "rotation_trick": False,
+}
 
 #: name -> (builder, default options). Options given in a config replace the defaults key by key.
 QUANTIZERS: dict[str, tuple[Any, dict[str, Any]]] = {
@@ -63,6 +125,26 @@ QUANTIZERS: dict[str, tuple[Any, dict[str, Any]]] = {
     "lucidrains": (_lucidrains, {"decay": 0.8, "commitment_weight": 1.0}),
     # Exercise 2 as the course writes it
     "naive": (_naive, {}),
+    # The residual family, ours and the library's
+    "rvq": (_residual, OURS_DEFAULTS),
+    # Temperature for this model's latent scale: on a trained 4-layer MLP model the nearest code
+    # is ~0.06 away at depth 1 and the 10th ~0.18; at 0.1 (the library README's value) codes are
+    # sampled among dozens, at 0.01 the second-nearest is ~e^-3 as likely as the nearest.
+    "rqvae": (_residual, {**OURS_DEFAULTS, "shared_codebook": True,
+                          "stochastic_sample_codes": True, "sample_codebook_temp": 0.01}),
+    "grvq": (_grouped, OURS_DEFAULTS),
+    "lucidrains-rvq": (_lucidrains_residual, LIBRARY_RESIDUAL_DEFAULTS),
+    "lucidrains-grvq": (_lucidrains_grouped, LIBRARY_RESIDUAL_DEFAULTS),
+}
+
+#: The ModelConfig fields that shape a quantizer's codes, per quantizer: they are passed to its
+#: builder as options and give the codes of a position their axes, in this order.
+CODE_AXES: dict[str, tuple[str, ...]] = {
+    "rvq": ("num_quantizers",),
+    "rqvae": ("num_quantizers",),
+    "grvq": ("groups", "num_quantizers"),
+    "lucidrains-rvq": ("num_quantizers",),
+    "lucidrains-grvq": ("groups", "num_quantizers"),
 }
 
 
@@ -78,6 +160,8 @@ class ModelConfig:
     codebook_size: int = 512
     quantizer: str = "ours"
     quantizer_options: dict[str, Any] = field(default_factory=dict)
+    num_quantizers: int = 1  # depths of a residual quantizer (see CODE_AXES)
+    groups: int = 1  # feature groups of a grouped residual quantizer
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -85,12 +169,45 @@ class ModelConfig:
         if self.quantizer not in QUANTIZERS:
             raise ValueError(
                 f"unknown quantizer {self.quantizer!r}; choose one of {sorted(QUANTIZERS)}")
-        for name in ("image_size", "hidden_dim", "vector_dim", "num_embeddings", "codebook_size"):
+        for name in ("image_size", "hidden_dim", "vector_dim", "num_embeddings", "codebook_size",
+                     "num_quantizers", "groups"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        axes = CODE_AXES.get(self.quantizer, ())
+        for name in ("num_quantizers", "groups"):
+            if getattr(self, name) != 1 and name not in axes:
+                takers = sorted(q for q, a in CODE_AXES.items() if name in a)
+                raise ValueError(f"quantizer {self.quantizer!r} does not take {name}="
+                                 f"{getattr(self, name)}; choose one of {takers}")
+            if name in self.quantizer_options:
+                raise ValueError(f"{name} is a model setting (ModelConfig.{name}, "
+                                 f"--{name.replace('_', '-')}), not a quantizer option")
+        if self.vector_dim % self.groups:
+            raise ValueError(f"vector_dim={self.vector_dim} must be a multiple of "
+                             f"groups={self.groups}")
         # Record the options in full, so a checkpoint says exactly what was trained
         self.quantizer_options = {**QUANTIZERS[self.quantizer][1], **self.quantizer_options}
+
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        """Shape of one image's codes: ``(num_embeddings, *[getattr(self, a) for a in axes])``."""
+        return (self.num_embeddings, *(getattr(self, a) for a in CODE_AXES.get(self.quantizer, ())))
+
+    @property
+    def codebooks_per_position(self) -> int:
+        """Codes per position: ``groups × num_quantizers`` (1 for a single codebook)."""
+        return math.prod(self.code_shape[1:])
+
+    @property
+    def bits_per_image(self) -> float:
+        """Size of one image's codes in bits: ``prod(code_shape) · log2(codebook_size)``."""
+        return math.prod(self.code_shape) * math.log2(self.codebook_size)
+
+    def quantizer_arguments(self) -> dict[str, Any]:
+        """The options the quantizer's builder gets: ``quantizer_options`` and the code axes."""
+        axes = {a: getattr(self, a) for a in CODE_AXES.get(self.quantizer, ())}
+        return {**self.quantizer_options, **axes}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,7 +223,7 @@ class ModelConfig:
 
 class VQVAEOutput(NamedTuple):
     reconstruction: Tensor  # (B, 1, H, W) in [0, 1]
-    indices: Tensor  # (B, num_embeddings) int64 codes
+    indices: Tensor  # (B, *code_shape) int64 codes
     vq_loss: Tensor  # scalar
 
 
@@ -151,7 +268,8 @@ class VQVAE(nn.Module):
         self.encoder = encoder(config)
         self.decoder = decoder(config)
         build, _ = QUANTIZERS[config.quantizer]
-        self.quantizer = build(config.vector_dim, config.codebook_size, config.quantizer_options)
+        self.quantizer = build(config.vector_dim, config.codebook_size,
+                               config.quantizer_arguments())
 
     def forward(self, images: Tensor) -> VQVAEOutput:
         z = self.encoder(images)  # (B, num_embeddings, vector_dim)
@@ -160,7 +278,7 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        """Codes of ``images``: ``(B, num_embeddings)`` int64. Leaves the model's mode as it was."""
+        """Codes of ``images``: ``(B, *code_shape)`` int64. Leaves the model's mode as it was."""
         was_training = self.training
         self.eval()
         try:
@@ -170,10 +288,11 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, indices: Tensor) -> Tensor:
-        """Images from codes ``(B, num_embeddings)``: ``(B, 1, H, W)`` in [0, 1]."""
-        if indices.ndim != 2 or indices.shape[1] != self.config.num_embeddings:
+        """Images from codes ``(B, *code_shape)``: ``(B, 1, H, W)`` in [0, 1]."""
+        code_shape = self.config.code_shape
+        if tuple(indices.shape[1:]) != code_shape:
             raise ValueError(
-                f"codes must have shape (B, {self.config.num_embeddings}), "
+                f"codes must have shape (B, {', '.join(map(str, code_shape))}), "
                 f"got {tuple(indices.shape)}")
         if indices.numel() and (int(indices.min()) < 0
                                 or int(indices.max()) >= self.config.codebook_size):

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .data import load_dataset
 from .models import VQVAE, ModelConfig
-from .quantizers.metrics import code_counts, usage_from_counts
+from .quantizers.metrics import code_counts_per_codebook, usage_from_counts
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -285,7 +285,7 @@ def train_epoch(model, optimizer, data: Data, config: TrainConfig, epoch: int,
     total_steps = per_epoch * config.epochs
     order = epoch_permutation(config.seed, epoch, n, device)
     sums = torch.zeros(3, device=device)  # loss, recon, vq: summed on device, read once
-    counts = torch.zeros(vqvae.config.codebook_size, dtype=torch.long, device=device)
+    counts = new_code_counts(vqvae.config, device)  # (codebooks per position, K)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=config.precision == "bf16")
     bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
@@ -310,7 +310,8 @@ def train_epoch(model, optimizer, data: Data, config: TrainConfig, epoch: int,
         optimizer.step()
         with torch.no_grad():
             sums += torch.stack([loss.detach(), recon.detach(), vq_loss.detach().float()])
-            counts += torch.bincount(indices.reshape(-1), minlength=counts.shape[0])
+            counts += code_counts_per_codebook(indices, vqvae.config.codebook_size,
+                                               len(vqvae.config.code_shape) - 1, check=False)
         if config.progress and processes.is_main and (step % 25 == 0 or step == per_epoch - 1):
             usage = usage_from_counts(counts)
             mean = (sums / (step + 1)).tolist()
@@ -329,17 +330,25 @@ def train_epoch(model, optimizer, data: Data, config: TrainConfig, epoch: int,
     return EpochStats(mean[0], mean[1], mean[2], usage.perplexity, usage.used_codes, seconds)
 
 
+def new_code_counts(config: ModelConfig, device: torch.device) -> Tensor:
+    """Zero code histograms, one row per codebook of a position (depths × groups)."""
+    return torch.zeros(config.codebooks_per_position, config.codebook_size, dtype=torch.long,
+                       device=device)
+
+
 @torch.no_grad()
 def evaluate(model: VQVAE, images: Tensor, batch_size: int = 1000) -> dict[str, float]:
-    """Test MSE per pixel (pixels in [0, 1]) and codebook usage on ``images``."""
+    """Test MSE per pixel (pixels in [0, 1]) and codebook usage on ``images`` (per codebook,
+    averaged over the codebooks of a residual quantizer: see ``quantizers.metrics``)."""
     model.eval()
     squared_error = torch.zeros((), dtype=torch.float64, device=images.device)
-    counts = torch.zeros(model.config.codebook_size, dtype=torch.long, device=images.device)
+    counts = new_code_counts(model.config, images.device)
     for start in range(0, images.shape[0], batch_size):
         batch = images[start:start + batch_size]
         reconstruction, indices, _ = model(batch)
         squared_error += (reconstruction.float() - batch).pow(2).sum().double()
-        counts += code_counts(indices, model.config.codebook_size)
+        counts += code_counts_per_codebook(indices, model.config.codebook_size,
+                                           len(model.config.code_shape) - 1)
     usage = usage_from_counts(counts)
     return {"test_mse": float(squared_error) / images.numel(),
             "perplexity": usage.perplexity, "used_codes": usage.used_codes}
@@ -377,6 +386,9 @@ def _summary(history: list[dict], model_config: ModelConfig, train_config: Train
         "perplexity": last["perplexity"],
         "used_codes": last["used_codes"],
         "codebook_size": model_config.codebook_size,
+        "num_quantizers": model_config.num_quantizers,
+        "groups": model_config.groups,
+        "bits_per_image": model_config.bits_per_image,
         "seconds_per_epoch": statistics.median(h["seconds"] for h in history),
         "epochs_done": len(history),
         "epochs": history,

@@ -21,10 +21,10 @@ SAMPLE_COUNT = 64
 
 
 def random_codes(config: ModelConfig, count: int, seed: int = 0) -> Tensor:
-    """Uniformly random codes ``(count, num_embeddings)``: every position, every code equally."""
+    """Uniformly random codes ``(count, *code_shape)``: every position (and depth, and group),
+    every code equally."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(config.codebook_size, (count, config.num_embeddings),
-                         generator=generator)
+    return torch.randint(config.codebook_size, (count, *config.code_shape), generator=generator)
 
 
 @torch.no_grad()
@@ -58,7 +58,7 @@ def write_run_figures(run: Run) -> dict[str, Path]:
 # ---------------------------------------------------------------------------- compare
 
 COMPARISON_FIELDS = ("quantizer", "test_mse", "perplexity", "used_codes", "codebook_size",
-                     "seconds_per_epoch")
+                     "num_quantizers", "groups", "bits_per_image", "seconds_per_epoch")
 
 
 def compare(quantizers: Sequence[str], train_config: TrainConfig, model_config: ModelConfig,
@@ -75,7 +75,7 @@ def compare(quantizers: Sequence[str], train_config: TrainConfig, model_config: 
         config = dataclasses.replace(model_config, quantizer=name, quantizer_options=options)
         run = train(dataclasses.replace(train_config, out_dir=str(out_dir / name)), config)
         write_run_figures(run)
-        rows.append({key: run.metrics[key] for key in COMPARISON_FIELDS}
+        rows.append({key: run.metrics.get(key) for key in COMPARISON_FIELDS}
                     | {"run_dir": str(run.run_dir), "quantizer_options":
                        run.model.config.quantizer_options})
         inputs = run.data.test[:RECONSTRUCTION_COUNT] if inputs is None else inputs
@@ -92,11 +92,18 @@ def compare(quantizers: Sequence[str], train_config: TrainConfig, model_config: 
 
 
 def comparison_table(rows: Sequence[dict]) -> str:
-    header = "| quantizer | test MSE | perplexity | used codes | s / epoch |"
-    lines = [header, "|---|---:|---:|---:|---:|"]
+    """Markdown table of :func:`compare` rows. With several codebooks per position (residual
+    quantizers), perplexity and used codes are per codebook, averaged."""
+    header = "| quantizer | bits / image | test MSE | perplexity | used codes | s / epoch |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['quantizer']} | {r['test_mse']:.5f} | {r['perplexity']:.1f} | "
-                     f"{r['used_codes']} / {r['codebook_size']} | {r['seconds_per_epoch']:.2f} |")
+        used = r["used_codes"]
+        used = f"{used}" if isinstance(used, int) else f"{used:.1f}"
+        bits = r.get("bits_per_image")
+        bits = "" if bits is None else f"{bits:g}"
+        lines.append(f"| {r['quantizer']} | {bits} | {r['test_mse']:.5f} | "
+                     f"{r['perplexity']:.1f} | {used} / {r['codebook_size']} | "
+                     f"{r['seconds_per_epoch']:.2f} |")
     return "\n".join(lines)
 
 
@@ -144,6 +151,7 @@ def save_codes(path: Path, codes: Tensor, config: ModelConfig, sources: Sequence
         "format": "vqvae-codes/1",
         "codebook_size": config.codebook_size,
         "num_embeddings": config.num_embeddings,
+        "code_shape": list(config.code_shape),
         "quantizer": config.quantizer,
         "sources": list(sources),
         "codes": codes.cpu().tolist(),
@@ -168,11 +176,12 @@ def load_codes(path: Path, config: ModelConfig) -> tuple[Tensor, list[str]]:
         if payload.get("codebook_size") != config.codebook_size:
             raise ValueError(f"{path}: codes are for a codebook of {payload.get('codebook_size')}"
                              f" codes, the model has {config.codebook_size}")
-    if codes.ndim == 1:
+    code_shape = config.code_shape
+    if codes.ndim == len(code_shape):  # the codes of one image
         codes = codes.unsqueeze(0)
-    if codes.ndim != 2 or codes.shape[1] != config.num_embeddings:
-        raise ValueError(f"{path}: codes must have shape (N, {config.num_embeddings}), "
-                         f"got {tuple(codes.shape)}")
+    if tuple(codes.shape[1:]) != code_shape:
+        raise ValueError(f"{path}: codes must have shape (N, {', '.join(map(str, code_shape))}) "
+                         f"for this model, got {tuple(codes.shape)}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= config.codebook_size):
         raise ValueError(f"{path}: codes must lie in [0, {config.codebook_size})")
     return codes, sources

@@ -2,13 +2,16 @@
 
 from .kmeans import KMeansResult, kmeans
 from .metrics import CodebookUsage, code_counts, codebook_usage
+from .residual import GroupedResidualVQ, ResidualVQ
 from .search import nearest_code, sample_code
 from .vector_quantize import QuantizerInputError, VectorQuantize, VQOutput
 
 __all__ = [
     "CodebookUsage",
+    "GroupedResidualVQ",
     "KMeansResult",
     "QuantizerInputError",
+    "ResidualVQ",
     "VQOutput",
     "VectorQuantize",
     "code_counts",

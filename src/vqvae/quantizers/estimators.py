@@ -20,6 +20,10 @@ The gradient of the output reaches ``x`` through one of two estimators:
 The output passes no gradient to ``q``: codes learn only from the codebook term (or from the EMA).
 One autograd function instead of the textbook expressions: ``x + (q - x).detach()`` rounds (its
 value differs from ``q`` in the last bits), and the fused form saves passes over the batch.
+
+:func:`quantize_residual` is the same for a residual stack (``residual.py``): one output for the
+sum of the layers' codes, and the layers' commitment terms from running sums, so backward
+needs no per-layer tensors.
 """
 
 from __future__ import annotations
@@ -27,6 +31,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def _rotation(x: Tensor, q: Tensor) -> list[Tensor]:
+    """``[u, v, r, λ]`` of the rotation trick: ``λ R`` with ``R = I - 2 r rᵀ + 2 v uᵀ`` maps
+    ``x`` to ``q`` (``u = x̂``, ``v = q̂``, ``λ = ||q|| / ||x||``)."""
+    eps = torch.finfo(x.dtype).eps
+    x_norm = x.norm(dim=-1, keepdim=True).clamp(min=eps)  # (N, 1)
+    q_norm = q.norm(dim=-1, keepdim=True).clamp(min=eps)
+    u, v = x / x_norm, q / q_norm  # x̂, q̂
+    # R maps u to v; if u = -v, r = 0 and R = I - 2 u uᵀ reflects
+    r = F.normalize(u + v, dim=-1, eps=eps)
+    return [u, v, r, q_norm / x_norm]
+
+
+def _rotate_back(grad: Tensor, u: Tensor, v: Tensor, r: Tensor, ratio: Tensor) -> Tensor:
+    """``λ Rᵀ g = λ (g - 2 r (r·g) + 2 u (v·g))``: the gradient the rotation trick gives ``x``."""
+    r_dot = (r * grad).sum(-1, keepdim=True)
+    v_dot = (v * grad).sum(-1, keepdim=True)
+    return ratio * (grad - 2 * r * r_dot + 2 * u * v_dot)
 
 
 class _Quantize(torch.autograd.Function):
@@ -40,13 +63,7 @@ class _Quantize(torch.autograd.Function):
         ctx.rotation = rotation
         saved = [diff]
         if rotation:
-            eps = torch.finfo(x.dtype).eps
-            x_norm = x.norm(dim=-1, keepdim=True).clamp(min=eps)  # (N, 1)
-            q_norm = q.norm(dim=-1, keepdim=True).clamp(min=eps)
-            u, v = x / x_norm, q / q_norm  # x̂, q̂
-            # R = I - 2 r rᵀ + 2 v uᵀ maps u to v; if u = -v, r = 0 and R = I - 2 u uᵀ reflects
-            r = F.normalize(u + v, dim=-1, eps=eps)
-            saved += [u, v, r, q_norm / x_norm]
+            saved += _rotation(x, q)
         ctx.save_for_backward(*saved)
         # q is returned as is (no copy): its gradient is defined by backward() below
         return q, (commitment_weight + codebook_weight) * mse
@@ -57,11 +74,7 @@ class _Quantize(torch.autograd.Function):
         commitment_weight, codebook_weight = ctx.weights
         scale = 2.0 / diff.numel() * grad_loss
         if ctx.rotation:
-            u, v, r, ratio = rotation
-            # λ Rᵀ g = λ (g - 2 r (r·g) + 2 u (v·g))
-            r_dot = (r * grad_out).sum(-1, keepdim=True)
-            v_dot = (v * grad_out).sum(-1, keepdim=True)
-            grad_out = ratio * (grad_out - 2 * r * r_dot + 2 * u * v_dot)
+            grad_out = _rotate_back(grad_out, *rotation)
         grad_x = grad_q = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.addcmul(grad_out, diff, commitment_weight * scale)
@@ -78,3 +91,47 @@ def quantize(x: Tensor, q: Tensor, *, commitment_weight: float = 1.0,
     trick). ``loss`` is the weighted commitment + codebook loss, a scalar.
     """
     return _Quantize.apply(x, q, float(commitment_weight), float(codebook_weight), rotation)
+
+
+class _QuantizeResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, q_sum: Tensor, residual_sum: Tensor | None, sq_sum: Tensor,
+                commitment_weight: float, rotation: bool):
+        ctx.scale = 2.0 * commitment_weight / x.numel()
+        ctx.rotation = rotation
+        saved = [residual_sum if residual_sum is not None else x.new_zeros(())]
+        if rotation:
+            saved += _rotation(x, q_sum)
+        ctx.save_for_backward(*saved)
+        return q_sum, sq_sum * (commitment_weight / x.numel())
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_loss: Tensor):
+        residual_sum, *rotation = ctx.saved_tensors
+        if ctx.rotation:
+            grad_out = _rotate_back(grad_out, *rotation)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out if residual_sum.ndim == 0 else \
+                torch.addcmul(grad_out, residual_sum, ctx.scale * grad_loss)
+        return grad_x, None, None, None, None, None
+
+
+def quantize_residual(x: Tensor, q_sum: Tensor, residual_sum: Tensor | None, sq_sum: Tensor, *,
+                      commitment_weight: float = 1.0,
+                      rotation: bool = False) -> tuple[Tensor, Tensor]:
+    """``(output, commitment loss)`` of a residual quantizer, from what its layers computed.
+
+    With ``r_1 = x`` and ``r_{l+1} = r_l - q_l`` (the ``q_l`` held constant), the layers give
+    ``q_sum = Σ_l q_l``, ``residual_sum = Σ_l r_{l+1}`` and ``sq_sum = Σ_l ||r_{l+1}||²``. Then
+
+        loss = commitment_weight · Σ_l mse(r_l, sg(q_l)) = commitment_weight · sq_sum / x.numel()
+
+    whose gradient is ``2 · commitment_weight / x.numel() · residual_sum``: each layer's term moves
+    ``x`` toward what that layer chose, and no layer's residual needs to be kept for backward.
+    ``output`` equals ``q_sum``; its gradient reaches ``x`` once, by straight-through (or the
+    rotation trick) from ``x`` to the whole sum, as if one quantizer had produced ``q_sum``.
+    ``residual_sum`` may be ``None`` when ``x`` needs no gradient from the loss.
+    """
+    return _QuantizeResidual.apply(x, q_sum, residual_sum, sq_sum, float(commitment_weight),
+                                   rotation)

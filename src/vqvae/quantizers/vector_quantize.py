@@ -9,6 +9,7 @@ The layer of the VQ-VAE (van den Oord et al., 2017), usable as a drop-in for
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -210,12 +211,8 @@ class VectorQuantize(nn.Module):
             self._check_finite(h)
 
         if self.training:
-            self.steps += 1
-            if self.is_ema:
-                self._ema_update(h.detach(), indices)
-                if (self.threshold_ema_dead_code > 0
-                        and int(self.steps) > self.dead_code_warmup_steps):
-                    self._restart_dead_codes(h.detach())
+            statistics = self._code_statistics(h.detach(), indices) if self.is_ema else None
+            self._update_codebook(statistics, h.detach())
 
         if isinstance(self.project_out, nn.Linear):
             out = self.project_out(out.to(self.project_out.weight.dtype))
@@ -255,8 +252,33 @@ class VectorQuantize(nn.Module):
         n = cluster_size.sum()
         return (cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
 
+    def _code_statistics(self, h: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """This batch's ``(counts (K,), sums (K, D))`` of the vectors ``h`` assigned to each code.
+
+        Split from :meth:`_apply_ema` so that a codebook shared by several quantizers (RQ-VAE)
+        can add up the statistics of every depth and update once.
+        """
+        counts = torch.bincount(indices, minlength=self.codebook_size).to(h.dtype)  # (K,)
+        sums = h.new_zeros(self.codebook.shape).index_add_(0, indices, h)  # (K, D)
+        return counts, sums
+
     @torch.no_grad()
-    def _ema_update(self, h: Tensor, indices: Tensor) -> None:
+    def _update_codebook(self, statistics: tuple[Tensor, Tensor] | None,
+                         rows: Tensor | Callable[[], Tensor]) -> None:
+        """Everything a training step changes: the step count, the EMA of ``statistics``
+        (counts, sums) and, after the warm-up, restarts of dead codes onto ``rows`` (a tensor,
+        or a function that makes one, called only when some code is dead)."""
+        self.steps += 1
+        if not self.is_ema:
+            return
+        self._apply_ema(*statistics)
+        threshold = self.threshold_ema_dead_code
+        if threshold > 0 and int(self.steps) > self.dead_code_warmup_steps \
+                and bool((self.cluster_size < threshold).any()):
+            self._restart_dead_codes(rows() if callable(rows) else rows)
+
+    @torch.no_grad()
+    def _apply_ema(self, counts: Tensor, sums: Tensor) -> None:
         """One EMA step of cluster sizes and sums; the codebook is their smoothed ratio.
 
         The running sum of vectors per code is not stored: it equals
@@ -264,8 +286,6 @@ class VectorQuantize(nn.Module):
         the usual one (Sonnet's ``VectorQuantizerEMA``), and a codebook written in place by the
         user stays written.
         """
-        counts = torch.bincount(indices, minlength=self.codebook_size).to(h.dtype)  # (K,)
-        sums = h.new_zeros(self.codebook.shape).index_add_(0, indices, h)  # (K, D)
         if distributed.should_sync(self.sync_codebook):
             distributed.all_reduce(counts)
             distributed.all_reduce(sums)
@@ -325,20 +345,7 @@ class VectorQuantize(nn.Module):
     # ------------------------------------------------------------------ checks
 
     def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise QuantizerInputError(f"expected a torch.Tensor, got {_describe(x)}")
-        if not x.dtype.is_floating_point:
-            raise QuantizerInputError(
-                f"expected a floating-point tensor (float16/bfloat16/float32/float64), "
-                f"got dtype {x.dtype}")
-        if x.ndim < 1:
-            raise QuantizerInputError(
-                f"expected a tensor of shape (..., {self.dim}) with at least one dimension, "
-                "got a 0-d tensor")
-        if x.shape[-1] != self.dim:
-            raise QuantizerInputError(
-                f"expected the last dimension to be dim={self.dim} (channels last, "
-                f"(..., {self.dim})), got shape {tuple(x.shape)}")
+        check_input(x, self.dim)
 
     @staticmethod
     def _check_finite(h: Tensor) -> None:
@@ -349,6 +356,24 @@ class VectorQuantize(nn.Module):
             f"input has {int((~finite).sum())} non-finite value(s) (NaN or Inf) out of "
             f"{h.numel()}; the codebook was not updated. Check the encoder output (learning "
             "rate, loss scale) before it reaches the quantizer.")
+
+
+def check_input(x: object, dim: int) -> None:
+    """Raise :class:`QuantizerInputError` unless ``x`` is a floating tensor ``(..., dim)``."""
+    if not isinstance(x, Tensor):
+        raise QuantizerInputError(f"expected a torch.Tensor, got {_describe(x)}")
+    if not x.dtype.is_floating_point:
+        raise QuantizerInputError(
+            f"expected a floating-point tensor (float16/bfloat16/float32/float64), "
+            f"got dtype {x.dtype}")
+    if x.ndim < 1:
+        raise QuantizerInputError(
+            f"expected a tensor of shape (..., {dim}) with at least one dimension, "
+            "got a 0-d tensor")
+    if x.shape[-1] != dim:
+        raise QuantizerInputError(
+            f"expected the last dimension to be dim={dim} (channels last, "
+            f"(..., {dim})), got shape {tuple(x.shape)}")
 
 
 def _require(condition: bool, message: str) -> None:
