@@ -17,6 +17,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -289,7 +290,8 @@ def train_epoch(model, optimizer, data: Data, config: TrainConfig, epoch: int,
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=config.precision == "bf16")
     bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-               disable=not (config.progress and processes.is_main), dynamic_ncols=True)
+               disable=not (config.progress and processes.is_main), dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 10.0)
     start = time.perf_counter()
     for step in bar:
         for group in optimizer.param_groups:
@@ -458,6 +460,11 @@ def _train(train_config, model_config, resume_from, on_epoch_end, processes, dev
         })
         metrics = _summary(history, model_config, train_config)
         atomic_write_json(run_dir / METRICS, metrics)
+        if train_config.progress:
+            last = history[-1]
+            print(f"epoch {epoch + 1}/{train_config.epochs}: train loss {last['train_loss']:.5f}"
+                  f"  test MSE {last['test_mse']:.5f}  perplexity {last['perplexity']:.1f}"
+                  f"  codes {last['used_codes']}  {last['seconds']:.1f} s", flush=True)
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
     metrics = _summary(history, model_config, train_config) if processes.is_main else {}
