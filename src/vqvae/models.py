@@ -9,6 +9,11 @@ The MLP model is the course's, layer for layer:
 The quantizer is chosen by name (see :data:`QUANTIZERS`); every one follows the contract
 ``quantized, indices, loss = q(x)`` with ``x`` of shape ``(..., vector_dim)`` and has
 ``decode(indices)``.
+
+The convolutional model (``model="conv"``) is for quality: two stride-2 convolutions take a
+28×28 image to a 7×7 grid of ``vector_dim`` vectors, one code per grid cell (49 codes), and
+transposed convolutions take them back. Its codes are ``(B, 7, 7)``: :attr:`ModelConfig.code_shape`
+says what a model's codes look like, and everything that handles codes asks it.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class ModelConfig:
     codebook_size: int = 512
     quantizer: str = "ours"
     quantizer_options: dict[str, Any] = field(default_factory=dict)
+    channels: int = 64  # width of the conv model (its first layer has half); the MLP ignores it
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -81,12 +87,24 @@ class ModelConfig:
         if self.quantizer not in QUANTIZERS:
             raise ValueError(
                 f"unknown quantizer {self.quantizer!r}; choose one of {sorted(QUANTIZERS)}")
-        for name in ("image_size", "hidden_dim", "vector_dim", "num_embeddings", "codebook_size"):
+        for name in ("image_size", "hidden_dim", "vector_dim", "num_embeddings", "codebook_size",
+                     "channels"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.model == "conv" and self.image_size % 4:
+            raise ValueError(f"the conv model needs an image size divisible by 4, "
+                             f"got {self.image_size}")
         # Record the options in full, so a checkpoint says exactly what was trained
         self.quantizer_options = {**QUANTIZERS[self.quantizer][1], **self.quantizer_options}
+
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        """Codes per image, without the batch axis: ``(num_embeddings,)`` for the MLP,
+        ``(image_size // 4, image_size // 4)`` for the conv model's grid."""
+        if self.model == "conv":
+            return (self.image_size // 4, self.image_size // 4)
+        return (self.num_embeddings,)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,7 +120,7 @@ class ModelConfig:
 
 class VQVAEOutput(NamedTuple):
     reconstruction: Tensor  # (B, 1, H, W) in [0, 1]
-    indices: Tensor  # (B, num_embeddings) int64 codes
+    indices: Tensor  # (B, *config.code_shape) int64 codes
     vq_loss: Tensor  # scalar
 
 
@@ -134,7 +152,52 @@ class MLPDecoder(nn.Sequential):
         )
 
 
-MODELS = {"mlp": (MLPEncoder, MLPDecoder)}
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                  nn.ReLU(), nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class ConvEncoder(nn.Module):
+    """``(B, 1, 28, 28)`` → ``(B, 7, 7, vector_dim)``, channels last for the quantizer."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config.channels
+        self.body = nn.Sequential(
+            nn.Conv2d(1, c // 2, 4, stride=2, padding=1), nn.ReLU(),  # (B, c/2, 14, 14)
+            nn.Conv2d(c // 2, c, 4, stride=2, padding=1),  # (B, c, 7, 7)
+            ResidualBlock(c), nn.ReLU(),
+            nn.Conv2d(c, config.vector_dim, 1),
+        )
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.body(images).permute(0, 2, 3, 1)
+
+
+class ConvDecoder(nn.Module):
+    """``(B, 7, 7, vector_dim)`` → ``(B, 1, 28, 28)`` in [0, 1]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config.channels
+        self.body = nn.Sequential(
+            nn.Conv2d(config.vector_dim, c, 3, padding=1),
+            ResidualBlock(c), nn.ReLU(),
+            nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1), nn.ReLU(),  # 14×14
+            nn.ConvTranspose2d(c // 2, 1, 4, stride=2, padding=1),  # 28×28
+            nn.Sigmoid(),
+        )
+
+    def forward(self, quantized: Tensor) -> Tensor:
+        return self.body(quantized.permute(0, 3, 1, 2))
+
+
+MODELS = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
 
 
 class VQVAE(nn.Module):
@@ -156,7 +219,8 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        """Codes of ``images``: ``(B, num_embeddings)`` int64. Leaves the model's mode as it was."""
+        """Codes of ``images``: ``(B, *config.code_shape)`` int64 (``(B, num_embeddings)`` for
+        the MLP). Leaves the model's mode as it was."""
         was_training = self.training
         self.eval()
         try:
@@ -166,10 +230,11 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, indices: Tensor) -> Tensor:
-        """Images from codes ``(B, num_embeddings)``: ``(B, 1, H, W)`` in [0, 1]."""
-        if indices.ndim != 2 or indices.shape[1] != self.config.num_embeddings:
+        """Images from codes ``(B, *config.code_shape)``: ``(B, 1, H, W)`` in [0, 1]."""
+        shape = self.config.code_shape
+        if tuple(indices.shape[1:]) != shape or indices.ndim != len(shape) + 1:
             raise ValueError(
-                f"codes must have shape (B, {self.config.num_embeddings}), "
+                f"codes must have shape (B, {', '.join(map(str, shape))}), "
                 f"got {tuple(indices.shape)}")
         if indices.numel() and (int(indices.min()) < 0
                                 or int(indices.max()) >= self.config.codebook_size):

@@ -21,9 +21,10 @@ SAMPLE_COUNT = 64
 
 
 def random_codes(config: ModelConfig, count: int, seed: int = 0) -> Tensor:
-    """Uniformly random codes ``(count, num_embeddings)``: every position, every code equally."""
+    """Uniformly random codes ``(count, *config.code_shape)``: every position, every code
+    equally."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(config.codebook_size, (count, config.num_embeddings),
+    return torch.randint(config.codebook_size, (count, *config.code_shape),
                          generator=generator)
 
 
@@ -144,6 +145,7 @@ def save_codes(path: Path, codes: Tensor, config: ModelConfig, sources: Sequence
         "format": "vqvae-codes/1",
         "codebook_size": config.codebook_size,
         "num_embeddings": config.num_embeddings,
+        "code_shape": list(config.code_shape),
         "quantizer": config.quantizer,
         "sources": list(sources),
         "codes": codes.cpu().tolist(),
@@ -168,10 +170,11 @@ def load_codes(path: Path, config: ModelConfig) -> tuple[Tensor, list[str]]:
         if payload.get("codebook_size") != config.codebook_size:
             raise ValueError(f"{path}: codes are for a codebook of {payload.get('codebook_size')}"
                              f" codes, the model has {config.codebook_size}")
-    if codes.ndim == 1:
+    shape = tuple(config.code_shape)
+    if codes.ndim == len(shape):
         codes = codes.unsqueeze(0)
-    if codes.ndim != 2 or codes.shape[1] != config.num_embeddings:
-        raise ValueError(f"{path}: codes must have shape (N, {config.num_embeddings}), "
+    if tuple(codes.shape[1:]) != shape:
+        raise ValueError(f"{path}: codes must have shape (N, {', '.join(map(str, shape))}), "
                          f"got {tuple(codes.shape)}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= config.codebook_size):
         raise ValueError(f"{path}: codes must lie in [0, {config.codebook_size})")
