@@ -14,6 +14,7 @@ from vqvae.prior import (
     KVCache,
     PriorConfig,
     PriorTrainConfig,
+    draw_labels,
     flatten_codes,
     sample,
     train_prior,
@@ -162,6 +163,17 @@ def test_prior_beats_the_frequency_baseline_on_held_out_codes():
     samples = sample(run.prior, 200, torch.full((200,), 2), seed=0)
     follows = ((samples[:, 1:] - samples[:, :-1]) % 8 == 3).float().mean()
     assert follows > 0.6
+    assert torch.equal(run.prior.label_counts, torch.bincount(labels[:1200]).float())
+
+
+def test_drawn_labels_follow_the_training_label_frequencies():
+    prior = tiny_prior(num_classes=3)
+    prior.label_counts.copy_(torch.tensor([0.0, 3.0, 1.0]))
+    labels = draw_labels(prior, 4000, seed=0)
+    assert (labels != 0).all()
+    assert (labels == 1).float().mean().item() == pytest.approx(0.75, abs=0.03)
+    with pytest.raises(ValueError, match="without labels"):
+        draw_labels(tiny_prior(num_classes=0), 5)
 
 
 # ---------------------------------------------------------------------------- CLI

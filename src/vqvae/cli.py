@@ -341,6 +341,7 @@ def cmd_prior(args: argparse.Namespace) -> int:
     try:
         train_config = PriorTrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                                         lr=args.lr, seed=args.seed, threads=args.threads,
+                                        precision=args.precision, device=args.device,
                                         progress=not args.no_progress)
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -357,7 +358,8 @@ def cmd_prior(args: argparse.Namespace) -> int:
     m = run.metrics
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     print(f"\nprior: {m['parameters']:,} parameters, trained in {m['train_seconds']:.0f} s "
-          f"(process CPU time so far {cpu.ru_utime + cpu.ru_stime:.0f} s)")
+          f"({m['precision']}, {m['threads']} threads; process CPU time so far "
+          f"{cpu.ru_utime + cpu.ru_stime:.0f} s)")
     print(f"  held-out NLL per code   {m['val_nll']:.4f} nats (unconditional)")
     if "val_nll_conditional" in m:
         print(f"                          {m['val_nll_conditional']:.4f} nats (given the label)")
@@ -563,7 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.1, help="(default: 0.1)")
     p.add_argument("--unconditional", action="store_true", help="ignore the labels")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive_int,
+                   help="torch CPU threads (default: torch's; on a busy machine 1 can be "
+                        "faster than 2)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="bf16 autocast for training; auto uses it where the CPU has native "
+                        "bf16 (default: auto)")
     p.add_argument("--data-dir", metavar="DIR", help="where the dataset is")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -385,11 +385,14 @@ def judge_run(run_dir: str | Path, judge: Judge, count: int = 10_000, seed: int 
               progress: bool = True) -> dict[str, Any]:
     """Score the sets a run can make, ``count`` images each: the real test set, its
     reconstructions, uniformly random codes, codes drawn from per-position frequencies and,
-    when the run has a prior, prior samples (unconditional, and conditional on a digit cycling
-    0-9, whose ``accuracy`` is the fraction judged to be the digit asked for)."""
+    when the run has a prior, prior samples: unconditional (the null label); with a guidance
+    scale above 1, with each class drawn from the label frequencies and guided toward; and
+    conditional on a digit cycling 0-9, whose ``accuracy`` is the fraction judged to be the
+    digit asked for. ``sampling`` (temperature, top-k) applies to all prior samples."""
     from .prior import (
         PRIOR_CHECKPOINT,
         FrequencyPrior,
+        draw_labels,
         encode_images,
         load_run_prior,
         run_codes,
@@ -437,15 +440,26 @@ def judge_run(run_dir: str | Path, judge: Judge, count: int = 10_000, seed: int 
         say("prior samples")
         start = time.perf_counter()
         images = decode(sample(prior, count, seed=seed, **options))
-        seconds["prior"] = time.perf_counter() - start
-        reports["prior"] = judge.score(images)
+        seconds["prior, unconditional"] = time.perf_counter() - start
+        reports["prior, unconditional"] = judge.score(images)
+        if prior.config.num_classes and sampling.guidance_scale != 1.0:
+            say("prior samples, classes drawn from the label frequencies, guided")
+            labels = draw_labels(prior, count, seed)
+            start = time.perf_counter()
+            images = decode(sample(prior, count, labels, seed=seed,
+                                   guidance_scale=sampling.guidance_scale, **options))
+            seconds["prior, guided"] = time.perf_counter() - start
+            reports[f"prior, class drawn, guidance {sampling.guidance_scale:g}"] = \
+                judge.score(images)
         if prior.config.num_classes:
             say("conditional prior samples")
             labels = torch.arange(count) % prior.config.num_classes
             start = time.perf_counter()
             images = decode(sample(prior, count, labels, seed=seed,
                                    guidance_scale=sampling.guidance_scale, **options))
-            seconds["prior conditional"] = time.perf_counter() - start
-            reports["prior, conditional"] = judge.score(images, labels)
+            seconds["prior, digit asked for"] = time.perf_counter() - start
+            name = "prior, digit asked for" + (f", guidance {sampling.guidance_scale:g}"
+                                               if sampling.guidance_scale != 1.0 else "")
+            reports[name] = judge.score(images, labels)
     return {"reports": reports, "sample_seconds": seconds, "sampling": asdict(sampling),
             "count": count, "seed": seed, "judge": judge.info, "run_dir": str(run_dir)}

@@ -175,6 +175,9 @@ class CodePrior(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.dim)
         self.head = nn.Linear(config.dim, config.vocab_size)
+        # how often each label occurs in the training set: a sampler that draws the class
+        # first, p(y) then p(codes | y), needs it; set by train_prior, saved with the weights
+        self.register_buffer("label_counts", torch.zeros(max(config.num_classes, 1)))
         self.apply(self._init)
         nn.init.normal_(self.position_embedding, std=0.02)
 
@@ -289,6 +292,15 @@ def sample_tokens(prior: CodePrior, labels: Tensor, generator: torch.Generator |
     return tokens
 
 
+def draw_labels(prior: CodePrior, count: int, seed: int = 0) -> Tensor:
+    """``count`` labels drawn from the training set's label frequencies."""
+    if not prior.config.num_classes or prior.label_counts.sum() == 0:
+        raise ValueError("this prior was trained without labels")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.multinomial(prior.label_counts.cpu().double(), count, replacement=True,
+                             generator=generator)
+
+
 @torch.no_grad()
 def sample(prior: CodePrior, count: int, labels: Tensor | None = None, seed: int = 0,
            temperature: float = 1.0, top_k: int | None = None, guidance_scale: float = 1.0,
@@ -345,11 +357,29 @@ class PriorTrainConfig:
     warmup_fraction: float = 0.05
     seed: int = 0
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    # "bf16" runs the forward pass under autocast; "auto" picks it where the CPU has native
+    # bf16 dot products (or on CUDA): on this project's AVX512-BF16 machine it halves the time
+    # of a training step. Evaluation and sampling stay float32.
+    precision: str = "auto"
+    device: str = "cpu"
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+def _use_bf16(precision: str, device: torch.device) -> bool:
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @dataclass
@@ -384,26 +414,39 @@ def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: Prior
     """
     from tqdm import tqdm
 
-    from .train import atomic_torch_save
+    from .train import atomic_torch_save, resolve_device
 
     train_config = train_config or PriorTrainConfig()
     if train_config.threads:
         torch.set_num_threads(train_config.threads)
+    device = resolve_device(train_config.device)
+    bf16 = _use_bf16(train_config.precision, device)
     torch.manual_seed(train_config.seed)
     generator = torch.Generator().manual_seed(train_config.seed)
     conditional = train_labels is not None and config.num_classes > 0
-    prior = CodePrior(config)
+    prior = CodePrior(config).to(device)
+    if conditional:
+        prior.label_counts.copy_(torch.bincount(train_labels.cpu().long(),
+                                                minlength=config.num_classes).float())
+    train_tokens = train_tokens.to(device)
+    if conditional:
+        train_labels = train_labels.to(device)
+    if val_tokens is not None:
+        val_tokens = val_tokens.to(device)
+        val_labels = None if val_labels is None else val_labels.to(device)
     decay, no_decay = [], []
     for name, parameter in prior.named_parameters():
         (decay if parameter.ndim >= 2 and "embedding" not in name else no_decay).append(parameter)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train_config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=train_config.lr, betas=(0.9, 0.98), fused=True)
+                                  lr=train_config.lr, betas=(0.9, 0.98),
+                                  fused=device.type in ("cpu", "cuda"))
     n = train_tokens.shape[0]
     per_epoch = -(-n // train_config.batch_size)
     total = per_epoch * train_config.epochs
     warmup = max(1, int(train_config.warmup_fraction * total))
     baseline = FrequencyPrior(train_tokens, config.vocab_size, config.code_shape)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     history: list[dict] = []
     start_time = time.perf_counter()
     step = 0
@@ -416,6 +459,7 @@ def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: Prior
         epoch_start = time.perf_counter()
         for i in bar:
             index = order[i * train_config.batch_size:(i + 1) * train_config.batch_size]
+            index = index.to(device)
             factor = ((step + 1) / warmup if step < warmup else
                       0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
             for group in optimizer.param_groups:
@@ -424,8 +468,9 @@ def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: Prior
             if conditional:
                 labels = train_labels[index].clone()
                 dropped = torch.rand(len(index), generator=generator) < config.label_dropout
-                labels[dropped] = config.null_label
-            loss = prior.nll(train_tokens[index], labels)
+                labels[dropped.to(device)] = config.null_label
+            with autocast:
+                loss = prior.nll(train_tokens[index], labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
@@ -454,6 +499,8 @@ def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: Prior
         "train_seconds": time.perf_counter() - start_time,
         "epochs": train_config.epochs,
         "parameters": sum(p.numel() for p in prior.parameters()),
+        "precision": "bf16" if bf16 else "fp32",
+        "threads": torch.get_num_threads(),
         "prior_config": config.to_dict(),
         "history": history,
     }
@@ -462,7 +509,7 @@ def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: Prior
         metrics["val_nll_frequency_baseline"] = baseline.nll(val_tokens)
         if "val_nll_conditional" in history[-1]:
             metrics["val_nll_conditional"] = history[-1]["val_nll_conditional"]
-    return PriorRun(prior.eval(), metrics, history)
+    return PriorRun(prior.cpu().eval(), metrics, history)
 
 
 def load_prior(path: str | Path, device: str | torch.device = "cpu") -> CodePrior:
@@ -553,9 +600,16 @@ def load_run_prior(run_dir: str | Path, device: str | torch.device = "cpu") -> C
 def sample_images(model, prior: CodePrior, count: int, digit: int | None = None, seed: int = 0,
                   temperature: float = 1.0, top_k: int | None = None,
                   guidance_scale: float = 1.0, batch_size: int = 2000) -> Tensor:
-    """``count`` images ``(N, 1, H, W)`` in [0, 1] decoded from prior samples, all of class
-    ``digit`` when given."""
+    """``count`` images ``(N, 1, H, W)`` in [0, 1] decoded from prior samples.
+
+    With ``digit``, all of that class. Without, and with ``guidance_scale`` 1, codes are drawn
+    from the null label (the model's own p(codes)); with ``guidance_scale`` above 1, each
+    sample's class is first drawn from the training label frequencies and its codes then
+    sampled with guidance toward it: still no class asked for, but sharper digits.
+    """
     labels = None
+    if digit is None and guidance_scale != 1.0:
+        labels = draw_labels(prior, count, seed)
     if digit is not None:
         if not prior.config.num_classes:
             raise ValueError("this prior was trained without labels; it cannot sample a digit")
