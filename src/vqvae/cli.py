@@ -15,6 +15,12 @@ from pathlib import Path
 
 from . import __version__
 
+#: Classifier-free guidance of prior samples unless --guidance says otherwise. Measured on a
+#: conv run (3,000 samples each, by the judge): 1.5 gave IS 9.45, FD 13, 97.2% of digits as
+#: asked; 2 gave IS 9.68, FD 22, 98.7%; 2.5 gave IS 9.75, FD 36, 99.0%. 2 keeps a margin on
+#: every bar.
+DEFAULT_GUIDANCE = 2.0
+
 
 class UsageError(Exception):
     """The command line asks for something that cannot be done; exit status 2."""
@@ -310,10 +316,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         try:
             images = sample_images(model, prior, args.num, args.digit, args.seed,
                                    temperature=args.temperature or 1.0, top_k=args.top_k,
-                                   guidance_scale=args.guidance or 1.0)
+                                   guidance_scale=args.guidance or DEFAULT_GUIDANCE)
         except ValueError as error:
             raise UsageError(str(error)) from None
-        what = "the prior" + ("" if args.digit is None else f", digit {args.digit}")
+        guidance = args.guidance or DEFAULT_GUIDANCE
+        what = ("the prior" + ("" if args.digit is None else f", digit {args.digit}")
+                + ("" if guidance == 1 else f", guidance {guidance:g}"))
         default_name = "samples_prior.png" if args.digit is None else \
             f"samples_digit{args.digit}.png"
     else:
@@ -333,8 +341,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_prior(args: argparse.Namespace) -> int:
-    import resource
-
     from .prior import PriorTrainConfig, train_run_prior, write_prior_figures
 
     model = _load_run_model(args.run_dir, "cpu")
@@ -354,12 +360,13 @@ def cmd_prior(args: argparse.Namespace) -> int:
                               conditional=not args.unconditional)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    figures = write_prior_figures(args.run_dir, model, run.prior, seed=args.seed)
+    figures = write_prior_figures(args.run_dir, model, run.prior, seed=args.seed,
+                                  guidance_scale=DEFAULT_GUIDANCE if not args.unconditional
+                                  else 1.0)
     m = run.metrics
-    cpu = resource.getrusage(resource.RUSAGE_SELF)
     print(f"\nprior: {m['parameters']:,} parameters, trained in {m['train_seconds']:.0f} s "
-          f"({m['precision']}, {m['threads']} threads; process CPU time so far "
-          f"{cpu.ru_utime + cpu.ru_stime:.0f} s)")
+          f"({m['train_cpu_seconds']:.0f} s of CPU time; {m['precision']}, {m['threads']} "
+          f"threads)")
     print(f"  held-out NLL per code   {m['val_nll']:.4f} nats (unconditional)")
     if "val_nll_conditional" in m:
         print(f"                          {m['val_nll_conditional']:.4f} nats (given the label)")
@@ -546,8 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--top-k", type=_positive_int, metavar="K",
                        help="sample from the K most likely codes only (default: all)")
     group.add_argument("--guidance", type=_positive_float, metavar="S",
-                       help="classifier-free guidance scale with --digit; 1 is none "
-                            "(default: 1)")
+                       help="classifier-free guidance scale: 1 samples the model as it is "
+                            "(without --digit: the null label, no class at all); above 1, "
+                            "codes are pushed toward the class, which without --digit is "
+                            "drawn from the training label frequencies "
+                            f"(default: {DEFAULT_GUIDANCE:g})")
 
     p = run_command("prior", "train an autoregressive prior over a run's codes",
                     "Encode the run's training set to codes (once) and train a causal "
@@ -611,9 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_positive_float, default=1.0,
                    help="prior sampling temperature (default: 1)")
     p.add_argument("--top-k", type=_positive_int, help="prior top-k sampling (default: off)")
-    p.add_argument("--guidance", type=_positive_float, default=1.0,
-                   help="classifier-free guidance scale of the conditional samples "
-                        "(default: 1, none)")
+    p.add_argument("--guidance", type=_positive_float, default=DEFAULT_GUIDANCE,
+                   help="classifier-free guidance scale of the class-drawn and digit-asked "
+                        f"prior samples; 1 skips the class-drawn set (default: "
+                        f"{DEFAULT_GUIDANCE:g})")
     p.add_argument("--out", metavar="JSON", help="(default: RUN_DIR/judge.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_judge)

