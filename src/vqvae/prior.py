@@ -77,7 +77,9 @@ class PriorConfig:
     depth: int = 2
     heads: int = 4
     mlp_ratio: int = 4
-    dropout: float = 0.1
+    # No dropout: with 60,000 sequences and a few epochs the prior underfits (train NLL stays
+    # above held-out), and dropout costs ~15% of a CPU step.
+    dropout: float = 0.0
     label_dropout: float = 0.1  # training sequences whose label is replaced by the null label
 
     def __post_init__(self) -> None:
@@ -483,7 +485,9 @@ def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: Prior
         bar.close()
         entry = {"epoch": epoch + 1, "train_nll": running / per_epoch,
                  "seconds": time.perf_counter() - epoch_start}
-        if val_tokens is not None:
+        # held-out NLL (float32, two passes over it) after the last epoch only: after every
+        # epoch it cost a fifth of the training time
+        if val_tokens is not None and epoch + 1 == train_config.epochs:
             entry["val_nll"] = evaluate_nll(prior, val_tokens)
             if conditional and val_labels is not None:
                 entry["val_nll_conditional"] = evaluate_nll(prior, val_tokens, val_labels)
