@@ -17,6 +17,7 @@ from vqvae.prior import (
     draw_labels,
     flatten_codes,
     sample,
+    sample_images,
     train_prior,
     unflatten_codes,
 )
@@ -174,6 +175,22 @@ def test_drawn_labels_follow_the_training_label_frequencies():
     assert (labels == 1).float().mean().item() == pytest.approx(0.75, abs=0.03)
     with pytest.raises(ValueError, match="without labels"):
         draw_labels(tiny_prior(num_classes=0), 5)
+
+
+def test_sample_images_decodes_prior_codes_and_checks_the_digit():
+    model = VQVAE(ModelConfig(model="conv", channels=8, codebook_size=32)).eval()
+    conditional = tiny_prior((7, 7), vocab_size=32)
+    conditional.label_counts.fill_(1.0)
+    images = sample_images(model, conditional, 3, digit=4, guidance_scale=2.0)
+    assert images.shape == (3, 1, 28, 28) and 0 <= images.min() and images.max() <= 1
+    with pytest.raises(ValueError, match="digit must lie in 0-9"):
+        sample_images(model, conditional, 1, digit=10)
+    unconditional = tiny_prior((7, 7), vocab_size=32, num_classes=0)
+    # guidance has nothing to guide toward: the default sampler falls back to the null label
+    assert torch.equal(sample_images(model, unconditional, 2, guidance_scale=2.0),
+                       sample_images(model, unconditional, 2, guidance_scale=1.0))
+    with pytest.raises(ValueError, match="without labels"):
+        sample_images(model, unconditional, 1, digit=3)
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -620,7 +620,10 @@ def sample_images(model, prior: CodePrior, count: int, digit: int | None = None,
     """
     labels = None
     if digit is None and guidance_scale != 1.0:
-        labels = draw_labels(prior, count, seed)
+        if prior.config.num_classes:
+            labels = draw_labels(prior, count, seed)
+        else:  # a prior trained without labels: nothing to guide toward
+            guidance_scale = 1.0
     if digit is not None:
         if not prior.config.num_classes:
             raise ValueError("this prior was trained without labels; it cannot sample a digit")
