@@ -368,6 +368,7 @@ def cmd_prior(args: argparse.Namespace) -> int:
         train_config = PriorTrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                                         lr=args.lr, seed=args.seed, threads=None,
                                         precision=args.precision, device=args.device,
+                                        train_subset=args.train_subset,
                                         progress=not args.no_progress)
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -596,6 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=_positive_int, default=4, help="(default: 4)")
     p.add_argument("--dropout", type=float, default=0.0, help="(default: 0)")
     p.add_argument("--unconditional", action="store_true", help="ignore the labels")
+    p.add_argument("--train-subset", type=_positive_int, metavar="N",
+                   help="train on the first N training code sequences only")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     _add_threads_option(p)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",

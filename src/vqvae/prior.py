@@ -365,6 +365,7 @@ class PriorTrainConfig:
     # of a training step. Evaluation and sampling stay float32.
     precision: str = "auto"
     device: str = "cpu"
+    train_subset: int | None = None  # first N training sequences (quick runs and tests)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -427,6 +428,9 @@ def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: Prior
     torch.manual_seed(train_config.seed)
     generator = torch.Generator().manual_seed(train_config.seed)
     conditional = train_labels is not None and config.num_classes > 0
+    if train_config.train_subset:
+        train_tokens = train_tokens[:train_config.train_subset]
+        train_labels = None if train_labels is None else train_labels[:train_config.train_subset]
     prior = CodePrior(config).to(device)
     if conditional:
         prior.label_counts.copy_(torch.bincount(train_labels.cpu().long(),
