@@ -314,7 +314,7 @@ def _load_run_prior(run_dir: str, device: str):
     try:
         return load_run_prior(run_dir, resolve_device(device))
     except FileNotFoundError as error:
-        raise UsageError(f"{error} {run_dir}") from None
+        raise UsageError(str(error)) from None
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
