@@ -10,9 +10,14 @@ The quantizer is chosen by name (see :data:`QUANTIZERS`); every one follows the 
 ``quantized, indices, loss = q(x)`` with ``x`` of shape ``(..., vector_dim)`` and has
 ``decode(indices)``.
 
-Codes of one image have the shape :attr:`ModelConfig.code_shape`: ``(num_embeddings,)`` for a
-single codebook, ``(num_embeddings, num_quantizers)`` for a residual quantizer and
-``(num_embeddings, groups, num_quantizers)`` for a grouped residual one.
+The convolutional model (``model="conv"``) is for quality: two stride-2 convolutions take a
+28×28 image to a 7×7 grid of ``vector_dim`` vectors, one code per grid cell (49 codes), and
+transposed convolutions take them back.
+
+Codes of one image have the shape :attr:`ModelConfig.code_shape`: the positions
+(``(num_embeddings,)`` for the MLP, ``(7, 7)`` for the conv model's grid), then the codebook axes
+of the quantizer: none for a single codebook, ``(num_quantizers,)`` for a residual quantizer and
+``(groups, num_quantizers)`` for a grouped residual one. Everything that handles codes asks it.
 """
 
 from __future__ import annotations
@@ -162,6 +167,9 @@ class ModelConfig:
     quantizer_options: dict[str, Any] = field(default_factory=dict)
     num_quantizers: int = 1  # depths of a residual quantizer (see CODE_AXES)
     groups: int = 1  # feature groups of a grouped residual quantizer
+    # Width of the conv model (its first layer has half); the MLP ignores it. 32 reaches test
+    # MSE 0.003 on MNIST in 6 epochs and trains in about half the time of 64 on a CPU.
+    channels: int = 32
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -170,10 +178,13 @@ class ModelConfig:
             raise ValueError(
                 f"unknown quantizer {self.quantizer!r}; choose one of {sorted(QUANTIZERS)}")
         for name in ("image_size", "hidden_dim", "vector_dim", "num_embeddings", "codebook_size",
-                     "num_quantizers", "groups"):
+                     "num_quantizers", "groups", "channels"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.model == "conv" and self.image_size % 4:
+            raise ValueError(f"the conv model needs an image size divisible by 4, "
+                             f"got {self.image_size}")
         axes = CODE_AXES.get(self.quantizer, ())
         for name in ("num_quantizers", "groups"):
             if getattr(self, name) != 1 and name not in axes:
@@ -190,14 +201,28 @@ class ModelConfig:
         self.quantizer_options = {**QUANTIZERS[self.quantizer][1], **self.quantizer_options}
 
     @property
+    def position_shape(self) -> tuple[int, ...]:
+        """Code positions per image: ``(num_embeddings,)`` for the MLP, the conv model's grid
+        ``(image_size // 4, image_size // 4)``."""
+        if self.model == "conv":
+            return (self.image_size // 4, self.image_size // 4)
+        return (self.num_embeddings,)
+
+    @property
+    def codebook_axes(self) -> tuple[int, ...]:
+        """The quantizer's codes per position: ``()``, ``(num_quantizers,)`` or
+        ``(groups, num_quantizers)``."""
+        return tuple(getattr(self, a) for a in CODE_AXES.get(self.quantizer, ()))
+
+    @property
     def code_shape(self) -> tuple[int, ...]:
-        """Shape of one image's codes: ``(num_embeddings, *[getattr(self, a) for a in axes])``."""
-        return (self.num_embeddings, *(getattr(self, a) for a in CODE_AXES.get(self.quantizer, ())))
+        """Shape of one image's codes: ``position_shape + codebook_axes``."""
+        return self.position_shape + self.codebook_axes
 
     @property
     def codebooks_per_position(self) -> int:
         """Codes per position: ``groups × num_quantizers`` (1 for a single codebook)."""
-        return math.prod(self.code_shape[1:])
+        return math.prod(self.codebook_axes)
 
     @property
     def bits_per_image(self) -> float:
@@ -255,7 +280,57 @@ class MLPDecoder(nn.Sequential):
         )
 
 
-MODELS = {"mlp": (MLPEncoder, MLPDecoder)}
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                  nn.ReLU(), nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class ConvEncoder(nn.Module):
+    """``(B, 1, 28, 28)`` → ``(B, 7, 7, vector_dim)``, channels last for the quantizer."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config.channels
+        self.body = nn.Sequential(
+            nn.Conv2d(1, c // 2, 4, stride=2, padding=1), nn.ReLU(),  # (B, c/2, 14, 14)
+            nn.Conv2d(c // 2, c, 4, stride=2, padding=1),  # (B, c, 7, 7)
+            ResidualBlock(c), nn.ReLU(),
+            nn.Conv2d(c, config.vector_dim, 1),
+        )
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.body(images).permute(0, 2, 3, 1)
+
+
+class ConvDecoder(nn.Module):
+    """``(B, 7, 7, vector_dim)`` → ``(B, 1, 28, 28)`` in [0, 1]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config.channels
+        self.body = nn.Sequential(
+            nn.Conv2d(config.vector_dim, c, 3, padding=1),
+            ResidualBlock(c), nn.ReLU(),
+            nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1), nn.ReLU(),  # 14×14
+            nn.ConvTranspose2d(c // 2, 1, 4, stride=2, padding=1),  # 28×28
+            nn.Sigmoid(),
+        )
+        # Start the output near the mean pixel (sigmoid(-2) = 0.12) instead of 0.5. From 0.5,
+        # Adam's first steps drive every logit far below zero to blacken the mostly-black
+        # images, the sigmoid saturates and training stalls at a black image (seen at lr 2e-3
+        # and 1e-3: test MSE stuck at 0.11).
+        nn.init.constant_(self.body[-2].bias, -2.0)
+
+    def forward(self, quantized: Tensor) -> Tensor:
+        return self.body(quantized.permute(0, 3, 1, 2))
+
+
+MODELS = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
 
 
 class VQVAE(nn.Module):
@@ -290,7 +365,7 @@ class VQVAE(nn.Module):
     def decode(self, indices: Tensor) -> Tensor:
         """Images from codes ``(B, *code_shape)``: ``(B, 1, H, W)`` in [0, 1]."""
         code_shape = self.config.code_shape
-        if tuple(indices.shape[1:]) != code_shape:
+        if indices.ndim != len(code_shape) + 1 or tuple(indices.shape[1:]) != code_shape:
             raise ValueError(
                 f"codes must have shape (B, {', '.join(map(str, code_shape))}), "
                 f"got {tuple(indices.shape)}")

@@ -313,7 +313,7 @@ def train_epoch(model, optimizer, data: Data, config: TrainConfig, epoch: int,
         with torch.no_grad():
             sums += torch.stack([loss.detach(), recon.detach(), vq_loss.detach().float()])
             counts += code_counts_per_codebook(indices, vqvae.config.codebook_size,
-                                               len(vqvae.config.code_shape) - 1, check=False)
+                                               len(vqvae.config.codebook_axes), check=False)
         if config.progress and processes.is_main and (step % 25 == 0 or step == per_epoch - 1):
             usage = usage_from_counts(counts)
             mean = (sums / (step + 1)).tolist()
@@ -350,7 +350,7 @@ def evaluate(model: VQVAE, images: Tensor, batch_size: int = 1000) -> dict[str, 
         reconstruction, indices, _ = model(batch)
         squared_error += (reconstruction.float() - batch).pow(2).sum().double()
         counts += code_counts_per_codebook(indices, model.config.codebook_size,
-                                           len(model.config.code_shape) - 1)
+                                           len(model.config.codebook_axes))
     usage = usage_from_counts(counts)
     return {"test_mse": float(squared_error) / images.numel(),
             "perplexity": usage.perplexity, "used_codes": usage.used_codes}
