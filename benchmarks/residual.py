@@ -33,6 +33,9 @@ import torch
 
 from vqvae import GroupedResidualVQ, ResidualVQ, VectorQuantize
 
+sys.path.insert(0, str(Path(__file__).parent))
+from quantizer import print_markdown  # noqa: E402
+
 SHAPES = [((8, 1024, 256), 512), ((128, 16, 16), 512)]
 LAYERS = 4
 COMMON = dict(decay=0.8, commitment_weight=1.0)
@@ -102,14 +105,6 @@ def time_shape(shape, codebook_size, device, repeats, warmup, cases) -> list[dic
                      "one_vector_quantize_ms": medians["one VectorQuantize"],
                      "repeats": repeats})
     return rows
-
-
-def print_markdown(lines: list[list[str]]) -> None:
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    for j, line in enumerate(lines):
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
-        if j == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
 def main() -> None:

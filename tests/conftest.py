@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 
@@ -20,3 +21,23 @@ def _mnist_available() -> bool:
 requires_mnist = pytest.mark.skipif(
     not _mnist_available(),
     reason="MNIST not found locally: set VQVAE_DATA_DIR (tests never download)")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread beats two, and far more so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def state(module: torch.nn.Module) -> dict:
+    """A copy of every parameter and buffer of ``module``."""
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_state_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

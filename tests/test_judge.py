@@ -22,12 +22,8 @@ from vqvae.judge import (
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread beats two, and far more so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """These tensors are tiny: one thread beats two (see conftest.one_thread)."""
 
 
 def random_covariance(rng, dim):

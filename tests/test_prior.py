@@ -25,12 +25,8 @@ from vqvae.workflow import random_codes
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread beats two, and far more so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """These tensors are tiny: one thread beats two (see conftest.one_thread)."""
 
 
 def tiny_prior(code_shape=(6,), vocab_size=11, num_classes=10, seed=0) -> CodePrior:

@@ -11,21 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_state_equal, state
 
 from vqvae import GroupedResidualVQ, QuantizerInputError, ResidualVQ
 from vqvae.quantizers.estimators import quantize
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-
-
-def state(module: torch.nn.Module) -> dict:
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def assert_state_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def numpy_residual(x: np.ndarray, codebooks: list[np.ndarray]):

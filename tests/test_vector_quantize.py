@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import assert_state_equal, state
 
 from vqvae import QuantizerInputError, VectorQuantize, codebook_usage
 
@@ -34,16 +35,6 @@ def make_vq(codebook: torch.Tensor, **kwargs) -> VectorQuantize:
 def pairwise_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact pairwise distances (torch.cdist's matmul path rounds near zero)."""
     return (a[:, None, :].double() - b[None, :, :].double()).norm(dim=-1)
-
-
-def state(module: torch.nn.Module) -> dict:
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def assert_state_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.parametrize("decay", [0.8, None])
