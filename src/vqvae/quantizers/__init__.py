@@ -2,7 +2,7 @@
 
 from .kmeans import KMeansResult, kmeans
 from .metrics import CodebookUsage, code_counts, codebook_usage
-from .search import nearest_code, sample_code
+from .search import nearest_code, sample_code, search_settings, set_search_defaults
 from .vector_quantize import QuantizerInputError, VectorQuantize, VQOutput
 
 __all__ = [
@@ -16,4 +16,6 @@ __all__ = [
     "kmeans",
     "nearest_code",
     "sample_code",
+    "search_settings",
+    "set_search_defaults",
 ]
