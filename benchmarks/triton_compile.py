@@ -48,7 +48,7 @@ def search_kernel_source(precision: str, dim: int, config: dict) -> ASTSource:
     slots = ts.SLOTS.get(precision, 1)
     args = [("x_ptr", f"*{element}"), ("c_ptr", f"*{element}"), ("c_sq_ptr", "*fp32"),
             ("out_v_ptr", "*fp32" if slots > 1 else "*i32"), ("out_i_ptr", "*i32"),
-            ("N", "i32"), ("K", "i32"), ("D", "i32")]
+            ("N", "i32"), ("K", "i32"), ("D", "i32"), ("SIZE_CLASS", "i32")]
     constexprs = {"SLOTS": slots, "DOT_PRECISION": "ieee" if precision == "fp32" else "tf32",
                   **{k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "RESIDENT")},
                   "UPCAST": False}

@@ -341,3 +341,38 @@ def test_everything_works_without_triton(monkeypatch):
         assert indices.shape == (30,)
     finally:
         search._triton_module.cache_clear()
+
+
+def test_auto_backend_survives_a_failing_kernel(monkeypatch):
+    """In auto mode a kernel that fails (say, a GPU it cannot compile for) costs one warning,
+    and the process continues on the chunked path; running out of memory is not such a case."""
+    import types
+
+    calls = []
+
+    def failing(x, codebook, **kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("PTX for an unknown GPU")
+
+    monkeypatch.setattr(search, "_triton_module", lambda: types.SimpleNamespace(
+        nearest_code=failing))
+    monkeypatch.setattr(search, "_triton_broken", None)
+    # pretend the CPU tensors are CUDA ones as far as the auto dispatch is concerned
+    monkeypatch.setattr(search, "_use_triton", lambda x, codebook, backend:
+                        backend != "torch" and search._triton_broken is None)
+    x, codebook = random_problem(30, 16, 20, seed=16)
+    with pytest.warns(RuntimeWarning, match="PTX for an unknown GPU"):
+        codes = search.nearest_code(x, codebook)
+    assert torch.equal(codes, reference(x, codebook))
+    assert torch.equal(search.nearest_code(x, codebook), codes)  # no second try, no warning
+    assert len(calls) == 1
+
+    def out_of_memory(x, codebook, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(search, "_triton_module", lambda: types.SimpleNamespace(
+        nearest_code=out_of_memory))
+    monkeypatch.setattr(search, "_triton_broken", None)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        search.nearest_code(x, codebook)
+    assert search._triton_broken is None

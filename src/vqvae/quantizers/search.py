@@ -202,6 +202,8 @@ def nearest_code(
             return triton_search.nearest_code(x, codebook, precision=precision)
         try:
             return triton_search.nearest_code(x, codebook, precision=precision)
+        except torch.cuda.OutOfMemoryError:
+            raise  # says nothing about the kernels; the chunked path would not fit either
         except Exception as error:  # a GPU or Triton version the kernels do not compile for
             _triton_broken = f"{type(error).__name__}: {error}"
             warnings.warn(f"the fused Triton nearest-code search failed ({_triton_broken}); "

@@ -125,8 +125,8 @@ def _prepare_kernel(src_ptr, center_ptr, dst_ptr, sq_ptr, M, D,
     tl.store(sq_ptr + rows, sq, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["N"])
-def _search_kernel(x_ptr, c_ptr, c_sq_ptr, out_v_ptr, out_i_ptr, N, K, D,
+@triton.jit(do_not_specialize=["N", "SIZE_CLASS"])
+def _search_kernel(x_ptr, c_ptr, c_sq_ptr, out_v_ptr, out_i_ptr, N, K, D, SIZE_CLASS,
                    SLOTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    RESIDENT: tl.constexpr, UPCAST: tl.constexpr):
@@ -135,7 +135,8 @@ def _search_kernel(x_ptr, c_ptr, c_sq_ptr, out_v_ptr, out_i_ptr, N, K, D,
     ``SLOTS == 1`` keeps only the index of the minimum. ``RESIDENT`` loads the row block of
     ``x`` once (``BLOCK_D >= D``); otherwise each code tile loops over ``D`` in chunks.
     ``UPCAST`` converts bfloat16 tiles to float32 before ``tl.dot`` (exactly): the interpreter's
-    dot cannot multiply bfloat16.
+    dot cannot multiply bfloat16. ``SIZE_CLASS`` is unused by the kernel: it is part of the
+    autotuner's key, so that tiles tuned for a few hundred rows are not reused for a million.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -317,7 +318,7 @@ def _tuned_search_kernel():
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd or 0,
                               "RESIDENT": bd is None}, num_warps=warps, num_stages=stages)
                for bm, bn, bd, warps, stages in _CUDA_CONFIGS]
-    options = {"configs": configs, "key": ["D", "SLOTS", "DOT_PRECISION"],
+    options = {"configs": configs, "key": ["D", "SLOTS", "DOT_PRECISION", "SIZE_CLASS"],
                "prune_configs_by": {"early_config_prune": _prune_configs}}
 
     def bench(fn, quantiles):  # short: tuning happens once per key, inside the first call
@@ -335,18 +336,22 @@ def _interpreter_config(dim: int) -> dict:
     return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": min(bd, 32), "RESIDENT": bd <= 32}
 
 
-def best_config(precision: str, dim: int) -> dict | None:
-    """The configuration the autotuner chose for this mode and ``dim``, if it has run (CUDA)."""
+def size_class(rows: int, codes: int) -> int:
+    """Coarse problem size for the autotuner's key: factors of 4 in rows and in codes."""
+    return (max(rows, 1).bit_length() // 2) * 64 + max(codes, 1).bit_length() // 2
+
+
+def best_config(precision: str, dim: int) -> list[dict]:
+    """What the autotuner chose for this mode and ``dim``, per size class it has seen (CUDA)."""
     if INTERPRETED:
-        return None
+        return []
     tuner = _tuned_search_kernel()
     slots = SLOTS.get(precision, 1)
     dot = "ieee" if precision == "fp32" else "tf32"
-    for key, config in getattr(tuner, "cache", {}).items():
-        if tuple(key[:3]) == (dim, slots, dot):
-            return {**config.kwargs, "num_warps": config.num_warps,
-                    "num_stages": config.num_stages}
-    return None
+    return [{"size_class": key[3], **config.kwargs, "num_warps": config.num_warps,
+             "num_stages": config.num_stages}
+            for key, config in getattr(tuner, "cache", {}).items()
+            if tuple(key[:3]) == (dim, slots, dot)]
 
 
 # ---------------------------------------------------------------------------- launches
@@ -383,7 +388,7 @@ def _launch_search(x: Tensor, codebook: Tensor, c_sq: Tensor, slots: int, dot_pr
     out_i = torch.empty((n, slots) if slots > 1 else (n,), dtype=torch.int32, device=x.device)
     out_v = torch.empty((n, slots), dtype=torch.float32, device=x.device) if slots > 1 \
         else out_i  # unused by the kernel when slots == 1
-    args = (x, codebook, c_sq, out_v, out_i, n, k, dim)
+    args = (x, codebook, c_sq, out_v, out_i, n, k, dim, size_class(n, k))
     meta = {"SLOTS": slots, "DOT_PRECISION": dot_precision,
             "UPCAST": INTERPRETED and x.dtype == torch.bfloat16}
     if config is None and INTERPRETED:
@@ -576,7 +581,7 @@ def _approximate(x: Tensor, codebook: Tensor, precision: str, min_approx_macs: i
     count = possible.sum(1)
 
     # One possible code: it is the answer. Several: compare them in float32.
-    result = indices.gather(1, possible.to(torch.uint8).argmax(1, keepdim=True)).squeeze(1)
+    result = indices.gather(1, possible.int().argmax(1, keepdim=True)).squeeze(1)
     several = complete & (count > 1)
     rechecked = _recheck(x, codebook, indices, possible & several[:, None])
     result = torch.where(several, rechecked, result)
