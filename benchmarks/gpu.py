@@ -596,10 +596,16 @@ def section_bars(run: Run, shapes) -> None:
                          "measured": m["peak_gib"], "target": "<= 4 GiB",
                          "met": m["peak_gib"] is not None and m["peak_gib"] <= 4.0})
     for a in res.get("agreement", []):
-        if a["method"].startswith("fused") and "agree_fp32_pct" in a:
-            bars.append({"bar": f"codes = float32 argmin, {a['method']}, {a['data']}",
-                         "measured": a["agree_fp32_pct"], "target": ">= 99.99 %",
-                         "met": a["agree_fp32_pct"] >= 99.99})
+        if not a["method"].startswith("fused"):
+            continue
+        # The bar is against the float32 argmin. Far from the origin the (uncentred)
+        # float32 argmin is itself off by rounding, so there the judge is float64.
+        ref = "fp32" if a["data"] == "N(0, 1)" else "fp64"
+        if f"agree_{ref}_pct" in a:
+            pct = a[f"agree_{ref}_pct"]
+            bars.append({"bar": f"codes = {'float32' if ref == 'fp32' else 'float64'} argmin, "
+                                f"{a['method']}, {a['data']}",
+                         "measured": pct, "target": ">= 99.99 %", "met": pct >= 99.99})
     for b in bars:  # nothing measured (a failed case, or memory on CPU): not judged
         if b["measured"] is None:
             b["met"] = None

@@ -168,16 +168,17 @@ def main() -> None:
                     rows.append(row)
                     print(f"sm_{arch} D={dim} {precision} {config}: "
                           f"{row.get('error') or 'ok'}", file=sys.stderr)
+                helpers = [("prepare", prepare_kernel_source(precision, dim))]
                 if precision != "fp32":
-                    for name, source in (("prepare", prepare_kernel_source(precision, dim)),
-                                         ("recheck", recheck_kernel_source(precision, dim))):
-                        row = {"arch": arch, "dim": dim, "precision": precision, "kernel": name,
-                               "config": {}}
-                        try:
-                            row.update(compile_source(source, arch))
-                        except Exception as error:
-                            row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-                        rows.append(row)
+                    helpers.append(("recheck", recheck_kernel_source(precision, dim)))
+                for name, source in helpers:
+                    row = {"arch": arch, "dim": dim, "precision": precision, "kernel": name,
+                           "config": {}}
+                    try:
+                        row.update(compile_source(source, arch))
+                    except Exception as error:
+                        row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+                    rows.append(row)
 
     def describe(config: dict) -> str:
         if not config:

@@ -46,7 +46,11 @@ def ts():
 
 
 def reference(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(x.double(), codebook.double()).argmin(-1)
+    # the direct Σ (x - c)², not the ||x||² + ||c||² - 2 x·c expansion cdist uses above 25 rows,
+    # which turns exact duplicates and far-from-origin data into rounding noise
+    distances = torch.cdist(x.double(), codebook.double(),
+                            compute_mode="donot_use_mm_for_euclid_dist")
+    return distances.argmin(-1)
 
 
 def random_problem(n: int, dim: int, k: int, seed: int = 0, shift: float = 0.0):
@@ -96,6 +100,21 @@ def test_data_far_from_the_origin_is_centred(ts):
     codes = ts.nearest_code(x, codebook, precision="tf32", min_approx_macs=0, stats=stats)
     assert torch.equal(codes, reference(x, codebook))
     assert stats["tf32_rows"] == 40 and stats["tf32_fallback"] == 0
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_float32_is_exact_far_from_the_origin(ts, precision):
+    # codes 1e-3 apart around a point 60 from the origin: ||c||² ≈ 3600 and 2 x·c cancel to
+    # distances of ~4e-5, below float32's resolution at 3600 (2e-4) unless centred first
+    g = torch.Generator().manual_seed(17)
+    base = 10 * torch.randn(40, generator=g)
+    codebook = base + 1e-3 * torch.randn(24, 40, generator=g)
+    x = base + 1e-3 * torch.randn(40, 40, generator=g)
+    expected = reference(x, codebook)
+    uncentred = (codebook.pow(2).sum(1) - 2 * x @ codebook.t()).argmin(1)
+    assert (uncentred != expected).sum() >= 10  # the data defeats uncentred float32
+    codes = ts.nearest_code(x, codebook, precision=precision, min_approx_macs=0)
+    assert torch.equal(codes, expected)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

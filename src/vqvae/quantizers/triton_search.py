@@ -12,8 +12,9 @@ distance matrix only ever exists as one ``(BLOCK_M, BLOCK_N)`` tile in registers
 Precision modes (the ``precision`` argument):
 
 ``"fp32"``
-    IEEE float32 products and sums (no tensor-core shortcut). The running result is the
-    minimum and its index; ties go to the lowest index, like ``torch.argmin``.
+    IEEE float32 products and sums (no tensor-core shortcut) on inputs centred on the codebook
+    mean (see below). The running result is the minimum and its index; ties go to the lowest
+    index, like ``torch.argmin``.
 ``"tf32"``, ``"bf16"``
     Inputs rounded to TF32 (10 explicit mantissa bits, unit roundoff u = 2^-11) or bfloat16
     (7 bits, u = 2^-8) for the tensor cores, products accumulated in float32. The kernel keeps
@@ -32,9 +33,11 @@ Precision modes (the ``precision`` argument):
     4. Rows where the guard is inside the bound (more near-ties than slots) are searched again
        one precision up: bf16 → tf32 → fp32.
 
-    Both ``x`` and the codebook are centred on the codebook mean first. The argmin does not
-    change, and the bound scales with ``‖x - μ‖·‖c - μ‖`` instead of ``‖x‖·‖c‖``: data far from
-    the origin would otherwise send every row to the fallback.
+    Both ``x`` and the codebook are centred on the codebook mean first (in every mode). The
+    argmin does not change, and rounding errors scale with ``‖x - μ‖·‖c - μ‖`` instead of
+    ``‖x‖·‖c‖``: for data far from the origin, ``||c||²`` and ``2 x·c`` nearly cancel, and
+    uncentred even float32 loses the distances (the chunked ``addmm`` path does), while the
+    bound would send every row to the fallback.
 
     The rounding to TF32 is done explicitly (round to nearest even) before the kernel, so the
     kernel's inputs are exactly representable and the tensor cores multiply them exactly. This
@@ -61,9 +64,10 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 #: Unit roundoff of the rounded kernel inputs (round to nearest even).
 UNIT_ROUNDOFF = {"fp32": 0.0, "tf32": 2.0**-11, "bf16": 2.0**-8}
 
-#: Candidates kept per row by the approximate kernel. Measured on N(0, 1) data with D = 256 and
-#: 8192 codes, the guard falls inside the bound for 0.03 % of rows with 4 TF32 slots, and for
-#: 2 % with 8 bf16 slots (20 % with 4); those rows are searched again one precision up.
+#: Candidates kept per row by the approximate kernel. In a CPU simulation (float64 scores from
+#: rounded inputs, N(0, 1) data, D = 256, 8192 codes) the guard falls inside the bound for
+#: 0.03 % of rows with 4 TF32 slots, and for 2 % with 8 bf16 slots (22 % with 4); those rows
+#: are searched again one precision up.
 SLOTS = {"tf32": 4, "bf16": 8}
 
 #: Float32 mantissa bits dropped when rounding the kernel inputs.
@@ -555,8 +559,12 @@ def nearest_code(x: Tensor, codebook: Tensor, *, precision: str = "tf32",
             precision = "fp32"
         _count(stats, f"{precision}_rows", n)
         if precision == "fp32":
-            c_sq = codebook.pow(2).sum(-1)  # (K,)
-            return _launch_search(x, codebook, c_sq, 1, "ieee", config)[1].long()
+            # centred like the approximate modes: for data far from the origin ||c||² and
+            # 2 x·c are large and nearly cancel, and float32 would lose the distances in them
+            center = codebook.mean(0)  # (D,)
+            xc, _ = prepare(x, center, "fp32")
+            cc, c_sq = prepare(codebook, center, "fp32")
+            return _launch_search(xc, cc, c_sq, 1, "ieee", config)[1].long()
         return _approximate(x, codebook, precision, min_approx_macs, stats, config)
 
 
