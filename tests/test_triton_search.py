@@ -306,6 +306,13 @@ def test_settings_precedence(ts, spy, monkeypatch):
         search.nearest_code(x, codebook, precision="tf32")  # the argument beats both
     assert search.search_defaults() == before == {"precision": "fp32", "backend": "auto"}
     assert spy == [{"precision": "bf16"}, {"precision": "tf32"}]
+    try:
+        search.set_search_defaults(precision="bf16")
+        assert search.search_defaults()["precision"] == "bf16"
+        search.reset_search_defaults()
+        assert search.search_defaults()["precision"] == "fp32"  # the environment again
+    finally:
+        search.reset_search_defaults()
 
 
 def test_vector_quantize_through_the_kernel_matches_the_chunked_path(ts, monkeypatch):

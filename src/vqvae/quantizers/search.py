@@ -115,14 +115,19 @@ def set_search_defaults(*, precision: str | None = None,
                         backend: str | None = None) -> dict[str, str | None]:
     """Set the process-wide default ``precision`` and/or ``backend``; returns the previous ones.
 
-    Arguments left ``None`` are not changed. Pass the returned dict back as keyword arguments
-    to restore. (A restored ``None`` means "use the environment, then the built-in default".)
+    Arguments left ``None`` are not changed. For a temporary change use :func:`search_settings`;
+    :func:`reset_search_defaults` goes back to the environment and the built-in defaults.
     """
     previous = dict(_defaults)
     for name, value in (("precision", precision), ("backend", backend)):
         if value is not None:
             _defaults[name] = _check_choice(name, value, "set_search_defaults")
     return previous
+
+
+def reset_search_defaults() -> None:
+    """Forget :func:`set_search_defaults`: the environment, then the built-ins, decide again."""
+    _defaults.update(precision=None, backend=None)
 
 
 @contextlib.contextmanager
