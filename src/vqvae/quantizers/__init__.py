@@ -3,7 +3,7 @@
 from .kmeans import KMeansResult, kmeans
 from .metrics import CodebookUsage, code_counts, codebook_usage
 from .residual import GroupedResidualVQ, ResidualVQ
-from .search import nearest_code, sample_code
+from .search import nearest_code, sample_code, search_settings, set_search_defaults
 from .vector_quantize import QuantizerInputError, VectorQuantize, VQOutput
 
 __all__ = [
@@ -19,4 +19,6 @@ __all__ = [
     "kmeans",
     "nearest_code",
     "sample_code",
+    "search_settings",
+    "set_search_defaults",
 ]

@@ -8,14 +8,55 @@ more than ``max_block_bytes``; a (65536, 256) batch against 8192 codes would oth
 
 Distances are computed in float32 (float64 inputs stay float64), also for bf16/fp16 inputs and
 under autocast: low-precision distances pick a different code for a few percent of vectors.
+
+On CUDA, when Triton is installed, :func:`nearest_code` runs the fused kernel of
+:mod:`vqvae.quantizers.triton_search` instead: the distance matrix is never written to memory,
+and the ``precision`` setting lets the tensor cores (TF32 or bf16) do the bulk of the work, with
+an exact float32 re-check of the few codes that rounding could have misordered. Which path runs
+is the ``backend`` setting:
+
+``"auto"`` (default)
+    Triton for CUDA tensors when it is importable, the chunked ``addmm`` otherwise.
+``"torch"``
+    Always the chunked ``addmm`` (float32; ``precision`` does not apply).
+``"triton"``
+    Always the fused kernel; an error if Triton is missing. CPU tensors need Triton's
+    interpreter (``TRITON_INTERPRET=1`` in the environment before the first search), which is
+    how the tests check the kernels without a GPU.
+
+Both settings are taken, first match wins, from the call's keyword arguments, from
+:func:`set_search_defaults` / :func:`search_settings`, from the environment variables
+``VQVAE_SEARCH_PRECISION`` and ``VQVAE_SEARCH_BACKEND``, and finally from the built-in defaults
+``"tf32"`` and ``"auto"``. ``"tf32"`` is the default because its re-check returns the float32
+answer (up to float32 near-ties): it costs no accuracy, only the kernel's bookkeeping.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import warnings
+from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+BACKENDS = ("auto", "torch", "triton")
+PRECISION_ENV = "VQVAE_SEARCH_PRECISION"
+BACKEND_ENV = "VQVAE_SEARCH_BACKEND"
+_BUILTIN = {"precision": "tf32", "backend": "auto"}
+_ENV = {"precision": PRECISION_ENV, "backend": BACKEND_ENV}
+_CHOICES = {"precision": PRECISIONS, "backend": BACKENDS}
+# Set by set_search_defaults; None defers to the environment, then to _BUILTIN.
+_defaults: dict[str, str | None] = {"precision": None, "backend": None}
+# Set when the Triton path failed in "auto" mode: the rest of the process uses torch.
+_triton_broken: str | None = None
 
 
 def distance_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,28 +70,150 @@ def _row_blocks(num_rows: int, codebook_size: int, itemsize: int, max_block_byte
         yield start, min(num_rows, start + rows)
 
 
+def _check_shapes(x: Tensor, codebook: Tensor) -> None:
+    if not isinstance(x, Tensor) or not isinstance(codebook, Tensor):
+        raise TypeError(f"expected tensors, got {type(x).__name__} and "
+                        f"{type(codebook).__name__}")
+    if x.ndim != 2 or codebook.ndim != 2 or x.shape[1] != codebook.shape[1]:
+        raise ValueError(f"expected x of shape (N, D) and codebook of shape (K, D), got "
+                         f"{tuple(x.shape)} and {tuple(codebook.shape)}")
+    if codebook.shape[0] == 0:
+        raise ValueError("the codebook is empty: nothing to search")
+
+
 def _float_inputs(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     dtype = distance_dtype(torch.promote_types(x.dtype, codebook.dtype))
     return x.to(dtype), codebook.to(dtype)
 
 
+# ---------------------------------------------------------------------------- settings
+
+
+def _check_choice(name: str, value: str, source: str) -> str:
+    if value not in _CHOICES[name]:
+        raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r} ({source})")
+    return value
+
+
+def _resolve(name: str, value: str | None) -> str:
+    if value is not None:
+        return _check_choice(name, value, "argument")
+    if _defaults[name] is not None:
+        return _defaults[name]
+    env = os.environ.get(_ENV[name])
+    if env:
+        return _check_choice(name, env, f"environment variable {_ENV[name]}")
+    return _BUILTIN[name]
+
+
+def search_defaults() -> dict[str, str]:
+    """The precision and backend a call without those arguments would use now."""
+    return {name: _resolve(name, None) for name in _defaults}
+
+
+def set_search_defaults(*, precision: str | None = None,
+                        backend: str | None = None) -> dict[str, str | None]:
+    """Set the process-wide default ``precision`` and/or ``backend``; returns the previous ones.
+
+    Arguments left ``None`` are not changed. For a temporary change use :func:`search_settings`;
+    :func:`reset_search_defaults` goes back to the environment and the built-in defaults.
+    """
+    previous = dict(_defaults)
+    for name, value in (("precision", precision), ("backend", backend)):
+        if value is not None:
+            _defaults[name] = _check_choice(name, value, "set_search_defaults")
+    return previous
+
+
+def reset_search_defaults() -> None:
+    """Forget :func:`set_search_defaults`: the environment, then the built-ins, decide again."""
+    _defaults.update(precision=None, backend=None)
+
+
+@contextlib.contextmanager
+def search_settings(*, precision: str | None = None,
+                    backend: str | None = None) -> Iterator[None]:
+    """Context manager: :func:`set_search_defaults` inside, the previous defaults after."""
+    previous = set_search_defaults(precision=precision, backend=backend)
+    try:
+        yield
+    finally:
+        _defaults.update(previous)
+
+
+@functools.cache
+def _triton_module() -> ModuleType | None:
+    """:mod:`.triton_search`, or None when Triton cannot be imported."""
+    try:
+        return importlib.import_module(f"{__package__}.triton_search")
+    except ImportError:
+        return None
+
+
+def triton_available() -> bool:
+    """Whether the fused Triton search can be imported (Triton installed)."""
+    return _triton_module() is not None
+
+
+def _use_triton(x: Tensor, codebook: Tensor, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' was asked for, but Triton is not installed "
+                               "(pip install 'vqvae[gpu]' or pip install triton)")
+        return True
+    # auto: the fused kernel handles CUDA tensors of float32 and narrower
+    return (_triton_broken is None and x.is_cuda and codebook.is_cuda
+            and x.dtype != torch.float64 and codebook.dtype != torch.float64
+            and triton_available())
+
+
+# ---------------------------------------------------------------------------- search
+
+
 @torch.no_grad()
 def nearest_code(
-    x: Tensor, codebook: Tensor, *, max_block_bytes: int = DEFAULT_BLOCK_BYTES
+    x: Tensor, codebook: Tensor, *, max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    precision: str | None = None, backend: str | None = None,
 ) -> Tensor:
     """Index of the nearest codebook row for each row of ``x``.
 
     Args:
         x: ``(N, D)`` vectors.
         codebook: ``(K, D)`` codes.
-        max_block_bytes: upper bound on the memory of one block of distances.
+        max_block_bytes: upper bound on the memory of one block of distances (chunked path;
+            the fused kernel never holds more than one tile).
+        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: the arithmetic of the fused kernel's
+            distance matmul. All three return the float32 answer up to float32 near-ties (the
+            low-precision modes re-check their close calls in float32). Default: see
+            :func:`search_defaults`.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (module docstring).
 
     Returns:
         ``(N,)`` int64 indices, equal to ``torch.cdist(x, codebook).argmin(-1)`` up to ties.
     """
+    global _triton_broken
+    _check_shapes(x, codebook)
+    precision = _resolve("precision", precision)
+    backend = _resolve("backend", backend)
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
-            return nearest_code(x, codebook, max_block_bytes=max_block_bytes)
+            return nearest_code(x, codebook, max_block_bytes=max_block_bytes,
+                                precision=precision, backend=backend)
+    if _use_triton(x, codebook, backend):
+        triton_search = _triton_module()
+        if backend == "triton":
+            return triton_search.nearest_code(x, codebook, precision=precision)
+        try:
+            return triton_search.nearest_code(x, codebook, precision=precision)
+        except torch.cuda.OutOfMemoryError:
+            raise  # says nothing about the kernels; the chunked path would not fit either
+        except Exception as error:  # a GPU or Triton version the kernels do not compile for
+            _triton_broken = f"{type(error).__name__}: {error}"
+            warnings.warn(f"the fused Triton nearest-code search failed ({_triton_broken}); "
+                          "this process now uses the chunked matmul search",
+                          RuntimeWarning, stacklevel=2)
     x, codebook = _float_inputs(x, codebook)
     code_sq = codebook.pow(2).sum(-1)  # (K,)
     blocks = list(_row_blocks(x.shape[0], codebook.shape[0], x.dtype.itemsize, max_block_bytes))
