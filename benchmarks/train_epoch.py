@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from vqvae.models import VQVAE, ModelConfig
-from vqvae.train import TrainConfig, make_optimizer
+from vqvae.train import TrainConfig, make_optimizer, uses_bf16
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quantizer import print_markdown, sync  # noqa: E402
@@ -59,7 +59,8 @@ def run_steps(model, optimizer, data, start, steps, batch_size, autocast):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="as vqvae train's --precision (default: auto)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50, help="steps per round")
     parser.add_argument("--rounds", type=int, default=9)
@@ -70,8 +71,8 @@ def main() -> None:
     device = torch.device(args.device)
     config = TrainConfig(batch_size=args.batch_size, precision=args.precision, device=args.device)
     data = torch.rand(20_000, 1, 28, 28, device=device)  # MNIST-shaped; speed only
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=args.precision == "bf16")
+    bf16 = uses_bf16(args.precision, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     names = [v.strip() for v in args.variants.split(",")]
     variants = {name: make_variant(name, device, config) for name in names}
     per_step: dict[str, list[float]] = {name: [] for name in names}
@@ -92,7 +93,7 @@ def main() -> None:
     rows = [{"variant": name, "seconds_per_epoch": s,
              "ratio_to_no_quantizer": s / base if base else None} for name, s in epoch.items()]
     print(f"\nSeconds per 60,000-image epoch, batch {args.batch_size}, {device.type}, "
-          f"{args.precision}, median of {args.rounds} rounds of {args.steps} steps "
+          f"{'bf16' if bf16 else 'fp32'}, median of {args.rounds} rounds of {args.steps} steps "
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads):\n")
     print_markdown([["variant", "s / epoch", "× no quantizer"]] + [
         [r["variant"], f"{r['seconds_per_epoch']:.2f}",
@@ -102,7 +103,7 @@ def main() -> None:
         print(f"\nours / lucidrains: {epoch['ours'] / epoch['lucidrains']:.3f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": rows, "device": device.type,
-                                     "precision": args.precision,
+                                     "precision": "bf16" if bf16 else "fp32",
                                      "batch_size": args.batch_size,
                                      "torch": torch.__version__,
                                      "threads": torch.get_num_threads()}, indent=2))

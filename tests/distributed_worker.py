@@ -57,7 +57,7 @@ def run_train(out_dir: Path, extra: list[str]) -> None:
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     epochs = int(extra[0]) if extra else 1
     config = TrainConfig(epochs=epochs, batch_size=64, train_subset=640, test_subset=200,
-                         progress=False, out_dir=str(out_dir / f"run-{world}"),
+                         progress=False, out_dir=str(out_dir / f"run-{world}"), precision="fp32",
                          dist_timeout_seconds=30)
     model_config = ModelConfig(quantizer_options={"decay": 0.8, "kmeans_init": True,
                                                   "threshold_ema_dead_code": 1.0})

@@ -128,9 +128,10 @@ def _add_training_options(parser: argparse.ArgumentParser, *, quantizer_choices)
                             f"decay to zero (default: {train.lr_schedule})")
     group.add_argument("--seed", type=int, help=f"random seed (default: {train.seed})")
     group.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
-    group.add_argument("--precision", choices=("fp32", "bf16"),
-                       help="bf16 runs encoder and decoder under autocast; the quantizer's "
-                            "distances stay float32 (default: fp32)")
+    group.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                       help="bf16 runs encoder and decoder under autocast (the quantizer's "
+                            "distances stay float32); auto does so where the hardware has "
+                            "native bf16 (default: auto)")
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", choices=sorted(DATASETS),
                        help=f"(default: {train.dataset})")

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .train import uses_bf16
+
 PRIOR_CHECKPOINT = "prior.pt"
 PRIOR_METRICS = "prior_metrics.json"
 PRIOR_CODES = "prior_codes.pt"
@@ -375,17 +377,6 @@ class PriorTrainConfig:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
 
-def _use_bf16(precision: str, device: torch.device) -> bool:
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 @dataclass
 class PriorRun:
     prior: CodePrior
@@ -424,7 +415,7 @@ def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: Prior
     if train_config.threads:
         torch.set_num_threads(train_config.threads)
     device = resolve_device(train_config.device)
-    bf16 = _use_bf16(train_config.precision, device)
+    bf16 = uses_bf16(train_config.precision, device)
     torch.manual_seed(train_config.seed)
     generator = torch.Generator().manual_seed(train_config.seed)
     conditional = train_labels is not None and config.num_classes > 0

@@ -50,7 +50,9 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast for encoder and decoder)
+    # "bf16" runs encoder and decoder under autocast (the quantizer's distances stay float32);
+    # "auto" does so where the hardware has native bf16 (see uses_bf16)
+    precision: str = "auto"
     train_subset: int | None = None  # first N training images (quick runs and tests)
     test_subset: int | None = None
     out_dir: str = "runs/latest"
@@ -67,8 +69,8 @@ class TrainConfig:
             (self.lr_schedule in ("cosine", "constant"),
              f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}"),
             (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
-            (self.precision in ("fp32", "bf16"),
-             f"precision must be 'fp32' or 'bf16', got {self.precision!r}"),
+            (self.precision in ("auto", "fp32", "bf16"),
+             f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}"),
             (self.train_subset is None or self.train_subset >= 1, "train_subset must be >= 1"),
             (self.test_subset is None or self.test_subset >= 1, "test_subset must be >= 1"),
             (self.dist_timeout_seconds > 0, "dist_timeout_seconds must be > 0"),
@@ -76,6 +78,23 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether ``precision`` means bf16 autocast on ``device``.
+
+    ``"auto"`` picks bf16 where matrix products run natively in bf16: CUDA devices that support
+    it, and CPUs with AVX512-BF16 or AMX (oneDNN's check). On this project's 2-core CPU the MLP
+    VQ-VAE trains 1.4× faster that way with the same test MSE (0.0077 against 0.0078).
+    """
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -288,7 +307,7 @@ def train_epoch(model, optimizer, data: Data, config: TrainConfig, epoch: int,
     sums = torch.zeros(3, device=device)  # loss, recon, vq: summed on device, read once
     counts = new_code_counts(vqvae.config, device)  # (codebooks per position, K)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=config.precision == "bf16")
+                              enabled=uses_bf16(config.precision, device))
     bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                disable=not (config.progress and processes.is_main), dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)
@@ -449,7 +468,9 @@ def _train(train_config, model_config, resume_from, on_epoch_end, processes, dev
                         "train_recon_mse": stats.recon_mse, "train_vq_loss": stats.vq_loss,
                         "train_perplexity": stats.perplexity,
                         "train_used_codes": stats.used_codes, "seconds": stats.seconds,
-                        "processes": processes.world_size, **evaluation})
+                        "processes": processes.world_size,
+                        "precision": "bf16" if uses_bf16(train_config.precision, device)
+                        else "fp32", **evaluation})
         atomic_torch_save(run_dir / CHECKPOINT, {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
