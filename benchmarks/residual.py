@@ -34,7 +34,7 @@ import torch
 from vqvae import GroupedResidualVQ, ResidualVQ, VectorQuantize
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quantizer import print_markdown  # noqa: E402
+from quantizer import print_markdown, settle_allocator  # noqa: E402
 
 SHAPES = [((8, 1024, 256), 512), ((128, 16, 16), 512)]
 LAYERS = 4
@@ -108,6 +108,7 @@ def time_shape(shape, codebook_size, device, repeats, warmup, cases) -> list[dic
 
 
 def main() -> None:
+    settle_allocator()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
     parser.add_argument("--repeats", type=int, default=30)

@@ -25,7 +25,7 @@ from vqvae.models import VQVAE, ModelConfig
 from vqvae.train import TrainConfig, make_optimizer, uses_bf16
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quantizer import print_markdown, sync  # noqa: E402
+from quantizer import print_markdown, settle_allocator, sync  # noqa: E402
 
 
 class NoQuantizer(torch.nn.Module):
@@ -70,11 +70,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     config = TrainConfig(batch_size=args.batch_size, precision=args.precision, device=args.device)
-    # glibc serves large allocations with fresh mmaps (page faults on every step) until a freed
-    # mmapped block under 32 MB raises its threshold. `vqvae train` frees such blocks while it
-    # loads the dataset; do the same here, or layers with large temporaries (the library's) pay
-    # for page faults that real training does not (7.2 against 4.0 s per epoch seen here).
-    torch.empty(24 * 2**20, dtype=torch.uint8).fill_(0)  # allocated, touched, freed
+    settle_allocator()  # as vqvae train leaves it after loading the dataset
     data = torch.rand(20_000, 1, 28, 28, device=device)  # MNIST-shaped; speed only
     bf16 = uses_bf16(args.precision, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

@@ -58,28 +58,30 @@ class _Quantize(torch.autograd.Function):
                 rotation: bool):
         diff = x - q  # (N, D)
         flat = diff.reshape(-1)
-        mse = torch.dot(flat, flat) / flat.numel()  # one pass, no temporary
         ctx.weights = (commitment_weight, codebook_weight)
         ctx.rotation = rotation
         saved = [diff]
         if rotation:
             saved += _rotation(x, q)
         ctx.save_for_backward(*saved)
+        # the weighted mse: one pass (dot), no temporary
+        loss = torch.dot(flat, flat).mul_((commitment_weight + codebook_weight) / flat.numel())
         # q is returned as is (no copy): its gradient is defined by backward() below
-        return q, (commitment_weight + codebook_weight) * mse
+        return q, loss
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_loss: Tensor):
         diff, *rotation = ctx.saved_tensors
         commitment_weight, codebook_weight = ctx.weights
-        scale = 2.0 / diff.numel() * grad_loss
         if ctx.rotation:
             grad_out = _rotate_back(grad_out, *rotation)
         grad_x = grad_q = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(grad_out, diff, commitment_weight * scale)
+            # d/dx of commitment_weight · mean((x - q)²) = 2 · commitment_weight / n · (x - q)
+            grad_x = torch.addcmul(grad_out, diff, grad_loss * (2.0 * commitment_weight
+                                                                / diff.numel()))
         if ctx.needs_input_grad[1]:
-            grad_q = diff * (-codebook_weight * scale)
+            grad_q = diff * (grad_loss * (-2.0 * codebook_weight / diff.numel()))
         return grad_x, grad_q, None, None, None
 
 

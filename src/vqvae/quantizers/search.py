@@ -82,6 +82,8 @@ def _check_shapes(x: Tensor, codebook: Tensor) -> None:
 
 
 def _float_inputs(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    if x.dtype == codebook.dtype == torch.float32:  # the common case, without dispatching
+        return x, codebook
     dtype = distance_dtype(torch.promote_types(x.dtype, codebook.dtype))
     return x.to(dtype), codebook.to(dtype)
 

@@ -9,6 +9,7 @@ The layer of the VQ-VAE (van den Oord et al., 2017), usable as a drop-in for
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -156,9 +157,11 @@ class VectorQuantize(nn.Module):
         self.sync_codebook = sync_codebook
         self.max_search_bytes = max_search_bytes
 
-        has_projection = self.codebook_dim != dim
-        self.project_in = nn.Linear(dim, self.codebook_dim) if has_projection else nn.Identity()
-        self.project_out = nn.Linear(self.codebook_dim, dim) if has_projection else nn.Identity()
+        self.has_projection = self.codebook_dim != dim
+        self.project_in = nn.Linear(dim, self.codebook_dim) if self.has_projection \
+            else nn.Identity()
+        self.project_out = nn.Linear(self.codebook_dim, dim) if self.has_projection \
+            else nn.Identity()
 
         codebook = torch.randn(codebook_size, self.codebook_dim)
         if use_cosine_sim:
@@ -193,7 +196,7 @@ class VectorQuantize(nn.Module):
             empty = torch.empty(shape[:-1], dtype=torch.long, device=x.device)
             return VQOutput(x.clone(), empty, x.sum().float() * 0.0)
 
-        h = self.project_in(flat)  # (N, codebook_dim)
+        h = self.project_in(flat) if self.has_projection else flat  # (N, codebook_dim)
         h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
         if self.use_cosine_sim:
             h = F.normalize(h, dim=-1)
@@ -202,19 +205,19 @@ class VectorQuantize(nn.Module):
             self._initialize_from(h.detach())
 
         indices = self._search(h.detach())  # (N,)
-        q = F.embedding(indices, self.codebook).to(h.dtype)  # (N, codebook_dim)
+        q = self.codebook.index_select(0, indices).to(h.dtype)  # (N, codebook_dim)
         out, loss = quantize(
             h, q, commitment_weight=self.commitment_weight, rotation=self.rotation_trick,
             codebook_weight=0.0 if self.is_ema else self.codebook_weight)
         # Any NaN/Inf in h makes the loss non-finite: one scalar check guards the updates below
-        if not bool(torch.isfinite(loss)):
+        if not math.isfinite(loss.item()):
             self._check_finite(h)
 
         if self.training:
             statistics = self._code_statistics(h.detach(), indices) if self.is_ema else None
             self._update_codebook(statistics, h.detach())
 
-        if isinstance(self.project_out, nn.Linear):
+        if self.has_projection:
             out = self.project_out(out.to(self.project_out.weight.dtype))
         quantized = out.reshape(shape).to(x.dtype)
         return VQOutput(quantized, indices.reshape(shape[:-1]), loss.float())
