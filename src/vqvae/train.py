@@ -13,6 +13,7 @@ resumed ends with the same weights, bit for bit, as a run that was never interru
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -456,8 +457,12 @@ def _train(train_config, model_config, resume_from, on_epoch_end, processes, dev
         from torch.nn.parallel import DistributedDataParallel
 
         # Quantizers keep their buffers (codebooks, EMA statistics) equal across processes by
-        # all-reducing their statistics, so DDP need not broadcast buffers.
-        trained = DistributedDataParallel(model, broadcast_buffers=False)
+        # all-reducing their statistics, so DDP need not broadcast buffers at every forward.
+        # (The option's name changed in torch 2.13.)
+        no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+            inspect.signature(DistributedDataParallel.__init__).parameters \
+            else {"broadcast_buffers": False}
+        trained = DistributedDataParallel(model, **no_buffer_sync)
 
     for epoch in range(len(history), train_config.epochs):
         stats = train_epoch(trained, optimizer, data, train_config, epoch, device, processes)
