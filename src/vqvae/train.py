@@ -309,9 +309,10 @@ def train_epoch(model, optimizer, data: Data, config: TrainConfig, epoch: int,
     counts = new_code_counts(vqvae.config, device)  # (codebooks per position, K)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=uses_bf16(config.precision, device))
+    # A bar on a terminal; in a log (stderr not a terminal) the per-epoch line says enough
     bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-               disable=not (config.progress and processes.is_main), dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 10.0)
+               disable=not (config.progress and processes.is_main and sys.stderr.isatty()),
+               dynamic_ncols=True)
     start = time.perf_counter()
     for step in bar:
         for group in optimizer.param_groups:
