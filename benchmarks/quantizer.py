@@ -94,7 +94,27 @@ def sync(device: torch.device) -> None:
 
 def step(layer: torch.nn.Module, x: torch.Tensor) -> None:
     quantized, _, loss = layer(x)
-    (quantized.sum() + loss).backward()
+    (quantized.sum() + loss.sum()).backward()  # the library's residual layers: a loss per layer
+
+
+def alternating_medians(modules: dict[str, torch.nn.Module], x: torch.Tensor,
+                        device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
+    """Median milliseconds of one training call of each module on ``x``, the modules taking
+    turns so that drift in the machine's speed hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    for module in modules.values():
+        for _ in range(warmup):
+            step(module, x)
+    sync(device)
+    for _ in range(repeats):
+        for name, module in modules.items():
+            x.grad = None
+            sync(device)
+            start = time.perf_counter()
+            step(module, x)
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def time_shape(shape, codebook_size, device, repeats, warmup) -> dict:
@@ -102,20 +122,7 @@ def time_shape(shape, codebook_size, device, repeats, warmup) -> dict:
     layers = {name: layer.to(device).train() for name, layer in
               make_layers(shape[-1], codebook_size).items()}
     x = torch.randn(shape, device=device, requires_grad=True)
-    times: dict[str, list[float]] = {name: [] for name in layers}
-    for layer in layers.values():
-        for _ in range(warmup):
-            step(layer, x)
-    sync(device)
-    for _ in range(repeats):
-        for name, layer in layers.items():  # alternate, so drift hits every layer alike
-            x.grad = None
-            sync(device)
-            start = time.perf_counter()
-            step(layer, x)
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    medians = alternating_medians(layers, x, device, repeats, warmup)
     return {
         "device": device.type,
         "shape": list(shape),

@@ -24,9 +24,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +32,7 @@ import torch
 from vqvae import GroupedResidualVQ, ResidualVQ, VectorQuantize
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quantizer import print_markdown, settle_allocator  # noqa: E402
+from quantizer import alternating_medians, print_markdown, settle_allocator  # noqa: E402
 
 SHAPES = [((8, 1024, 256), 512), ((128, 16, 16), 512)]
 LAYERS = 4
@@ -63,16 +61,6 @@ def make_pair(case: str, dim: int, codebook_size: int) -> dict[str, torch.nn.Mod
     return {"ours": ours, "library": library}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def step(layer: torch.nn.Module, x: torch.Tensor) -> None:
-    quantized, _, loss = layer(x)
-    (quantized.sum() + loss.sum()).backward()  # the library returns one loss per layer
-
-
 def time_shape(shape, codebook_size, device, repeats, warmup, cases) -> list[dict]:
     torch.manual_seed(0)
     dim = shape[-1]
@@ -82,20 +70,7 @@ def time_shape(shape, codebook_size, device, repeats, warmup, cases) -> list[dic
             modules[f"{case} {side}"] = module
     modules = {name: module.to(device).train() for name, module in modules.items()}
     x = torch.randn(shape, device=device, requires_grad=True)
-    for module in modules.values():
-        for _ in range(warmup):
-            step(module, x)
-    times: dict[str, list[float]] = {name: [] for name in modules}
-    sync(device)
-    for _ in range(repeats):
-        for name, module in modules.items():  # alternate, so drift hits every module alike
-            x.grad = None
-            sync(device)
-            start = time.perf_counter()
-            step(module, x)
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    medians = alternating_medians(modules, x, device, repeats, warmup)
     rows = []
     for case in cases:
         ours, library = medians[f"{case} ours"], medians[f"{case} library"]
