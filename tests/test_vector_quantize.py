@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import assert_state_equal, state
 
-from vqvae import QuantizerInputError, VectorQuantize, codebook_usage
+from vqvae import QuantizerInputError, VectorQuantize, codebook_usage, nearest_code
+from vqvae.quantizers.search import blockwise_argmin
 
 SEED_CODEBOOK = torch.tensor([
     [0.15801739, 0.71236613, 0.34401087, 0.31100241, 0.19731029, 0.75124264],
@@ -77,6 +78,27 @@ def test_codes_match_cdist_float64(shape, codebook_size, block_bytes):
     _, indices, _ = vq(x)
     expected = torch.cdist(x.reshape(-1, shape[-1]), vq.codebook).argmin(-1).reshape(shape[:-1])
     assert torch.equal(indices, expected)
+
+
+@pytest.mark.parametrize("num_codes", [128, 200, 512, 1000])
+def test_blockwise_search_matches_cdist_and_argmin_ties(num_codes):
+    # codebooks of >= 128 codes take the two-pass argmin (padded when K is not a multiple of
+    # its block); it must pick argmin's code, including argmin's choice among exact ties
+    torch.manual_seed(1)
+    x = torch.randn(300, 8)
+    codebook = torch.randn(num_codes, 8)
+    expected = torch.cdist(x.double(), codebook.double()).argmin(-1)
+    assert torch.equal(nearest_code(x, codebook), expected)
+    assert torch.equal(nearest_code(x, codebook, max_block_bytes=num_codes * 4 * 7), expected)
+    ties = torch.randint(0, 3, (257, num_codes - num_codes % 64)).float()  # many equal minima
+    assert torch.equal(blockwise_argmin(ties), ties.argmin(-1))
+    # a duplicated code: both copies are at the same distance, argmin takes the first
+    codebook[num_codes - 1] = codebook[3]
+    assert torch.equal(nearest_code(codebook[3:4], codebook), torch.tensor([3]))
+    # a row of NaN (the quantizer refuses it afterwards) still gets an index in range
+    bad = x.clone()
+    bad[0] = float("nan")
+    assert 0 <= int(nearest_code(bad, codebook)[0]) < num_codes
 
 
 def numpy_ema_step(codebook, embed_sum, cluster_size, x, decay, eps):
