@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -100,14 +101,23 @@ def step(layer: torch.nn.Module, x: torch.Tensor) -> None:
 def alternating_medians(modules: dict[str, torch.nn.Module], x: torch.Tensor,
                         device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
     """Median milliseconds of one training call of each module on ``x``, the modules taking
-    turns so that drift in the machine's speed hits all of them alike."""
+    turns so that drift in the machine's speed hits all of them alike.
+
+    The order is shuffled every round (fixed seed): a call right after the library's finds its
+    data evicted from the caches and runs up to 1.7x slower here, so no module should always
+    follow the same one.
+    """
     times: dict[str, list[float]] = {name: [] for name in modules}
     for module in modules.values():
         for _ in range(warmup):
             step(module, x)
     sync(device)
+    names = list(modules)
+    order = random.Random(0)
     for _ in range(repeats):
-        for name, module in modules.items():
+        order.shuffle(names)
+        for name in names:
+            module = modules[name]
             x.grad = None
             sync(device)
             start = time.perf_counter()
