@@ -483,14 +483,16 @@ EPOCH_VARIANTS = [  # (name, quantizer, autocast, search backend)
     ("ours", "ours", False, "triton"),
     ("ours, bf16 autocast", "ours", True, "triton"),
     ("ours, chunked search", "ours", False, "torch"),
+    ("ours, bf16 autocast, compiled", "ours", True, "triton"),  # vqvae train --compile
     ("library", "lucidrains", False, None),
     ("library, bf16 autocast", "lucidrains", True, None),
 ]
 
 
-def make_model(run: Run, quantizer: str, no_quantizer: bool, autocast: bool):
+def make_model(run: Run, quantizer: str, no_quantizer: bool, autocast: bool,
+               compiled: bool = False):
     from vqvae.models import VQVAE, ModelConfig
-    from vqvae.train import TrainConfig, make_optimizer
+    from vqvae.train import TrainConfig, compile_networks, make_optimizer
 
     torch.manual_seed(0)
     config = TrainConfig(batch_size=run.args.batch_size, device=run.device.type,
@@ -500,6 +502,8 @@ def make_model(run: Run, quantizer: str, no_quantizer: bool, autocast: bool):
     model = VQVAE(ModelConfig(quantizer=quantizer, **options)).to(run.device)
     if no_quantizer:
         model.quantizer = NoQuantizer()
+    if compiled:
+        compile_networks(model)
     return model, make_optimizer(model, config, run.device)
 
 
@@ -527,7 +531,7 @@ def section_epoch(run: Run) -> None:
     variants = {}
     for name, quantizer, autocast, backend in EPOCH_VARIANTS:
         built = run.guard("epoch", f"{name} (build)", make_model, run, quantizer,
-                          name == "no quantizer", autocast)
+                          name == "no quantizer", autocast, name.endswith("compiled"))
         if built is not FAILED:
             variants[name] = (*built, autocast, backend)
     for name, (model, optimizer, autocast, backend) in list(variants.items()):

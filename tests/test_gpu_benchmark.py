@@ -40,7 +40,8 @@ def test_dry_run_writes_every_section(tmp_path):
         assert row["ratio_to_library"]["library"] == pytest.approx(1.0)
     assert {m["layer"] for m in result["memory"]} == layers - {"course cdist", "plain matmul"}
     assert {r["variant"] for r in result["epoch"]["rows"]} == {
-        "no quantizer", "ours", "ours, bf16 autocast", "ours, chunked search", "library",
+        "no quantizer", "ours", "ours, bf16 autocast", "ours, chunked search",
+        "ours, bf16 autocast, compiled", "library",
         "library, bf16 autocast"}
 
     fused = [a for a in result["agreement"] if a["method"].startswith("fused")]

@@ -82,7 +82,7 @@ def _index_list(text: str) -> list[int]:
 TRAINING_OPTIONS = ("model", "channels", "quantizer", "vector_dim", "num_embeddings",
                     "codebook_size", "hidden_dim", "num_quantizers", "groups",
                     "quantizer_option", "epochs", "batch_size", "lr", "lr_schedule", "seed",
-                    "device", "precision", "dataset", "train_subset",
+                    "device", "precision", "compile", "dataset", "train_subset",
                     "test_subset")
 
 
@@ -132,6 +132,10 @@ def _add_training_options(parser: argparse.ArgumentParser, *, quantizer_choices)
                        help="bf16 runs encoder and decoder under autocast (the quantizer's "
                             "distances stay float32); auto does so where the hardware has "
                             "native bf16 (default: auto)")
+    group.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile the encoder and decoder: seconds of compilation "
+                            "first, then fused kernels on GPU (slower on the 2-core CPU it was "
+                            "tried on)")
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", choices=sorted(DATASETS),
                        help=f"(default: {train.dataset})")

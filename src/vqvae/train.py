@@ -54,6 +54,10 @@ class TrainConfig:
     # "bf16" runs encoder and decoder under autocast (the quantizer's distances stay float32);
     # "auto" does so where the hardware has native bf16 (see uses_bf16)
     precision: str = "auto"
+    # torch.compile the encoder and decoder (the quantizer stays eager: its updates depend on
+    # the data). Costs seconds of compilation at the start; on this project's 2-core CPU it made
+    # the step slower (6.3 -> 7.2 ms), so it is for GPUs, where it fuses the small kernels.
+    compile: bool = False
     train_subset: int | None = None  # first N training images (quick runs and tests)
     test_subset: int | None = None
     out_dir: str = "runs/latest"
@@ -264,6 +268,16 @@ def make_optimizer(model: VQVAE, config: TrainConfig, device: torch.device):
     return optimizer
 
 
+def compile_networks(model: VQVAE) -> None:
+    """``torch.compile`` the encoder's and decoder's ``forward`` in place.
+
+    The modules stay the same objects, so parameter names, ``state_dict`` and checkpoints do not
+    change (compiling the whole module would prefix every key with ``_orig_mod.``).
+    """
+    for network in (model.encoder, model.decoder):
+        network.forward = torch.compile(network.forward)
+
+
 def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
     """Multiplier of ``config.lr`` at ``step``: linear warm-up then cosine decay to zero."""
     if config.lr_schedule == "constant":
@@ -442,6 +456,8 @@ def _train(train_config, model_config, resume_from, on_epoch_end, processes, dev
     torch.manual_seed(train_config.seed)
     model = VQVAE(model_config).to(device)
     optimizer = make_optimizer(model, train_config, device)
+    if train_config.compile:
+        compile_networks(model)
     history: list[dict] = []
     if resume_from is not None:
         checkpoint = load_checkpoint(run_dir, map_location=device)
