@@ -262,9 +262,10 @@ def blockwise_argmin(distances: Tensor, block: int = ARGMIN_BLOCK) -> Tensor:
         return distances.argmin(dim=-1)
     per_row = num_codes // block
     best_block = distances.view(num_rows, per_row, block).amin(-1).argmin(-1)  # (N,)
-    rows = torch.arange(num_rows, device=distances.device).mul_(per_row).add_(best_block)
-    within = distances.view(-1, block).index_select(0, rows).argmin(-1)  # (N,)
-    return best_block.mul_(block).add_(within)
+    # row n's best block is row n·per_row + best_block[n] of the (N·per_row, block) view
+    rows = torch.arange(0, num_rows * per_row, per_row, device=distances.device)
+    within = distances.view(-1, block).index_select(0, rows.add_(best_block)).argmin(-1)
+    return torch.add(within, best_block, alpha=block)
 
 
 @torch.no_grad()

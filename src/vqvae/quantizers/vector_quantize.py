@@ -293,10 +293,10 @@ class VectorQuantize(nn.Module):
             distributed.all_reduce(counts)
             distributed.all_reduce(sums)
         codebook = self.codebook
-        embed_sum = codebook * self._smoothed_cluster_size(self.cluster_size).unsqueeze(-1)
+        embed_sum = codebook * self._smoothed_cluster_size(self.cluster_size)[:, None]
         embed_sum.lerp_(sums.to(codebook.dtype), 1.0 - self.decay)
         self.cluster_size.lerp_(counts.to(self.cluster_size.dtype), 1.0 - self.decay)
-        torch.div(embed_sum, self._smoothed_cluster_size(self.cluster_size).unsqueeze(-1),
+        torch.div(embed_sum, self._smoothed_cluster_size(self.cluster_size)[:, None],
                   out=codebook)
         if self.use_cosine_sim:
             codebook.copy_(F.normalize(codebook, dim=-1))
