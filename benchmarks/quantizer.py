@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -195,6 +196,16 @@ def print_speed_table(rows: list[dict]) -> None:
     print_markdown(lines)
 
 
+def write_json(path: Path, result: dict) -> None:
+    """Write ``result`` with the environment it was measured in, and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    environment = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "machine": platform.machine(), "processor": platform.processor(),
+                   "load_average": os.getloadavg()}
+    path.write_text(json.dumps({**result, **environment}, indent=2))
+    print(f"\nwrote {path}")
+
+
 def print_markdown(lines: list[list[str]]) -> None:
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     for j, line in enumerate(lines):
@@ -250,12 +261,7 @@ def main() -> None:
         print_markdown([["device", "layer", "peak (GiB)"]] + [
             [m["device"], m["layer"], f"{m['peak_extra_gib']:.3f}"] for m in memory])
 
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    result = {"speed": speed, "memory": memory, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "machine": platform.machine(),
-              "processor": platform.processor()}
-    args.json.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.json}")
+    write_json(args.json, {"speed": speed, "memory": memory})
 
 
 if __name__ == "__main__":

@@ -21,9 +21,6 @@ cost much less than four of it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -32,7 +29,12 @@ import torch
 from vqvae import GroupedResidualVQ, ResidualVQ, VectorQuantize
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quantizer import alternating_medians, print_markdown, settle_allocator  # noqa: E402
+from quantizer import (  # noqa: E402
+    alternating_medians,
+    print_markdown,
+    settle_allocator,
+    write_json,
+)
 
 SHAPES = [((8, 1024, 256), 512), ((128, 16, 16), 512)]
 LAYERS = 4
@@ -124,12 +126,7 @@ def main() -> None:
                       f"{r['ratio_ours_over_library']:.3f}", f"{r['one_vector_quantize_ms']:.2f}"])
     print_markdown(lines)
 
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    result = {"speed": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": platform.machine(), "processor": platform.processor(),
-              "load_average": os.getloadavg()}
-    args.json.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.json}")
+    write_json(args.json, {"speed": rows})
 
 
 if __name__ == "__main__":
