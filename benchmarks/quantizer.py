@@ -196,12 +196,21 @@ def print_speed_table(rows: list[dict]) -> None:
     print_markdown(lines)
 
 
+def cpu_search() -> str:
+    """Which nearest-code search our layers use on CPU for short vectors."""
+    from vqvae.quantizers import cpu_kernel
+
+    if cpu_kernel.available():
+        return f"C kernel (vectors of up to {cpu_kernel.MAX_DIM} dimensions), addmm beyond"
+    return f"addmm (C kernel unavailable: {cpu_kernel.unavailable_reason()})"
+
+
 def write_json(path: Path, result: dict) -> None:
     """Write ``result`` with the environment it was measured in, and say where."""
     path.parent.mkdir(parents=True, exist_ok=True)
     environment = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                    "machine": platform.machine(), "processor": platform.processor(),
-                   "load_average": os.getloadavg()}
+                   "load_average": os.getloadavg(), "cpu_search": cpu_search()}
     path.write_text(json.dumps({**result, **environment}, indent=2))
     print(f"\nwrote {path}")
 
@@ -245,7 +254,7 @@ def main() -> None:
                 print(f"timed {device.type} {shape} × {k}, {state} allocator", file=sys.stderr)
         print(f"\nForward + backward of one training call, median of {args.repeats} "
               f"(torch {torch.__version__}, {torch.get_num_threads()} threads, {state} "
-              f"allocator):\n")
+              f"allocator; our CPU search: {cpu_search()}):\n")
         print_speed_table(rows)
         speed[state] = rows
 

@@ -18,9 +18,13 @@ an exact float32 re-check of the few codes that rounding could have misordered. 
 is the ``backend`` setting:
 
 ``"auto"`` (default)
-    Triton for CUDA tensors when it is importable, the chunked ``addmm`` otherwise.
+    Triton for CUDA tensors when it is importable; on CPU, the C kernel of
+    :mod:`vqvae.quantizers.cpu_kernel` for float32 vectors of up to 16 dimensions when a C
+    compiler is at hand; the chunked ``addmm`` otherwise.
 ``"torch"``
     Always the chunked ``addmm`` (float32; ``precision`` does not apply).
+``"c"``
+    Always the C kernel (CPU, float32, up to 16 dimensions); an error if it cannot be built.
 ``"triton"``
     Always the fused kernel; an error if Triton is missing. CPU tensors need Triton's
     interpreter (``TRITON_INTERPRET=1`` in the environment before the first search), which is
@@ -46,12 +50,14 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from . import cpu_kernel
+
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 # Columns per block of blockwise_argmin (CPU): amin over 64 floats vectorises well
 ARGMIN_BLOCK = 64
 
 PRECISIONS = ("fp32", "tf32", "bf16")
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "c")
 PRECISION_ENV = "VQVAE_SEARCH_PRECISION"
 BACKEND_ENV = "VQVAE_SEARCH_BACKEND"
 _BUILTIN = {"precision": "tf32", "backend": "auto"}
@@ -175,6 +181,19 @@ def _use_triton(x: Tensor, codebook: Tensor, backend: str) -> bool:
             and triton_available())
 
 
+def _use_c(x: Tensor, codebook: Tensor, backend: str) -> bool:
+    if backend == "c":
+        if not cpu_kernel.available():
+            raise RuntimeError(f"backend='c' was asked for, but the C search cannot be built: "
+                               f"{cpu_kernel.unavailable_reason()}")
+        if not cpu_kernel.supports(x, codebook):
+            raise ValueError(f"backend='c' takes float32 CPU vectors of at most "
+                             f"{cpu_kernel.MAX_DIM} dimensions, got {x.dtype} "
+                             f"{tuple(x.shape)} on {x.device}")
+        return True
+    return backend == "auto" and cpu_kernel.supports(x, codebook) and cpu_kernel.available()
+
+
 # ---------------------------------------------------------------------------- search
 
 
@@ -221,6 +240,8 @@ def nearest_code(
                           "this process now uses the chunked matmul search",
                           RuntimeWarning, stacklevel=2)
     x, codebook = _float_inputs(x, codebook)
+    if _use_c(x, codebook, backend):
+        return cpu_kernel.nearest_code(x, codebook)
     num_codes = codebook.shape[0]
     code_sq = codebook.pow(2).sum(-1)  # (K,)
     blockwise = x.device.type == "cpu" and num_codes >= 2 * ARGMIN_BLOCK

@@ -1,0 +1,156 @@
+"""Nearest-code search on CPU in C, for short vectors: the distances never leave the registers.
+
+With vectors of up to 16 dimensions (the course's model) the chunked ``addmm`` spends most of
+its time writing and re-reading the ``(N, K)`` distance matrix, not multiplying.
+``cpu_search.c`` keeps each tile of distances in SIMD registers and only the running minimum per
+lane, like the fused Triton kernel does on GPU. Measured on the project's 2-core CPU against
+512 codes, one thread against torch's two: 0.25 ms against 0.38 ms for ``(2048, 16)``, 2.2 ms
+against 12.9 ms for ``(16384, 16)``. From about 24 dimensions on, ``addmm`` (a tuned GEMM) wins,
+hence ``MAX_DIM``.
+
+The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc`` or
+``gcc``) and ``-O3 -march=native``, into ``$XDG_CACHE_HOME/vqvae/kernels`` (``~/.cache``) under
+a name that hashes the source, the compiler, the flags and the CPU, so a cache shared between
+machines never hands one the other's instructions. Nothing is compiled at install time, and
+without a compiler (or with ``VQVAE_CPU_KERNEL=0``) :func:`available` is false and the search
+uses ``addmm``; :func:`unavailable_reason` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("cpu_search.c")
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+#: Codes per group of the kernel: the codebook is padded to a multiple of this.
+CODE_GROUP = 32
+#: Longest vectors the kernel takes; from about 24 on, ``addmm`` is faster.
+MAX_DIM = 16
+ENV_SWITCH = "VQVAE_CPU_KERNEL"
+
+_reason: str | None = None
+
+
+def _cpu_identity() -> str:
+    """Model and instruction-set flags of this CPU (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vqvae" / "kernels"
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_identity().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_search-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # compiled next to the target, then renamed: a process never loads a half-written file
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    global _reason
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        _reason = f"turned off by {ENV_SWITCH}=0"
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        _reason = "no C compiler found ($CC, cc or gcc)"
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        _reason = f"{type(error).__name__}: {error}"
+        return None
+    function = library.vq_nearest_code
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [pointer, pointer, pointer, size, size, size, pointer]
+    function.restype = ctypes.c_int
+    return library
+
+
+def available() -> bool:
+    """Whether the C search could be built and loaded here (built on the first call)."""
+    return _library() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is false, or None."""
+    available()
+    return _reason
+
+
+def supports(x: Tensor, codebook: Tensor) -> bool:
+    """Whether :func:`nearest_code` takes these inputs: CPU float32, dim <= ``MAX_DIM``."""
+    return (x.device.type == "cpu" and codebook.device.type == "cpu"
+            and x.dtype == torch.float32 and codebook.dtype == torch.float32
+            and 0 < x.shape[1] <= MAX_DIM)
+
+
+def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
+    """Index of the nearest row of ``codebook`` ``(K, D)`` for each row of ``x`` ``(N, D)``.
+
+    float32 on CPU, ``D <= MAX_DIM``; the first index among equal distances. One thread: a
+    second one, started per call, lost more to torch's own spinning worker threads than it
+    gained (training step 1.43x the network alone with two threads, 1.19x with one).
+    """
+    library = _library()
+    if library is None:
+        raise RuntimeError(f"the C nearest-code search is not available: {_reason}")
+    if not supports(x, codebook):
+        raise ValueError(f"expected float32 CPU tensors with at most {MAX_DIM} columns, got "
+                         f"{x.dtype} {tuple(x.shape)} on {x.device} and {codebook.dtype} "
+                         f"{tuple(codebook.shape)} on {codebook.device}")
+    x = x.contiguous()
+    num_rows, dim = x.shape
+    num_codes = codebook.shape[0]
+    padding = -num_codes % CODE_GROUP
+    code_sq = codebook.pow(2).sum(-1)
+    if padding:  # codes at infinite distance, never chosen
+        codebook = torch.cat([codebook, codebook.new_zeros(padding, dim)])
+        code_sq = torch.cat([code_sq, code_sq.new_full((padding,), float("inf"))])
+    code_t = codebook.t().contiguous()  # (D, K): a group of codes is one load per coordinate
+    out = torch.empty(num_rows, dtype=torch.long)
+    if num_rows:
+        status = library.vq_nearest_code(x.data_ptr(), code_t.data_ptr(), code_sq.data_ptr(),
+                                         num_rows, dim, num_codes + padding, out.data_ptr())
+        if status != 0:
+            raise RuntimeError(f"vq_nearest_code returned {status}")
+    return out
