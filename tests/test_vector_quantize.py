@@ -131,6 +131,47 @@ def test_ema_steps_match_numpy():
         np.testing.assert_allclose(vq.codebook.numpy(), codebook, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernels", ["c", "torch"])
+def test_float32_ema_steps_match_numpy(kernels, monkeypatch):
+    # float32 CPU layers take the C search and EMA update (when a compiler is at hand); both
+    # that and the torch operations must follow the float64 reference to float32 accuracy
+    from vqvae.quantizers import cpu_kernel
+
+    if kernels == "c" and not cpu_kernel.available():
+        pytest.skip(f"C kernels not built: {cpu_kernel.unavailable_reason()}")
+    if kernels == "torch":
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    torch.manual_seed(2)
+    k, d, eps, decay = 40, 6, 1e-5, 0.9
+    vq = VectorQuantize(dim=d, codebook_size=k, decay=decay, eps=eps).train()
+    codebook = vq.codebook.double().numpy().copy()
+    cluster_size = vq.cluster_size.double().numpy().copy()
+    n = cluster_size.sum()
+    embed_sum = codebook * ((cluster_size + eps) / (n + k * eps) * n)[:, None]
+    for _ in range(5):
+        x = torch.randn(300, d)
+        vq(x)
+        codebook, embed_sum, cluster_size = numpy_ema_step(
+            codebook, embed_sum, cluster_size, x.double().numpy(), decay, eps)
+        np.testing.assert_allclose(vq.cluster_size.numpy(), cluster_size, rtol=1e-5)
+        np.testing.assert_allclose(vq.codebook.numpy(), codebook, rtol=1e-4, atol=1e-5)
+
+
+def test_c_code_statistics_match_bincount_and_index_add():
+    from vqvae.quantizers import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip(f"C kernels not built: {cpu_kernel.unavailable_reason()}")
+    torch.manual_seed(0)
+    h = torch.randn(1000, 7)
+    indices = torch.randint(0, 50, (1000,))
+    counts, sums = cpu_kernel.code_statistics(h, indices, 50)
+    assert torch.equal(counts, torch.bincount(indices, minlength=50).float())
+    torch.testing.assert_close(sums, torch.zeros(50, 7).index_add_(0, indices, h))
+    with pytest.raises(ValueError, match=r"lie in \[0, 50\)"):
+        cpu_kernel.code_statistics(h, torch.full((1000,), 50), 50)
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(decay=0.8, kmeans_init=True, threshold_ema_dead_code=2),
     dict(decay=None, kmeans_init=True),

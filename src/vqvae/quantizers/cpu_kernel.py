@@ -33,8 +33,6 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("cpu_search.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
-#: Codes per group of the kernel: the codebook is padded to a multiple of this.
-CODE_GROUP = 32
 #: Longest vectors the kernel takes; from about 24 on, ``addmm`` is faster.
 MAX_DIM = 16
 ENV_SWITCH = "VQVAE_CPU_KERNEL"
@@ -99,10 +97,17 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _reason = f"{type(error).__name__}: {error}"
         return None
-    function = library.vq_nearest_code
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer, pointer, pointer, size, size, size, pointer]
-    function.restype = ctypes.c_int
+    pointer, size, number = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    signatures = {
+        "vq_nearest_code": ([pointer, pointer, size, size, size, pointer], ctypes.c_int),
+        "vq_code_statistics": ([pointer, pointer, size, size, size, pointer, pointer],
+                               ctypes.c_int),
+        "vq_ema_update": ([pointer, pointer, pointer, pointer, size, size, number, number,
+                           number], size),
+    }
+    for name, (arguments, result) in signatures.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = arguments, result
     return library
 
 
@@ -121,6 +126,7 @@ def supports(x: Tensor, codebook: Tensor) -> bool:
     """Whether :func:`nearest_code` takes these inputs: CPU float32, dim <= ``MAX_DIM``."""
     return (x.device.type == "cpu" and codebook.device.type == "cpu"
             and x.dtype == torch.float32 and codebook.dtype == torch.float32
+            and x.ndim == 2 and codebook.ndim == 2 and x.shape[1] == codebook.shape[1]
             and 0 < x.shape[1] <= MAX_DIM)
 
 
@@ -138,19 +144,45 @@ def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
         raise ValueError(f"expected float32 CPU tensors with at most {MAX_DIM} columns, got "
                          f"{x.dtype} {tuple(x.shape)} on {x.device} and {codebook.dtype} "
                          f"{tuple(codebook.shape)} on {codebook.device}")
-    x = x.contiguous()
+    x, codebook = x.contiguous(), codebook.contiguous()
     num_rows, dim = x.shape
-    num_codes = codebook.shape[0]
-    padding = -num_codes % CODE_GROUP
-    code_sq = codebook.pow(2).sum(-1)
-    if padding:  # codes at infinite distance, never chosen
-        codebook = torch.cat([codebook, codebook.new_zeros(padding, dim)])
-        code_sq = torch.cat([code_sq, code_sq.new_full((padding,), float("inf"))])
-    code_t = codebook.t().contiguous()  # (D, K): a group of codes is one load per coordinate
     out = torch.empty(num_rows, dtype=torch.long)
     if num_rows:
-        status = library.vq_nearest_code(x.data_ptr(), code_t.data_ptr(), code_sq.data_ptr(),
-                                         num_rows, dim, num_codes + padding, out.data_ptr())
+        status = library.vq_nearest_code(x.data_ptr(), codebook.data_ptr(), num_rows, dim,
+                                         codebook.shape[0], out.data_ptr())
         if status != 0:
-            raise RuntimeError(f"vq_nearest_code returned {status}")
+            raise MemoryError("vq_nearest_code could not allocate its copy of the codebook")
     return out
+
+
+# ---------------------------------------------------------------------------- EMA update
+
+
+def supports_ema(*tensors: Tensor) -> bool:
+    """Whether :func:`code_statistics` / :func:`ema_update` take these tensors (CPU float32,
+    contiguous) and the library is built."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+               for t in tensors) and available()
+
+
+def code_statistics(h: Tensor, indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
+    """``(counts (K,), sums (K, D))`` of the rows of ``h`` ``(N, D)`` assigned to each code:
+    ``bincount`` and ``index_add_`` in one pass over ``h``."""
+    indices = indices.to(torch.long).contiguous()
+    counts = h.new_empty(codebook_size)
+    sums = h.new_empty(codebook_size, h.shape[1])
+    status = _library().vq_code_statistics(h.data_ptr(), indices.data_ptr(), h.shape[0],
+                                           h.shape[1], codebook_size, counts.data_ptr(),
+                                           sums.data_ptr())
+    if status != 0:
+        raise ValueError(f"code indices must lie in [0, {codebook_size})")
+    return counts, sums
+
+
+def ema_update(codebook: Tensor, cluster_size: Tensor, counts: Tensor, sums: Tensor,
+               decay: float, eps: float, threshold: float = 0.0) -> int:
+    """One EMA step of ``cluster_size`` and ``codebook``, in place (``_apply_ema``'s formulas);
+    returns how many codes end with a cluster size below ``threshold``."""
+    return _library().vq_ema_update(codebook.data_ptr(), cluster_size.data_ptr(),
+                                    counts.data_ptr(), sums.data_ptr(), codebook.shape[0],
+                                    codebook.shape[1], decay, eps, threshold)

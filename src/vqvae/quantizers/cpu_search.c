@@ -6,12 +6,14 @@
  * smallest distance it has seen and that code's index, and one pass over the lanes at the end
  * gives the row's minimum, the smallest index among equal minima (as torch.argmin).
  *
- * Layout: x is (n, d) row-major; code_t is the codebook transposed, (d, k) row-major, so that a
- * group of codes is one contiguous load per coordinate; code_sq is (k,). k must be a multiple
- * of 2 * LANES: the caller pads with codes whose code_sq is +inf, which never win (a row whose
+ * Layout: x is (n, d) row-major; search_rows takes the codebook transposed, (d, k) row-major,
+ * so that a group of codes is one contiguous load per coordinate, and code_sq (k,); k a
+ * multiple of 2 * LANES, padded with codes whose code_sq is +inf, which never win (a row whose
  * distances are all NaN or +inf gets index 0).
  */
 #include <float.h>
+#include <math.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -87,9 +89,91 @@ static void search_rows(const float *x, const float *code_t, const float *code_s
     }
 }
 
-int vq_nearest_code(const float *x, const float *code_t, const float *code_sq, int64_t n,
-                    int64_t d, int64_t k, int64_t *out) {
-    if (k % (2 * LANES) != 0) return 1;
-    search_rows(x, code_t, code_sq, n, d, k, out);
+/* codebook (k, d) row-major as it is stored; returns 1 if out of memory. The transposed,
+ * padded copy and the squared norms are made here: cheaper than four tensor operations. */
+int vq_nearest_code(const float *x, const float *codebook, int64_t n, int64_t d, int64_t k,
+                    int64_t *out) {
+    int64_t padded = (k + 2 * LANES - 1) / (2 * LANES) * (2 * LANES);
+    /* 64-byte aligned, like torch's tensors: a vector load then never spans two cache lines
+     * (malloc's 16-byte alignment made the search 1.5x slower) */
+    float *code_t = NULL;
+    if (posix_memalign((void **)&code_t, 64, (size_t)(d * padded + padded) * sizeof(float)))
+        return 1;
+    float *code_sq = code_t + d * padded;
+    for (int64_t c = 0; c < padded; c++) {
+        float sq = 0.0f;
+        for (int64_t j = 0; j < d; j++) {
+            float value = c < k ? codebook[c * d + j] : 0.0f;
+            code_t[j * padded + c] = value;
+            sq += value * value;
+        }
+        code_sq[c] = c < k ? sq : INFINITY; /* padding codes never win */
+    }
+    search_rows(x, code_t, code_sq, n, d, padded, out);
+    free(code_t);
     return 0;
+}
+
+/* ------------------------------------------------------------------ EMA codebook update
+ * The statistics and the update of VectorQuantize's EMA codebook (see _code_statistics and
+ * _apply_ema in vector_quantize.py for the formulas), one call each instead of some twenty
+ * small tensor operations. Split in two so that, under several processes, the statistics can
+ * be all-reduced between them. */
+
+/* counts (k) and sums (k, d) of the rows of h (n, d) assigned to each code by index (n);
+ * returns 1 (and leaves the outputs partly written) if an index is out of range. */
+int vq_code_statistics(const float *h, const int64_t *index, int64_t n, int64_t d, int64_t k,
+                       float *counts, float *sums) {
+    memset(counts, 0, (size_t)k * sizeof(float));
+    memset(sums, 0, (size_t)(k * d) * sizeof(float));
+    for (int64_t i = 0; i < n; i++) {
+        int64_t code = index[i];
+        if (code < 0 || code >= k) return 1;
+        counts[code] += 1.0f;
+        float *sum = sums + code * d;
+        const float *row = h + i * d;
+        for (int64_t j = 0; j < d; j++) sum[j] += row[j];
+    }
+    return 0;
+}
+
+static double total(const float *values, int64_t k) {
+    double sum = 0.0;
+    for (int64_t c = 0; c < k; c++) sum += values[c];
+    return sum;
+}
+
+/* One EMA step with Laplace smoothing, in place:
+ *   embed_sum    = codebook * smoothed(cluster_size)   (the running sums, rebuilt)
+ *   embed_sum   += (1 - decay) * (sums - embed_sum)
+ *   cluster_size += (1 - decay) * (counts - cluster_size)
+ *   codebook     = embed_sum / smoothed(cluster_size)
+ * with smoothed(s) = (s + eps) * n / (n + k * eps), n = sum(s). Returns how many codes end
+ * with a cluster size below threshold. */
+int64_t vq_ema_update(float *codebook, float *cluster_size, const float *counts,
+                      const float *sums, int64_t k, int64_t d, float decay, float eps,
+                      float threshold) {
+    float weight = 1.0f - decay;
+    double n = total(cluster_size, k);
+    float scale = n > 0 ? (float)(n / (n + (double)k * eps)) : 0.0f;
+    for (int64_t c = 0; c < k; c++) {
+        float smoothed = (cluster_size[c] + eps) * scale;
+        float *code = codebook + c * d;
+        const float *sum = sums + c * d;
+        for (int64_t j = 0; j < d; j++) {
+            float embed_sum = code[j] * smoothed;
+            code[j] = embed_sum + weight * (sum[j] - embed_sum); /* the new running sum */
+        }
+        cluster_size[c] += weight * (counts[c] - cluster_size[c]);
+    }
+    n = total(cluster_size, k);
+    scale = n > 0 ? (float)(n / (n + (double)k * eps)) : 0.0f;
+    int64_t below = 0; /* codes whose cluster size is under threshold: the dead codes */
+    for (int64_t c = 0; c < k; c++) {
+        float smoothed = (cluster_size[c] + eps) * scale;
+        float *code = codebook + c * d;
+        for (int64_t j = 0; j < d; j++) code[j] /= smoothed;
+        below += cluster_size[c] < threshold;
+    }
+    return below;
 }

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed
+from . import cpu_kernel, distributed
 from .estimators import quantize
 from .kmeans import kmeans, sample_rows
 from .search import DEFAULT_BLOCK_BYTES, nearest_code, sample_code
@@ -261,6 +261,8 @@ class VectorQuantize(nn.Module):
         Split from :meth:`_apply_ema` so that a codebook shared by several quantizers (RQ-VAE)
         can add up the statistics of every depth and update once.
         """
+        if cpu_kernel.supports_ema(h):  # one pass in C instead of four operations
+            return cpu_kernel.code_statistics(h, indices, self.codebook_size)
         counts = torch.bincount(indices, minlength=self.codebook_size).to(h.dtype)  # (K,)
         sums = h.new_zeros(self.codebook.shape).index_add_(0, indices, h)  # (K, D)
         return counts, sums
@@ -274,25 +276,33 @@ class VectorQuantize(nn.Module):
         self.steps += 1
         if not self.is_ema:
             return
-        self._apply_ema(*statistics)
+        dead = self._apply_ema(*statistics)
         threshold = self.threshold_ema_dead_code
         if threshold > 0 and int(self.steps) > self.dead_code_warmup_steps \
-                and bool((self.cluster_size < threshold).any()):
+                and (dead > 0 if dead is not None else bool((self.cluster_size < threshold).any())):
             self._restart_dead_codes(rows() if callable(rows) else rows)
 
     @torch.no_grad()
-    def _apply_ema(self, counts: Tensor, sums: Tensor) -> None:
+    def _apply_ema(self, counts: Tensor, sums: Tensor) -> int | None:
         """One EMA step of cluster sizes and sums; the codebook is their smoothed ratio.
 
         The running sum of vectors per code is not stored: it equals
         ``codebook · smoothed(cluster_size)``, so it is rebuilt from the codebook. The update is
         the usual one (Sonnet's ``VectorQuantizerEMA``), and a codebook written in place by the
-        user stays written.
+        user stays written. Returns the number of codes left with an EMA cluster size below
+        ``threshold_ema_dead_code`` when that comes for free (the C update), else None.
         """
         if distributed.should_sync(self.sync_codebook):
             distributed.all_reduce(counts)
             distributed.all_reduce(sums)
         codebook = self.codebook
+        if cpu_kernel.supports_ema(codebook, self.cluster_size, counts, sums):
+            # the same step in C: one call instead of some fifteen small operations
+            dead = cpu_kernel.ema_update(codebook, self.cluster_size, counts, sums, self.decay,
+                                         self.eps, self.threshold_ema_dead_code)
+            if self.use_cosine_sim:
+                codebook.copy_(F.normalize(codebook, dim=-1))
+            return dead
         embed_sum = codebook * self._smoothed_cluster_size(self.cluster_size)[:, None]
         embed_sum.lerp_(sums.to(codebook.dtype), 1.0 - self.decay)
         self.cluster_size.lerp_(counts.to(self.cluster_size.dtype), 1.0 - self.decay)
@@ -300,6 +310,7 @@ class VectorQuantize(nn.Module):
                   out=codebook)
         if self.use_cosine_sim:
             codebook.copy_(F.normalize(codebook, dim=-1))
+        return None
 
     @torch.no_grad()
     def _initialize_from(self, h: Tensor) -> None:
