@@ -1,4 +1,4 @@
-"""Nearest-code search on CPU in C, for short vectors: the distances never leave the registers.
+"""CPU kernels in C: nearest-code search for short vectors, and the EMA codebook update.
 
 With vectors of up to 16 dimensions (the course's model) the chunked ``addmm`` spends most of
 its time writing and re-reading the ``(N, K)`` distance matrix, not multiplying.
@@ -8,12 +8,16 @@ lane, like the fused Triton kernel does on GPU. Measured on the project's 2-core
 against 12.9 ms for ``(16384, 16)``. From about 24 dimensions on, ``addmm`` (a tuned GEMM) wins,
 hence ``MAX_DIM``.
 
+The EMA update of a float32 CPU codebook (:func:`code_statistics`, :func:`ema_update`) runs
+there too, for any dimension: two calls instead of some twenty tensor operations of a few
+microseconds each, which on CPU cost more than their arithmetic.
+
 The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc`` or
 ``gcc``) and ``-O3 -march=native``, into ``$XDG_CACHE_HOME/vqvae/kernels`` (``~/.cache``) under
 a name that hashes the source, the compiler, the flags and the CPU, so a cache shared between
 machines never hands one the other's instructions. Nothing is compiled at install time, and
-without a compiler (or with ``VQVAE_CPU_KERNEL=0``) :func:`available` is false and the search
-uses ``addmm``; :func:`unavailable_reason` says why.
+without a compiler (or with ``VQVAE_CPU_KERNEL=0``) :func:`available` is false and the layers
+use torch operations (``addmm`` for the search); :func:`unavailable_reason` says why.
 """
 
 from __future__ import annotations
