@@ -89,3 +89,55 @@ def test_a_killed_process_ends_the_run_with_an_error(tmp_path):
         procs[0].kill()
     assert procs[0].returncode not in (0, None)
     assert time.time() - start < 90
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Ids of the processes whose command line contains ``text`` (Linux's /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(
+                    errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:  # ended meanwhile
+            continue
+    return pids
+
+
+@requires_mnist
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux's /proc")
+def test_a_distributed_run_killed_after_an_epoch_resumes_to_the_same_model(tmp_path):
+    """torchrun, 2 processes: SIGKILL after epoch 1's checkpoint, --resume, same weights."""
+    args = ["--epochs", "3", "--train-subset", "3000", "--test-subset", "200",
+            "--batch-size", "100", "--no-progress"]
+
+    def torchrun(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc-per-node", "2", "-m", "vqvae", "train", *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    full = torchrun(*args, "--out-dir", str(tmp_path / "full"))
+    _, err = full.communicate(timeout=240)
+    assert full.returncode == 0, err[-3000:]
+
+    cut = torchrun(*args, "--out-dir", str(tmp_path / "cut"))
+    metrics = tmp_path / "cut" / "metrics.json"
+    deadline = time.time() + 240
+    while not (metrics.exists() and '"epoch": 1' in metrics.read_text()):
+        assert time.time() < deadline and cut.poll() is None, cut.stderr.read()[-3000:]
+        time.sleep(0.05)
+    # the launcher and both workers (torchrun starts the workers in sessions of their own)
+    for pid in processes_mentioning(str(tmp_path / "cut")):
+        os.kill(pid, signal.SIGKILL)
+    cut.communicate(timeout=60)
+    assert '"epoch": 3' not in metrics.read_text()  # killed before the run ended
+
+    resumed = torchrun("--resume", str(tmp_path / "cut"))
+    _, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err[-3000:]
+    expected = torch.load(tmp_path / "full" / "checkpoint.pt")["model"]
+    got = torch.load(tmp_path / "cut" / "checkpoint.pt")["model"]
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
