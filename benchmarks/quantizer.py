@@ -201,7 +201,8 @@ def cpu_search() -> str:
     from vqvae.quantizers import cpu_kernel
 
     if cpu_kernel.available():
-        return f"C kernel (vectors of up to {cpu_kernel.MAX_DIM} dimensions), addmm beyond"
+        return (f"C kernel ({cpu_kernel.simd_lanes()} SIMD lanes, vectors of up to "
+                f"{cpu_kernel.MAX_DIM} dimensions), addmm beyond")
     return f"addmm (C kernel unavailable: {cpu_kernel.unavailable_reason()})"
 
 

@@ -32,6 +32,12 @@ def test_codes_match_float64_cdist(num_rows, dim, num_codes):
 
 
 @requires_kernel
+def test_kernels_use_native_simd():
+    # built with -march=native: a vector width the CPU really has (emulated ones are 45x slower)
+    assert cpu_kernel.simd_lanes() in (4, 8, 16)
+
+
+@requires_kernel
 def test_first_index_among_equal_distances():
     # integer-valued data: many exact ties; torch's argmin on the exact distances takes the
     # first index, and so must the kernel (across SIMD lanes and code groups)
@@ -124,3 +130,27 @@ def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_kernel, "SOURCE", changed)
     with pytest.raises(AssertionError, match="compiled again"):
         cpu_kernel._build(compiler)  # another source: another name, so a build
+
+
+@requires_kernel
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 instruction sets")
+@pytest.mark.parametrize("target,lanes", [(["-march=native", "-mno-avx512f"], 8),
+                                          (["-march=x86-64"], 4)])
+def test_narrower_simd_builds_give_the_same_codes(target, lanes, tmp_path, monkeypatch):
+    # the machines users have may lack AVX-512: the AVX2 and SSE2 builds must agree too
+    import ctypes
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    flags = [f for f in cpu_kernel.FLAGS if not f.startswith("-march")] + target
+    monkeypatch.setattr(cpu_kernel, "FLAGS", flags)
+    library = ctypes.CDLL(str(cpu_kernel._build(cpu_kernel._compiler())))
+    if library.vq_simd_lanes() != lanes:
+        pytest.skip(f"this CPU or compiler gives {library.vq_simd_lanes()} lanes for {target}")
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.vq_nearest_code.argtypes = [pointer, pointer, size, size, size, pointer]
+    torch.manual_seed(0)
+    x, codebook = torch.randn(1003, 16), torch.randn(500, 16)
+    out = torch.empty(1003, dtype=torch.long)
+    assert library.vq_nearest_code(x.data_ptr(), codebook.data_ptr(), 1003, 16, 500,
+                                   out.data_ptr()) == 0
+    assert torch.equal(out, torch.cdist(x.double(), codebook.double()).argmin(-1))

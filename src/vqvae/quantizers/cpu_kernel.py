@@ -101,6 +101,11 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _reason = f"{type(error).__name__}: {error}"
         return None
+    library.vq_simd_lanes.restype = ctypes.c_int
+    if library.vq_simd_lanes() <= 0:
+        # emulated vectors are many times slower than torch's kernels
+        _reason = f"{compiler} targets no SIMD instruction set that cpu_search.c knows"
+        return None
     pointer, size, number = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     signatures = {
         "vq_nearest_code": ([pointer, pointer, size, size, size, pointer], ctypes.c_int),
@@ -113,6 +118,13 @@ def _library() -> ctypes.CDLL | None:
         function = getattr(library, name)
         function.argtypes, function.restype = arguments, result
     return library
+
+
+def simd_lanes() -> int:
+    """Floats per SIMD register of the built kernels (16 with AVX-512, 8 with AVX2, 4 with SSE2
+    or NEON), or 0 when they are not available."""
+    library = _library()
+    return library.vq_simd_lanes() if library is not None else 0
 
 
 def available() -> bool:
