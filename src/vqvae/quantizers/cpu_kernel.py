@@ -4,8 +4,8 @@ With vectors of up to 16 dimensions (the course's model) the chunked ``addmm`` s
 its time writing and re-reading the ``(N, K)`` distance matrix, not multiplying.
 ``cpu_search.c`` keeps each tile of distances in SIMD registers and only the running minimum per
 lane, like the fused Triton kernel does on GPU. Measured on the project's 2-core CPU against
-512 codes, one thread against torch's two: 0.25 ms against 0.38 ms for ``(2048, 16)``, 2.2 ms
-against 12.9 ms for ``(16384, 16)``. From about 24 dimensions on, ``addmm`` (a tuned GEMM) wins,
+512 codes, one thread against torch's two: 0.20 ms against 0.39 ms for ``(2048, 16)``, 1.9 ms
+against 13.7 ms for ``(16384, 16)``. From about 24 dimensions on, ``addmm`` (a tuned GEMM) wins,
 hence ``MAX_DIM``.
 
 The EMA update of a float32 CPU codebook (:func:`code_statistics`, :func:`ema_update`) runs
@@ -151,7 +151,8 @@ def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
 
     float32 on CPU, ``D <= MAX_DIM``; the first index among equal distances. One thread: a
     second one, started per call, lost more to torch's own spinning worker threads than it
-    gained (training step 1.43x the network alone with two threads, 1.19x with one).
+    gained (training step 1.43x the network alone with two threads, 1.19x with one, before
+    the EMA update moved to C too).
     """
     library = _library()
     if library is None:
