@@ -19,6 +19,7 @@ requires_kernel = pytest.mark.skipif(
 @requires_kernel
 @pytest.mark.parametrize("num_rows,dim,num_codes", [
     (1, 1, 1), (3, 2, 5), (37, 16, 512), (1001, 16, 1000), (2049, 8, 300), (64, 3, 32),
+    (500, 32, 700), (9, 31, 40),
 ])
 def test_codes_match_float64_cdist(num_rows, dim, num_codes):
     torch.manual_seed(num_rows + dim)
@@ -65,8 +66,8 @@ def test_non_contiguous_and_degenerate_inputs():
 
 @requires_kernel
 def test_backend_c_refuses_what_it_cannot_take():
-    with pytest.raises(ValueError, match="float32 CPU vectors of at most 16"):
-        nearest_code(torch.randn(4, 32), torch.randn(8, 32), backend="c")
+    with pytest.raises(ValueError, match="float32 CPU vectors of at most 32"):
+        nearest_code(torch.randn(4, 64), torch.randn(8, 64), backend="c")
     with pytest.raises(ValueError, match="float32 CPU vectors"):
         nearest_code(torch.randn(4, 8, dtype=torch.float64), torch.randn(8, 8,
                      dtype=torch.float64), backend="c")

@@ -19,12 +19,12 @@ is the ``backend`` setting:
 
 ``"auto"`` (default)
     Triton for CUDA tensors when it is importable; on CPU, the C kernel of
-    :mod:`vqvae.quantizers.cpu_kernel` for float32 vectors of up to 16 dimensions when a C
+    :mod:`vqvae.quantizers.cpu_kernel` for float32 vectors of up to 32 dimensions when a C
     compiler is at hand; the chunked ``addmm`` otherwise.
 ``"torch"``
     Always the chunked ``addmm`` (float32; ``precision`` does not apply).
 ``"c"``
-    Always the C kernel (CPU, float32, up to 16 dimensions); an error if it cannot be built.
+    Always the C kernel (CPU, float32, up to 32 dimensions); an error if it cannot be built.
 ``"triton"``
     Always the fused kernel; an error if Triton is missing. CPU tensors need Triton's
     interpreter (``TRITON_INTERPRET=1`` in the environment before the first search), which is
