@@ -238,3 +238,13 @@ def test_verified_build_is_reused(cache, monkeypatch):
     compiles = _count_compiles(monkeypatch)
     assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
     assert compiles == [] and _works()
+
+
+def test_unwritable_cache_builds_privately(cache, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(cache))
+
+    monkeypatch.setattr(cpu_kernel, "_make_private_dirs", refuse)
+    with pytest.warns(RuntimeWarning, match="Permission denied"):
+        assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
+    assert _works()

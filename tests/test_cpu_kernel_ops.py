@@ -103,6 +103,9 @@ def test_public_functions_are_recorded_as_ops_when_traced():
 def test_compiled_step_matches_eager():
     # one EMA training step's codebook work, compiled whole: no graph break around the C calls
     def step(x, codebook, cluster_size):
+        # the checks the layers make are constants to the compiler, not graph breaks
+        assert cpu_kernel.available() and cpu_kernel.supports(x, codebook)
+        assert cpu_kernel.supports_ema(x, codebook, cluster_size)
         indices = cpu_kernel.nearest_code(x, codebook)
         counts, sums = cpu_kernel.code_statistics(x, indices, codebook.shape[0])
         dead = torch.ops.vqvae.ema_update_cpu(codebook, cluster_size, counts, sums, 0.9, 1e-5,

@@ -257,8 +257,8 @@ def _open(compiler: str) -> ctypes.CDLL:
     try:
         directory = _make_private_dirs(_cache_dir())
         image = _read_verified(directory, key)
-    except UnsafeCacheError as unsafe:
-        warnings.warn(f"vqvae: not using the C kernel cache ({unsafe}); building the kernel in "
+    except OSError as error:  # unsafe, or not writable (a read-only home, say)
+        warnings.warn(f"vqvae: not using the C kernel cache ({error}); building the kernel in "
                       "a private temporary directory", RuntimeWarning, stacklevel=4)
         with tempfile.TemporaryDirectory(prefix="vqvae-kernels-") as private:
             return _configure(_load(_compile(compiler, Path(private)), Path(private)), compiler)
@@ -289,6 +289,8 @@ def _library() -> ctypes.CDLL | None:
     return None
 
 
+# a constant to torch.compile: built and loaded once, outside the graph
+@torch.compiler.assume_constant_result
 def simd_lanes() -> int:
     """Floats per SIMD register of the built kernels (16 with AVX-512, 8 with AVX2, 4 with SSE2
     or NEON), or 0 when they are not available."""
@@ -296,11 +298,15 @@ def simd_lanes() -> int:
     return library.vq_simd_lanes() if library is not None else 0
 
 
+# a constant to torch.compile: built and loaded once, outside the graph
+@torch.compiler.assume_constant_result
 def available() -> bool:
     """Whether the C search could be built and loaded here (built on the first call)."""
     return _library() is not None
 
 
+# a constant to torch.compile: built and loaded once, outside the graph
+@torch.compiler.assume_constant_result
 def unavailable_reason() -> str | None:
     """Why :func:`available` is false, or None."""
     available()
