@@ -248,3 +248,26 @@ def test_unwritable_cache_builds_privately(cache, monkeypatch):
     with pytest.warns(RuntimeWarning, match="Permission denied"):
         assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
     assert _works()
+
+
+@pytest.mark.parametrize("mode,trusted", [(0o1777, True), (0o777, False)])
+def test_world_writable_parent_is_trusted_only_when_sticky(tmp_path, monkeypatch, mode,
+                                                           trusted):
+    # like /tmp: others may add entries to a sticky directory, but not rename or remove ours
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, mode)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared / "cache"))
+    cpu_kernel._library.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
+    finally:
+        cpu_kernel._library.cache_clear()
+    messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    if trusted:
+        assert messages == [] and _mode(shared / "cache") == 0o700
+    else:
+        assert len(messages) == 1 and "and not sticky" in messages[0]
+        assert not (shared / "cache").exists()  # nothing made where others can swap it

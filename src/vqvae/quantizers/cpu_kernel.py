@@ -119,12 +119,28 @@ def _refuse_unless_private(status: os.stat_result, path: Path | str) -> None:
                                f"(mode {stat.S_IMODE(status.st_mode):04o})")
 
 
+def _refuse_unless_safe_above(directory: Path) -> None:
+    """Refuse if someone other than this user and root could swap an entry on the way down to
+    ``directory`` (resolved) or below it: a directory they own or can write, unless sticky
+    (like /tmp, where they can add entries but not rename ours)."""
+    for path in [directory, *directory.parents]:
+        status = os.stat(path)
+        if status.st_uid not in (os.geteuid(), 0):
+            raise UnsafeCacheError(f"{path} belongs to uid {status.st_uid}, neither this user "
+                                   "nor root")
+        if status.st_mode & 0o022 and not status.st_mode & stat.S_ISVTX:
+            raise UnsafeCacheError(f"{path} is writable by group or others "
+                                   f"(mode {stat.S_IMODE(status.st_mode):04o}) and not sticky")
+
+
 def _make_private_dirs(path: Path) -> Path:
-    """Create the missing directories of ``path`` with mode 0700, then check that nobody but
-    this user (and root) can change what the resolved path leads to; returns that path."""
+    """Create the missing directories of ``path`` with mode 0700 whatever the umask, and check
+    that nobody but this user (and root) can change what it leads to; returns it resolved."""
     missing = []
     for directory in [path, *path.parents]:
         if os.path.lexists(directory):
+            # checked before creating anything in it, so that what we create stays ours
+            _refuse_unless_safe_above(Path(os.path.realpath(directory)))
             break
         missing.append(directory)
     for directory in reversed(missing):
@@ -132,19 +148,15 @@ def _make_private_dirs(path: Path) -> Path:
             os.mkdir(directory, 0o700)
         except FileExistsError:
             continue  # made by a concurrent process: the checks below judge it
-        os.chmod(directory, 0o700)  # mkdir's mode went through the umask
+        # mkdir's mode went through the umask; through a descriptor, never a planted link
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_NOFOLLOW)
+        try:
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
     real = Path(os.path.realpath(path))
     _refuse_unless_private(os.stat(real), real)
-    # a directory above that someone else can write lets them swap the one below it (a sticky
-    # directory such as /tmp lets them add entries, not rename ours)
-    for directory in real.parents:
-        status = os.stat(directory)
-        if status.st_uid not in (os.geteuid(), 0):
-            raise UnsafeCacheError(f"{directory} belongs to uid {status.st_uid}, neither this "
-                                   "user nor root")
-        if status.st_mode & 0o022 and not status.st_mode & stat.S_ISVTX:
-            raise UnsafeCacheError(f"{directory} is writable by group or others "
-                                   f"(mode {stat.S_IMODE(status.st_mode):04o}) and not sticky")
+    _refuse_unless_safe_above(real.parent)
     return real
 
 
