@@ -444,40 +444,19 @@ def _ema_update(codebook: Tensor, cluster_size: Tensor, counts: Tensor, sums: Te
                                             threshold)
 
 
-def _check_ema_inputs(h_or_codebook: Tensor, *others: Tensor) -> None:
-    for t in (h_or_codebook, *others):
+def _check_ema_inputs(*tensors: Tensor) -> None:
+    for t in tensors:
         if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"expected contiguous float32 CPU tensors, got {t.dtype} "
                              f"{tuple(t.shape)} on {t.device}")
 
 
-@torch.library.custom_op("vqvae::code_statistics_cpu", mutates_args=(), device_types="cpu")
-def _code_statistics_op(h: Tensor, indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
-    _check_statistics_inputs(h, indices, codebook_size)
-    return _code_statistics(h, indices, codebook_size)
-
-
-def _check_statistics_inputs(h: Tensor, indices: Tensor, codebook_size: int) -> None:
+def _check_statistics_inputs(h: Tensor, indices: Tensor) -> None:
     _check_ema_inputs(h)
     if h.ndim != 2 or indices.shape != h.shape[:1] or indices.dtype != torch.long \
             or not indices.is_contiguous():
         raise ValueError(f"expected h (N, D) and contiguous int64 indices (N,), got "
                          f"{tuple(h.shape)} and {indices.dtype} {tuple(indices.shape)}")
-
-
-@_code_statistics_op.register_fake
-def _(h: Tensor, indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
-    _check_statistics_inputs(h, indices, codebook_size)
-    return h.new_empty(codebook_size), h.new_empty(codebook_size, h.shape[1])  # (K,), (K, D)
-
-
-@torch.library.custom_op("vqvae::ema_update_cpu", mutates_args=("codebook", "cluster_size"),
-                         device_types="cpu")
-def _ema_update_op(codebook: Tensor, cluster_size: Tensor, counts: Tensor, sums: Tensor,
-                   decay: float, eps: float, threshold: float) -> Tensor:
-    _check_update_inputs(codebook, cluster_size, counts, sums)
-    dead = _ema_update(codebook, cluster_size, counts, sums, decay, eps, threshold)
-    return torch.tensor(dead, dtype=torch.long)
 
 
 def _check_update_inputs(codebook: Tensor, cluster_size: Tensor, counts: Tensor,
@@ -488,6 +467,28 @@ def _check_update_inputs(codebook: Tensor, cluster_size: Tensor, counts: Tensor,
         raise ValueError(f"expected codebook (K, D), cluster_size and counts (K,), sums (K, D), "
                          f"got {tuple(codebook.shape)}, {tuple(cluster_size.shape)}, "
                          f"{tuple(counts.shape)}, {tuple(sums.shape)}")
+
+
+@torch.library.custom_op("vqvae::code_statistics_cpu", mutates_args=(), device_types="cpu")
+def _code_statistics_op(h: Tensor, indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
+    _check_statistics_inputs(h, indices)
+    return _code_statistics(h, indices, codebook_size)
+
+
+@_code_statistics_op.register_fake
+def _(h: Tensor, indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
+    _check_statistics_inputs(h, indices)
+    return h.new_empty(codebook_size), h.new_empty(codebook_size, h.shape[1])  # (K,), (K, D)
+
+
+# the count comes back as a 0-dim tensor: a Python int would be data-dependent in a graph
+@torch.library.custom_op("vqvae::ema_update_cpu", mutates_args=("codebook", "cluster_size"),
+                         device_types="cpu")
+def _ema_update_op(codebook: Tensor, cluster_size: Tensor, counts: Tensor, sums: Tensor,
+                   decay: float, eps: float, threshold: float) -> Tensor:
+    _check_update_inputs(codebook, cluster_size, counts, sums)
+    dead = _ema_update(codebook, cluster_size, counts, sums, decay, eps, threshold)
+    return torch.tensor(dead, dtype=torch.long)
 
 
 @_ema_update_op.register_fake
