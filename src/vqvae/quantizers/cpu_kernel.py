@@ -41,7 +41,9 @@ implementations, so that ``torch.compile`` sees them as single nodes:
 ``torch.ops.vqvae.ema_update_cpu(codebook!, cluster_size!, counts, sums, decay, eps,
 threshold) -> dead`` (in place; ``dead`` a 0-dim int64 tensor). The public functions call the
 ops only while tracing; in eager mode they call the library directly, since the op dispatch
-costs more than the whole search on small batches.
+costs more than the whole search on small batches (``benchmarks/cpu_kernel_ops.py``: 8-30 µs
+more per search call, and over 100 µs for the in-place update, whose wrapper torch writes in
+Python, against 0.2-2 µs for the check that picks the direct path).
 """
 
 from __future__ import annotations
