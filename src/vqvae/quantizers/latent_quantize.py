@@ -1,0 +1,229 @@
+"""LatentQuantize (Hsu et al. 2023, latent quantization): a drop-in for the library's class.
+
+Each latent channel ``i`` has its own small learnable scalar codebook ``values_per_latent[i]``
+(``levels[i]`` values, initialised evenly in [-0.5, 0.5] with 0 among them); a channel is
+replaced by its nearest value, with straight-through gradients to the input. The index of a
+vector is its tuple of per-channel value indices read as a mixed-radix number.
+
+Call as in ``vector_quantize_pytorch`` 1.32: ``quantized, indices, loss = lq(x)`` with ``x``
+channel first, ``(b, dim, ...)``. Where the library is wrong we differ, on purpose:
+
+- The scalar codebooks learn. The library's output is ``z + (q - z).detach()``, so no gradient
+  ever reaches ``values_per_latent`` (``optimize_values=True`` does nothing). Here the loss is
+  the paper's: ``commitment_loss_weight * ||z - sg(q)||^2`` (moves the encoder output) plus
+  ``quantization_loss_weight * ||sg(z) - q||^2`` (moves the values), on the latent ``z`` after
+  ``project_in``; without projections this equals the library's value.
+- Indices come from the nearest-value search, and ``indices_to_codes`` reads the current
+  values. The library recomputes both from the initial grid, so once the values move its
+  indices and decodes are wrong (and it truncates float index sums with ``.to(int32)``).
+  Indices are ``int64``.
+- Sequences ``(b, n, dim)`` channels last, as the library's README shows, are accepted when
+  ``x.shape[1] != dim`` (the library rejects them); the output keeps the input's layout.
+- ``in_place_codebook_optimizer`` works (the library reads a missing ``self.optimize_values``).
+- Non-finite input raises :class:`QuantizerInputError`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .fsq import check_finite
+from .vector_quantize import QuantizerInputError
+
+
+class LatentQuantizeOutput(NamedTuple):
+    quantized: Tensor  # the input's shape
+    indices: Tensor  # int64, (b, ...) or (b, ..., num_codebooks)
+    loss: Tensor  # scalar; 0 outside training
+
+
+class LatentQuantize(nn.Module):
+    """Per-channel learnable scalar codebooks (see the module docstring)."""
+
+    def __init__(
+        self,
+        levels: list[int] | int,
+        dim: int,
+        commitment_loss_weight: float | None = 0.1,
+        quantization_loss_weight: float | None = 0.1,
+        num_codebooks: int = 1,
+        codebook_dim: int = -1,
+        keep_num_codebooks_dim: bool | None = None,
+        optimize_values: bool | None = True,
+        in_place_codebook_optimizer: Callable[..., Optimizer] | None = None,
+    ):
+        super().__init__()
+        if isinstance(levels, int):
+            if codebook_dim < 1:
+                raise ValueError("an int `levels` needs codebook_dim >= 1 (how many channels)")
+            levels = [levels] * codebook_dim
+        levels = [int(level) for level in levels]
+        if not levels or any(level < 2 for level in levels):
+            raise ValueError(f"levels must be integers >= 2, got {levels}")
+        if codebook_dim > 0 and codebook_dim != len(levels):
+            raise ValueError(f"codebook_dim={codebook_dim} disagrees with {len(levels)} levels")
+        if num_codebooks < 1:
+            raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks}")
+        keep_num_codebooks_dim = bool(keep_num_codebooks_dim) or num_codebooks > 1
+        self.dim = dim
+        self.codebook_dim = len(levels)
+        self.num_codebooks = num_codebooks
+        self.effective_codebook_dim = self.codebook_dim * num_codebooks
+        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.optimize_values = bool(optimize_values)
+        self.register_buffer("commitment_loss_weight",
+                             torch.tensor(commitment_loss_weight or 0.0), persistent=False)
+        self.register_buffer("quantization_loss_weight",
+                             torch.tensor(quantization_loss_weight or 0.0), persistent=False)
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32),
+                             persistent=False)
+        basis = [math.prod(levels[:i]) for i in range(len(levels))]
+        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.int64), persistent=False)
+        self.has_projections = dim != self.effective_codebook_dim
+        self.project_in = (nn.Linear(dim, self.effective_codebook_dim) if self.has_projections
+                           else nn.Identity())
+        self.project_out = (nn.Linear(self.effective_codebook_dim, dim) if self.has_projections
+                            else nn.Identity())
+        self.codebook_size = math.prod(levels)
+
+        # zero is one of the values, the first is -0.5
+        initial = [torch.linspace(-0.5, 0.5, level) if level % 2 else
+                   torch.arange(level) / level - 0.5 for level in levels]
+        if self.optimize_values:
+            self.values_per_latent = nn.ParameterList(nn.Parameter(v) for v in initial)
+        else:
+            self.values_per_latent = initial
+        self.in_place_codebook_optimizer = None
+        if in_place_codebook_optimizer is not None:
+            if not self.optimize_values:
+                raise ValueError("in_place_codebook_optimizer needs optimize_values=True")
+            self.in_place_codebook_optimizer = in_place_codebook_optimizer(
+                self.values_per_latent)
+
+        # lookup tables: value k of channel i sits at offsets[i] + k of the concatenated values
+        widest = max(levels)
+        offsets = torch.tensor([0, *itertools.accumulate(levels[:-1])], dtype=torch.int64)
+        self.register_buffer("_offsets", offsets, persistent=False)
+        slot = torch.arange(widest)
+        self.register_buffer("_padding", slot >= torch.tensor(levels)[:, None], persistent=False)
+        self.register_buffer("_table_index",
+                             (offsets[:, None] + slot).clamp_max(sum(levels) - 1),
+                             persistent=False)
+        grid = self._level_indices(torch.arange(self.codebook_size))
+        self.register_buffer("implicit_codebook",
+                             (grid - self._levels // 2) / (self._levels // 2) / 2,
+                             persistent=False)
+
+    # ------------------------------------------------------------------ lookups
+
+    def _flat_values(self) -> Tensor:
+        # fixed values (optimize_values=False) are a plain list, as in the library: follow the
+        # module's device here
+        return torch.cat(list(self.values_per_latent)).to(self._levels.device)
+
+    def _level_indices(self, indices: Tensor) -> Tensor:
+        indices = indices.long().unsqueeze(-1)
+        return torch.div(indices, self._basis, rounding_mode="floor") % self._levels
+
+    def quantize_with_indices(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(..., codebook_dim) -> nearest values (differentiable w.r.t. the values, not z)
+        and their per-channel indices (..., codebook_dim)."""
+        flat = self._flat_values().to(z.dtype)
+        table = flat[self._table_index]  # (codebook_dim, widest)
+        with torch.no_grad():
+            distance = (z.detach().unsqueeze(-1) - table).abs()
+            level = distance.masked_fill_(self._padding, math.inf).argmin(-1)
+        return flat[level + self._offsets], level
+
+    def quantize(self, z: Tensor) -> Tensor:
+        """The library's ``quantize``: nearest values, straight-through to ``z``."""
+        q, _ = self.quantize_with_indices(z)
+        return z + (q - z).detach()
+
+    def codes_to_indices(self, zhat: Tensor) -> Tensor:
+        """Codes made of the current values -> int64 indices (nearest value per channel)."""
+        if zhat.shape[-1] != self.codebook_dim:
+            raise QuantizerInputError(
+                f"expected codes of shape (..., {self.codebook_dim}), got {tuple(zhat.shape)}")
+        _, level = self.quantize_with_indices(zhat)
+        return (level * self._basis).sum(-1)
+
+    def indices_to_codes(self, indices: Tensor, project_out: bool = True,
+                         channel_first: bool = True) -> Tensor:
+        """Indices as ``forward`` returned them -> the output it gave (channel first, as the
+        library; ``channel_first=False`` for a channels-last sequence)."""
+        if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+            raise QuantizerInputError(f"expected integer indices, got {indices.dtype}")
+        level = self._level_indices(indices)
+        codes = self._flat_values()[level + self._offsets]
+        if self.keep_num_codebooks_dim:
+            codes = codes.flatten(-2)
+        if project_out:
+            codes = self.project_out(codes)
+        return codes.movedim(-1, 1) if channel_first else codes
+
+    # ------------------------------------------------------------------ losses and forward
+
+    def quantization_loss(self, z: Tensor, zhat: Tensor, reduce: str = "mean") -> Tensor:
+        """Moves the values toward the (fixed) latents."""
+        return F.mse_loss(zhat, z.detach(), reduction=reduce)
+
+    def commitment_loss(self, z: Tensor, zhat: Tensor, reduce: str = "mean") -> Tensor:
+        """Moves the latents toward the (fixed) values."""
+        return F.mse_loss(z, zhat.detach(), reduction=reduce)
+
+    def forward(self, z: Tensor) -> LatentQuantizeOutput:
+        """``z``: (b, dim, ...) channel first, or (b, n, dim) channels last. Returns quantized
+        (same layout), indices (b, ...[, num_codebooks]) and the loss."""
+        if not isinstance(z, Tensor) or not z.dtype.is_floating_point or z.ndim < 2:
+            raise QuantizerInputError(
+                f"expected a floating tensor (b, {self.dim}, ...), got "
+                f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
+        channel_first = z.shape[1] == self.dim
+        if not channel_first and not (z.ndim == 3 and z.shape[-1] == self.dim):
+            raise QuantizerInputError(
+                f"expected dimension of {self.dim} on axis 1 (b, dim, ...) or a sequence "
+                f"(b, n, {self.dim}), got shape {tuple(z.shape)}")
+        if channel_first:
+            spatial = z.shape[2:]
+            z = z.flatten(2).transpose(1, 2)  # (b, n, dim)
+        if not bool(torch.isfinite(z).all()):
+            check_finite(z)
+
+        h = self.project_in(z).unflatten(-1, (self.num_codebooks, self.codebook_dim))
+        if self.in_place_codebook_optimizer is not None and self.training:
+            values, _ = self.quantize_with_indices(h)
+            step_loss = self.quantization_loss(h, values)
+            grads = torch.autograd.grad(step_loss, list(self.values_per_latent))
+            for value, grad in zip(self.values_per_latent, grads, strict=True):
+                value.grad = grad
+            self.in_place_codebook_optimizer.step()
+            self.in_place_codebook_optimizer.zero_grad()
+
+        values, level = self.quantize_with_indices(h)
+        indices = (level * self._basis).sum(-1)  # (b, n, c)
+        # straight-through, written so that the forward value is exactly the values (the
+        # usual h + (q - h).detach() can be an ulp off, and decode would not match)
+        codes = values.detach() + (h - h.detach())
+        out = self.project_out(codes.flatten(-2))
+
+        if self.training:
+            loss = (self.commitment_loss_weight * self.commitment_loss(h, values)
+                    + self.quantization_loss_weight * self.quantization_loss(h, values))
+        else:
+            loss = torch.zeros((), device=z.device)
+        if channel_first:
+            out = out.transpose(1, 2).unflatten(2, spatial)
+            indices = indices.unflatten(1, spatial)
+        if not self.keep_num_codebooks_dim:
+            indices = indices.squeeze(-1)
+        return LatentQuantizeOutput(out, indices, loss)
+
