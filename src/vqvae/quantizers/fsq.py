@@ -9,13 +9,13 @@ The constructor and call are those of ``vector_quantize_pytorch.FSQ`` (1.32): ``
 fsq(z)``. Where we differ on purpose:
 
 - ``indices`` are ``int64`` (the library: ``int32``, which overflows for level products past
-  2**31) and are computed in integer arithmetic from the rounded levels. The library sums
-  ``code * basis`` in the code's float dtype, which is exact only up to 2**24 codes in float32
-  and 2**8 in bfloat16, so with ``force_quantization_f32=False`` a bf16 input gets wrong
-  indices already for ``[8, 5, 5, 5]``.
+  2**31) and are computed in integer arithmetic from the rounded levels; the library sums
+  ``code * basis`` in float32, exact only up to 2**24 codes. ``implicit_codebook`` is built on
+  demand rather than stored, so large level products do not fill memory at construction.
 - The quantization math runs in float32 for float16/bfloat16 inputs and in float64 for float64
-  inputs (``allowed_dtypes`` decides, as in the library), whatever autocast is active; the output
-  is cast back to the input's dtype before ``project_out``.
+  inputs, whatever autocast is active and even with ``force_quantization_f32=False`` (where
+  the library also ends up in float32, by promotion against its float32 constants); the
+  output is cast back to the input's dtype before ``project_out``.
 - ``noise_dropout`` (with ``preserve_symmetry``) replaces rounding, for the chosen entries, by
   uniform noise one quantization bin wide around the bounded value (half the step ``2/(L-1)``
   either side), so the noise scale follows the levels. The library adds ``U(-0.5, 0.5)`` to the
@@ -220,14 +220,17 @@ class FSQ(nn.Module):
         self.bound_hard_clamp = bound_hard_clamp
         self.orthogonal_rotation = orthogonal_rotation
         self._register_constants(levels)
-        if return_indices:
-            self.register_buffer("implicit_codebook",
-                                 self._indices_to_codes(torch.arange(self.codebook_size)),
-                                 persistent=False)
         if orthogonal_rotation:
             rotation = torch.empty(self.codebook_dim, self.codebook_dim)
             nn.init.orthogonal_(rotation)
             self.register_buffer("orthogonal_rot", rotation)
+
+    @property
+    def implicit_codebook(self) -> Tensor:
+        """(codebook_size, codebook_dim) every code, in index order. Built on demand (the
+        library keeps it as a buffer, which for large level products fills memory)."""
+        return self._indices_to_codes(torch.arange(self.codebook_size,
+                                                   device=self._levels.device)).float()
 
     def _register_constants(self, levels: list[int]) -> None:
         """Per-channel constants of the bound, in float64 (cast per call to the math dtype)."""
@@ -388,8 +391,7 @@ class FSQ(nn.Module):
         math_dtype = orig_dtype
         if orig_dtype not in self.allowed_dtypes and (
                 self.force_quantization_f32 or orig_dtype in _HALF_DTYPES):
-            # half precision misplaces the rounding thresholds; the library leaves them in
-            # half with force_quantization_f32=False, we do not
+            # half precision would misplace the rounding thresholds
             math_dtype = torch.float32
         h = h.to(math_dtype)
         h = h.unflatten(-1, (self.num_codebooks, self.codebook_dim))  # (b, n, c, d)

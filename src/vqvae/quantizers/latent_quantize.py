@@ -14,9 +14,9 @@ channel first, ``(b, dim, ...)``. Where the library is wrong we differ, on purpo
   ``quantization_loss_weight * ||sg(z) - q||^2`` (moves the values), on the latent ``z`` after
   ``project_in``; without projections this equals the library's value.
 - Indices come from the nearest-value search, and ``indices_to_codes`` reads the current
-  values. The library recomputes both from the initial grid, so once the values move its
-  indices and decodes are wrong (and it truncates float index sums with ``.to(int32)``).
-  Indices are ``int64``.
+  values. The library reads indices back from the straight-through output (an ulp off the
+  value) and truncates with ``.to(int32)``, so some come out one low even on the initial grid,
+  and it decodes from the initial grid, wrong once the values move. Indices are ``int64``.
 - Sequences ``(b, n, dim)`` channels last, as the library's README shows, are accepted when
   ``x.shape[1] != dim`` (the library rejects them); the output keeps the input's layout.
 - ``in_place_codebook_optimizer`` works (the library reads a missing ``self.optimize_values``).
