@@ -51,6 +51,13 @@ def check_finite(x: Tensor) -> None:
         "finite scalar quantization needs finite values. Check the encoder output.")
 
 
+def all_finite(x: Tensor) -> bool:
+    """Whether ``x`` holds only finite values. A sum is finite unless an entry is NaN/Inf or
+    the sum overflows, so the exact test runs only when the cheap one fails."""
+    x = x.detach()
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def check_tensor(z: object, dim: int, channel_axis: int) -> None:
     if not isinstance(z, Tensor):
         raise QuantizerInputError(f"expected a torch.Tensor, got a {type(z).__name__}")
@@ -113,7 +120,7 @@ class _ProjectedFSQ(torch.autograd.Function):
     def forward(ctx, x, w_in, b_in, w_out, b_out, shift, scale, bias, centre, step, slope,
                 symmetric, hard_clamp):
         h = x @ w_in.t() if b_in is None else torch.addmm(b_in, x, w_in.t())
-        if not bool(torch.isfinite(h).all()):  # tanh would map Inf to a valid code
+        if not all_finite(h):  # tanh would map Inf to a valid code
             check_finite(x)
         u = h + shift
         t = u.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(u)
@@ -393,7 +400,7 @@ class FSQ(nn.Module):
         h = self.project_in(z)
         # a non-finite input entry makes every projected entry it feeds non-finite, so the
         # small projected tensor is the cheap place to look
-        if not bool(torch.isfinite(h).all()):
+        if not all_finite(h):
             check_finite(z)
         orig_dtype = h.dtype
         math_dtype = orig_dtype
@@ -447,7 +454,11 @@ class FSQ(nn.Module):
         indices = None
         if self.return_indices:
             level = level.view(*z.shape[:-1], self.num_codebooks, self.codebook_dim)
-            indices = (level.long() * self._basis).sum(-1)
+            if self.codebook_size <= 2 ** 24 and level.dtype == torch.float32:
+                # one matvec, exact: every partial sum is an integer below 2**24
+                indices = (level @ self._basis.to(level.dtype)).long()
+            else:
+                indices = (level.long() * self._basis).sum(-1)
         return out.view(*z.shape[:-1], self.dim), indices
 
     def _bounded(self, h: Tensor) -> Tensor:

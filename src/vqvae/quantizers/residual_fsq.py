@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .fsq import FSQ, check_finite, check_tensor
+from .fsq import FSQ, all_finite, check_finite, check_tensor
 from .vector_quantize import QuantizerInputError
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -190,7 +190,7 @@ class ResidualFSQ(nn.Module):
             spatial = x.shape[2:]
             x = x.flatten(2).transpose(1, 2)
         h = self.project_in(x)
-        if not bool(torch.isfinite(h).all()):
+        if not all_finite(h):
             check_finite(x)
         if self.soft_clamp_input_value is not None:
             clamp = self.soft_clamp_input_value.to(h.dtype)
