@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .fsq import FSQ, all_finite, check_finite, check_tensor
+from .narrow_linear import narrow_linear
 from .vector_quantize import QuantizerInputError
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -49,20 +50,23 @@ class _ResidualStack(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scales, half_span, step, active, hard_clamp):
+        # scales: a tuple of per-layer (codebook_dim,) tensors
         residual = x
-        out = torch.zeros_like(x)
-        local = torch.zeros_like(x) if x.requires_grad else None
+        out = local = None
         levels = []
         for q in range(active):
             u = residual / scales[q]
             t = u.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(u)
             level = torch.floor((t + 1.0) * half_span + 0.5)  # the library's order
             quantized = (level * step - 1.0) * scales[q]
-            out += quantized
-            residual = residual - quantized
+            out = quantized if out is None else out.add_(quantized)
+            if q + 1 < active:
+                residual = residual - quantized
             levels.append(level)
-            if local is not None:
-                local += ((u >= -1.0) & (u <= 1.0)).to(x.dtype) if hard_clamp else 1.0 - t * t
+            if x.requires_grad:
+                # straight-through derivative of this layer: 1 inside the clamp, tanh' outside
+                part = (u.abs() <= 1.0) if hard_clamp else 1.0 - t * t
+                local = part.to(x.dtype) if local is None else local.add_(part)
         ctx.save_for_backward(local)
         level_stack = torch.stack(levels, -2) if levels else x.new_zeros((*x.shape[:-1], 0,
                                                                            x.shape[-1]))
@@ -136,6 +140,7 @@ class ResidualFSQ(nn.Module):
         self.register_buffer("_half_span", (lv - 1) / 2, persistent=False)
         self.register_buffer("_step", 2.0 / (lv - 1), persistent=False)
         self.register_buffer("_basis", self.layers[0]._basis.clone(), persistent=False)
+        self._cache: dict = {}
         self._plain_layers = all(layer.noise_dropout == 0.0 and not layer.orthogonal_rotation
                                  and layer.return_indices for layer in self.layers)
 
@@ -189,7 +194,7 @@ class ResidualFSQ(nn.Module):
         if self.is_channel_first:
             spatial = x.shape[2:]
             x = x.flatten(2).transpose(1, 2)
-        h = self.project_in(x)
+        h = narrow_linear(x, self.project_in)
         if not all_finite(h):
             check_finite(x)
         if self.soft_clamp_input_value is not None:
@@ -212,7 +217,7 @@ class ResidualFSQ(nn.Module):
         if active < self.num_quantizers:
             pad = indices.new_full((*indices.shape[:-1], self.num_quantizers - active), -1)
             indices = torch.cat([indices, pad], -1)
-        quantized = self.project_out(quantized.to(orig_dtype))
+        quantized = narrow_linear(quantized.to(orig_dtype), self.project_out)
 
         if self.is_channel_first:
             quantized = quantized.transpose(1, 2).unflatten(2, spatial)
@@ -222,9 +227,17 @@ class ResidualFSQ(nn.Module):
         return quantized, indices, self.get_codes_from_indices(indices)
 
     def _stack(self, h: Tensor, active: int) -> tuple[Tensor, Tensor]:
-        dtype = h.dtype
-        return _ResidualStack.apply(h, self.scales.to(dtype), self._half_span.to(dtype),
-                                    self._step.to(dtype), active, self.bound_hard_clamp)
+        key = (h.dtype, h.device)
+        constants = self._cache.get(key)
+        if constants is None:
+            constants = (tuple(self.scales.to(h.dtype).unbind(0)), self._half_span.to(h.dtype),
+                         self._step.to(h.dtype))
+            self._cache = {key: constants}
+        return _ResidualStack.apply(h, *constants, active, self.bound_hard_clamp)
+
+    def _apply(self, fn, recurse=True):
+        self._cache = {}
+        return super()._apply(fn, recurse)
 
     def _layer_by_layer(self, h: Tensor, active: int) -> tuple[Tensor, Tensor]:
         """Each FSQ layer's own forward (noise dropout, rotation): the library's loop."""
