@@ -35,8 +35,77 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .fsq import check_finite
+from .fsq import all_finite, check_finite
 from .vector_quantize import QuantizerInputError
+
+
+class _LatentQuantizeCall(torch.autograd.Function):
+    """project_in, nearest value per channel, straight-through output, both losses and
+    project_out in one node (one node instead of ~15 small ones: the call is overhead-bound).
+
+    Forward on x (N, dim): h = project_in(x) viewed (M, codebook_dim), q = nearest value,
+    loss = (cw + qw) * mean((h - q)^2), out = project_out(q). Backward: d q / d h = identity
+    (straight-through); the loss sends cw * 2 (h - q) / n to h (commitment) and
+    qw * 2 (q - h) / n to the chosen values (quantization), as the paper's two stop-gradient
+    terms do.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_in, b_in, w_out, b_out, table_index, padding, offsets, codebook_dim,
+                cw, qw, with_loss, *values):
+        flat = torch.cat(values).to(x.dtype)
+        h = x if w_in is None else torch.addmm(b_in, x, w_in.t()) if b_in is not None \
+            else x @ w_in.t()
+        hq = h.reshape(-1, codebook_dim)
+        distance = (hq.unsqueeze(-1) - flat[table_index]).abs_().masked_fill_(padding, math.inf)
+        level = distance.argmin(-1)  # (M, codebook_dim)
+        position = level + offsets
+        q = flat[position]
+        diff = None
+        if with_loss:
+            diff = hq - q
+            loss = diff.square().mean() * (cw + qw)
+        else:
+            loss = x.new_zeros(())
+        codes = q.view(h.shape)
+        if w_out is None:
+            out = codes
+        else:
+            out = torch.addmm(b_out, codes, w_out.t()) if b_out is not None else codes @ w_out.t()
+        ctx.save_for_backward(x, w_in, w_out, codes, diff, position)
+        ctx.info = (cw, qw, b_in is not None, b_out is not None, [v.shape[0] for v in values])
+        ctx.mark_non_differentiable(level)
+        return out, level, loss
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_level, grad_loss):
+        x, w_in, w_out, codes, diff, position = ctx.saved_tensors
+        cw, qw, in_bias, out_bias, sizes = ctx.info
+        grad_w_out = grad_b_out = grad_w_in = grad_b_in = None
+        if w_out is not None:
+            grad_codes = grad_out @ w_out
+            grad_w_out = grad_out.t() @ codes
+            grad_b_out = grad_out.sum(0) if out_bias else None
+        else:
+            grad_codes = grad_out
+        grad_h = grad_codes
+        grad_values = [None] * len(sizes)
+        if diff is not None:
+            scale = grad_loss * (2.0 / diff.numel())
+            if cw:
+                grad_h = torch.addcmul(grad_codes, diff.view(codes.shape), scale * cw)
+            if any(ctx.needs_input_grad[12:]):
+                grad_flat = diff.new_zeros(sum(sizes)).index_add_(
+                    0, position.reshape(-1), (diff * (scale * -qw)).reshape(-1))
+                grad_values = list(grad_flat.split(sizes))
+        if w_in is not None:
+            grad_x = grad_h @ w_in
+            grad_w_in = grad_h.t() @ x
+            grad_b_in = grad_h.sum(0) if in_bias else None
+        else:
+            grad_x = grad_h
+        return (grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None, None,
+                None, None, None, *grad_values)
 
 
 class LatentQuantizeOutput(NamedTuple):
@@ -195,11 +264,11 @@ class LatentQuantize(nn.Module):
         if channel_first:
             spatial = z.shape[2:]
             z = z.flatten(2).transpose(1, 2)  # (b, n, dim)
-        if not bool(torch.isfinite(z).all()):
+        if not all_finite(z):
             check_finite(z)
 
-        h = self.project_in(z).unflatten(-1, (self.num_codebooks, self.codebook_dim))
         if self.in_place_codebook_optimizer is not None and self.training:
+            h = self.project_in(z).unflatten(-1, (self.num_codebooks, self.codebook_dim))
             values, _ = self.quantize_with_indices(h)
             step_loss = self.quantization_loss(h, values)
             grads = torch.autograd.grad(step_loss, list(self.values_per_latent))
@@ -208,18 +277,17 @@ class LatentQuantize(nn.Module):
             self.in_place_codebook_optimizer.step()
             self.in_place_codebook_optimizer.zero_grad()
 
-        values, level = self.quantize_with_indices(h)
-        indices = (level * self._basis).sum(-1)  # (b, n, c)
-        # straight-through, written so that the forward value is exactly the values (the
-        # usual h + (q - h).detach() can be an ulp off, and decode would not match)
-        codes = values.detach() + (h - h.detach())
-        out = self.project_out(codes.flatten(-2))
-
-        if self.training:
-            loss = (self.commitment_loss_weight * self.commitment_loss(h, values)
-                    + self.quantization_loss_weight * self.quantization_loss(h, values))
-        else:
-            loss = torch.zeros((), device=z.device)
+        pin, pout = self.project_in, self.project_out
+        projected = self.has_projections
+        values = [v.to(self._levels.device) for v in self.values_per_latent]
+        out, level, loss = _LatentQuantizeCall.apply(
+            z.reshape(-1, self.dim), pin.weight if projected else None,
+            pin.bias if projected else None, pout.weight if projected else None,
+            pout.bias if projected else None, self._table_index, self._padding, self._offsets,
+            self.codebook_dim, float(self.commitment_loss_weight),
+            float(self.quantization_loss_weight), self.training, *values)
+        indices = (level * self._basis).sum(-1).view(*z.shape[:-1], self.num_codebooks)
+        out = out.view(z.shape)
         if channel_first:
             out = out.transpose(1, 2).unflatten(2, spatial)
             indices = indices.unflatten(1, spatial)
