@@ -97,8 +97,10 @@ class _LatentQuantizeCall(torch.autograd.Function):
         cw, qw, in_bias, out_bias, sizes = ctx.info
         grad_w_out = grad_b_out = grad_w_in = grad_b_in = None
         if w_out is not None:
-            grad_codes = grad_out @ w_out
-            grad_w_out = grad_out.t() @ codes
+            grad_out = grad_out.contiguous()  # out.sum() hands back an expanded gradient
+            # operand orders CPU BLAS runs fast for these narrow shapes (see narrow_linear)
+            grad_codes = grad_out @ w_out.t().contiguous().t()
+            grad_w_out = (codes.t() @ grad_out).t()
             grad_b_out = grad_out.sum(0) if out_bias else None
         else:
             grad_codes = grad_out
