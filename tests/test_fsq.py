@@ -526,3 +526,30 @@ def test_model_shape_contract():
     assert out.quantized.shape == x.shape and out.indices.shape == (3, 7)
     assert out.indices.dtype == torch.int64
     assert torch.allclose(fsq.indices_to_codes(out.indices), out.quantized, atol=1e-6)
+
+
+def test_latent_quantize_gradients_match_autograd_on_the_paper_losses():
+    torch.manual_seed(0)
+    lq = LatentQuantize([5, 4], dim=6, commitment_loss_weight=0.3,
+                        quantization_loss_weight=0.7).double()
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    out, _, loss = lq(x)
+    ((out * weight).sum() + loss).backward()
+    ours = [x.grad] + [p.grad.clone() for p in lq.parameters()]
+
+    # textbook: straight-through to z, ||z - sg(q)||^2 and ||sg(z) - q||^2
+    lq.zero_grad()
+    x_ref = x.detach().clone().requires_grad_()
+    z = lq.project_in(x_ref.flatten(2).transpose(1, 2))
+    values = list(lq.values_per_latent)
+    nearest = [(z[..., i, None] - values[i].detach()).abs().argmin(-1) for i in range(2)]
+    q = torch.stack([values[i][nearest[i]] for i in range(2)], -1)
+    codes = z + (q - z).detach()
+    ref_out = lq.project_out(codes).transpose(1, 2).reshape(x.shape)
+    ref_loss = 0.3 * ((z - q.detach()) ** 2).mean() + 0.7 * ((z.detach() - q) ** 2).mean()
+    assert torch.allclose(loss, ref_loss)
+    ((ref_out * weight).sum() + ref_loss).backward()
+    reference = [x_ref.grad] + [p.grad for p in lq.parameters()]
+    for a, b in zip(ours, reference, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)

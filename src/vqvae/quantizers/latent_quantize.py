@@ -64,10 +64,13 @@ class _LatentQuantizeCall(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_in, b_in, w_out, b_out, table_index, padding, offsets, codebook_dim,
-                cw, qw, with_loss, *values):
+    def forward(ctx, z, channel_first, w_in, b_in, w_out, b_out, table_index, padding, offsets,
+                codebook_dim, cw, qw, with_loss, *values):
+        # the layout change happens here, not as autograd views around the node; a
+        # channel-first input is copied to rows (addmm is 3x slower on the transposed view)
+        dim = z.shape[1] if channel_first else z.shape[-1]
+        x = (z.flatten(2).transpose(1, 2) if channel_first else z).reshape(-1, dim).contiguous()
         flat = torch.cat(values).to(x.dtype)
-        x = x.contiguous()  # a channel-first input arrives transposed: 3x slower in addmm
         h = x if w_in is None else torch.addmm(b_in, x, w_in.t()) if b_in is not None \
             else x @ w_in.t()
         hq = h.reshape(-1, codebook_dim)
@@ -88,13 +91,23 @@ class _LatentQuantizeCall(torch.autograd.Function):
             out = torch.addmm(b_out, codes, w_out.t()) if b_out is not None else codes @ w_out.t()
         ctx.save_for_backward(x, w_in, w_out, codes, diff, position)
         ctx.info = (cw, qw, b_in is not None, b_out is not None, [v.shape[0] for v in values])
+        ctx.layout = (z.shape, channel_first)
         ctx.mark_non_differentiable(level)
+        if channel_first:
+            out = out.view(z.shape[0], -1, dim).transpose(1, 2).reshape(z.shape)
+        else:
+            out = out.view(z.shape)
         return out, level, loss
 
     @staticmethod
     def backward(ctx, grad_out, _grad_level, grad_loss):
         x, w_in, w_out, codes, diff, position = ctx.saved_tensors
         cw, qw, in_bias, out_bias, sizes = ctx.info
+        shape, channel_first = ctx.layout
+        dim = x.shape[1]
+        if channel_first:
+            grad_out = grad_out.flatten(2).transpose(1, 2)
+        grad_out = grad_out.reshape(-1, dim)
         grad_w_out = grad_b_out = grad_w_in = grad_b_in = None
         if w_out is not None:
             grad_out = grad_out.contiguous()  # out.sum() hands back an expanded gradient
@@ -120,8 +133,12 @@ class _LatentQuantizeCall(torch.autograd.Function):
             grad_b_in = grad_h.sum(0) if in_bias else None
         else:
             grad_x = grad_h
-        return (grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None, None,
-                None, None, None, *grad_values)
+        if channel_first:
+            grad_x = grad_x.view(shape[0], -1, dim).transpose(1, 2).reshape(shape)
+        else:
+            grad_x = grad_x.view(shape)
+        return (grad_x, None, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None,
+                None, None, None, None, *grad_values)
 
 
 class LatentQuantizeOutput(NamedTuple):
@@ -278,14 +295,12 @@ class LatentQuantize(nn.Module):
             raise QuantizerInputError(
                 f"expected dimension of {self.dim} on axis 1 (b, dim, ...) or a sequence "
                 f"(b, n, {self.dim}), got shape {tuple(z.shape)}")
-        if channel_first:
-            spatial = z.shape[2:]
-            z = z.flatten(2).transpose(1, 2)  # (b, n, dim)
         if not all_finite(z):
             check_finite(z)
 
         if self.in_place_codebook_optimizer is not None and self.training:
-            h = self.project_in(z).unflatten(-1, (self.num_codebooks, self.codebook_dim))
+            rows = z.flatten(2).transpose(1, 2) if channel_first else z  # (b, n, dim)
+            h = self.project_in(rows).unflatten(-1, (self.num_codebooks, self.codebook_dim))
             values, _ = self.quantize_with_indices(h)
             step_loss = self.quantization_loss(h, values)
             grads = torch.autograd.grad(step_loss, list(self.values_per_latent))
@@ -298,16 +313,13 @@ class LatentQuantize(nn.Module):
         projected = self.has_projections
         values = [v.to(self._levels.device) for v in self.values_per_latent]
         out, level, loss = _LatentQuantizeCall.apply(
-            z.reshape(-1, self.dim), pin.weight if projected else None,
+            z, channel_first, pin.weight if projected else None,
             pin.bias if projected else None, pout.weight if projected else None,
             pout.bias if projected else None, self._table_index, self._padding, self._offsets,
             self.codebook_dim, float(self.commitment_loss_weight),
             float(self.quantization_loss_weight), self.training, *values)
-        indices = (level * self._basis).sum(-1).view(*z.shape[:-1], self.num_codebooks)
-        out = out.view(z.shape)
-        if channel_first:
-            out = out.transpose(1, 2).unflatten(2, spatial)
-            indices = indices.unflatten(1, spatial)
+        positions = (z.shape[0], *z.shape[2:]) if channel_first else z.shape[:-1]
+        indices = (level * self._basis).sum(-1).view(*positions, self.num_codebooks)
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)
         return LatentQuantizeOutput(out, indices, loss)
