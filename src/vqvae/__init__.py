@@ -3,9 +3,14 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .quantizers import (
+    FSP,
+    FSQ,
     CodebookUsage,
+    GroupedResidualFSQ,
     GroupedResidualVQ,
+    LatentQuantize,
     QuantizerInputError,
+    ResidualFSQ,
     ResidualVQ,
     VectorQuantize,
     VQOutput,
@@ -21,8 +26,13 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "CodebookUsage",
+    "FSP",
+    "FSQ",
+    "GroupedResidualFSQ",
     "GroupedResidualVQ",
+    "LatentQuantize",
     "QuantizerInputError",
+    "ResidualFSQ",
     "ResidualVQ",
     "VQOutput",
     "VectorQuantize",
