@@ -3,9 +3,14 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .quantizers import (
+    LFQ,
+    BinaryMapper,
     CodebookUsage,
+    EvoLFQ,
+    GroupedResidualLFQ,
     GroupedResidualVQ,
     QuantizerInputError,
+    ResidualLFQ,
     ResidualVQ,
     VectorQuantize,
     VQOutput,
@@ -20,6 +25,11 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "BinaryMapper",
+    "EvoLFQ",
+    "GroupedResidualLFQ",
+    "LFQ",
+    "ResidualLFQ",
     "CodebookUsage",
     "GroupedResidualVQ",
     "QuantizerInputError",

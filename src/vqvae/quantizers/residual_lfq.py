@@ -156,11 +156,12 @@ class GroupedResidualLFQ(nn.Module):
         return 1 if self.accept_image_fmap else -1
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)])
+        pairs = zip(self.rvqs, indices, strict=True)
+        return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in pairs])
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        return torch.cat([rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices)],
-                         dim=self.split_dim)
+        pairs = zip(self.rvqs, indices, strict=True)
+        return torch.cat([rvq.get_output_from_indices(i) for rvq, i in pairs], dim=self.split_dim)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_all_codes: bool = False):
         check_finite(x)
@@ -170,7 +171,8 @@ class GroupedResidualLFQ(nn.Module):
         seed = _maybe_synced_seed(x.device) if self.training else None
         outs = [rvq(chunk, mask=mask, return_all_codes=return_all_codes,
                     rand_quantize_dropout_fixed_seed=seed)
-                for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim))]
-        quantized, indices, losses, *codes = zip(*outs)
+                for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim),
+                                      strict=True)]
+        quantized, indices, losses, *codes = zip(*outs, strict=True)
         return (torch.cat(quantized, dim=self.split_dim), torch.stack(indices),
                 torch.stack(losses), *codes)
