@@ -202,14 +202,17 @@ def test_cpu_autocast_keeps_entropy_in_float32():
     torch.manual_seed(6)
     lfq = LFQ(dim=32, codebook_size=2**10)
     x = torch.randn(2, 50, 32)
-    (_, i32, l32), p32 = lfq(x, inv_temperature=1.0, return_loss_breakdown=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (q, i, loss), parts = lfq(x, inv_temperature=1.0, return_loss_breakdown=True)
+        projected = lfq.project_in(x)  # what the quantiser saw: bfloat16
+    assert projected.dtype == torch.bfloat16
     assert loss.dtype == torch.float32 and q.dtype == torch.bfloat16
-    # the projection ran in bfloat16, the entropies on its (rounded) output in float32
-    x_bf = lfq.project_in(x.bfloat16().float().bfloat16().float())
-    assert parts.batch_entropy.item() == pytest.approx(p32.batch_entropy.item(), rel=2e-2)
-    assert x_bf.shape == (2, 50, 10)
+    # the entropies of exactly that input, in float64: no bfloat16 rounding inside them
+    seen = projected.detach().double().numpy().reshape(100, 1, 10)
+    per_sample, batch = full_entropies(seen, 10, 1.0, 1.0)
+    assert parts.per_sample_entropy.item() == pytest.approx(per_sample, rel=1e-5)
+    assert parts.batch_entropy.item() == pytest.approx(batch, rel=1e-5)
+    assert torch.equal(i, (projected > 0).long() @ (2 ** torch.arange(9, -1, -1)))
 
 
 # bad input

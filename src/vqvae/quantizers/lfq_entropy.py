@@ -41,30 +41,39 @@ def per_sample_entropy(logits: Tensor) -> Tensor:
     """Exact entropy (nats) of each sample's code distribution: the sum over the last axis
     (bits) of the binary entropies of ``sigmoid(logits)``.
 
-    Written as ``p softplus(-l) + (1 - p) softplus(l)``, finite with finite gradient for any
-    finite logit (no log of an underflowed probability).
+    With a = |l| (the entropy is even in l): H = sigmoid(-a) a - log sigmoid(a). Both terms
+    are small and positive for large a, so there is no cancellation and no log of an
+    underflowed probability; finite with a finite gradient for any finite logit.
     """
-    p = torch.sigmoid(logits)
-    return (p * F.softplus(-logits) + (1 - p) * F.softplus(logits)).sum(-1)
+    a = logits.abs()
+    return (torch.sigmoid(-a) * a - F.logsigmoid(a)).sum(-1)
 
 
-def _half_probs(logits: Tensor, bits: Tensor) -> Tensor:
-    """(..., N, 2^h) probabilities of every setting of ``h`` bits, from (..., N, h) logits.
-
-    log P(bits) = sum_d log sigmoid(-l_d) + sum_d b_d l_d, since
-    log sigmoid(l) - log sigmoid(-l) = l.
-    """
-    base = F.logsigmoid(-logits).sum(-1, keepdim=True)
-    return torch.exp(base + logits @ bits)
+def _halves_matrix(k: int, device, dtype) -> Tensor:
+    """(k, 2^k1 + 2^k2) block-diagonal bit matrix: the high k1 = k // 2 bits' settings in the
+    first 2^k1 columns, the low k2 bits' in the rest."""
+    k1 = k // 2
+    out = torch.zeros(k, 2**k1 + 2 ** (k - k1), device=device, dtype=dtype)
+    out[:k1, : 2**k1] = bit_matrix(k1, device, dtype)
+    out[k1:, 2**k1 :] = bit_matrix(k - k1, device, dtype)
+    return out
 
 
 def mean_distribution(logits: Tensor) -> Tensor:
-    """(C, 2^k) mean over samples of each codebook's code distribution, from (C, N, k) logits."""
+    """(C, 2^k) mean over samples of each codebook's code distribution, from (C, N, k) logits.
+
+    For each half of the bits, log P(setting) = sum_d log sigmoid(-l_d) + sum_d b_d l_d (as
+    log sigmoid(l) - log sigmoid(-l) = l): one matmul and one exp give both halves.
+    """
     k = logits.shape[-1]
     k1 = k // 2
-    device, dtype = logits.device, logits.dtype
-    hi = _half_probs(logits[..., :k1], bit_matrix(k1, device, dtype))  # (C, N, 2^k1)
-    lo = _half_probs(logits[..., k1:], bit_matrix(k - k1, device, dtype))  # (C, N, 2^k2)
+    neg = F.logsigmoid(-logits)  # (C, N, k)
+    base = torch.stack([neg[..., :k1].sum(-1), neg[..., k1:].sum(-1)], -1)  # (C, N, 2)
+    widths = torch.tensor([2**k1, 2 ** (k - k1)], device=logits.device)
+    base = base.repeat_interleave(widths, dim=-1, output_size=2**k1 + 2 ** (k - k1))
+    probs = torch.exp(torch.baddbmm(base, logits, _halves_matrix(k, logits.device, logits.dtype)
+                                    .expand(logits.shape[0], -1, -1)))
+    hi, lo = probs[..., : 2**k1], probs[..., 2**k1 :]  # (C, N, 2^k1), (C, N, 2^k2)
     avg = hi.transpose(-1, -2) @ lo / logits.shape[-2]  # (C, 2^k1, 2^k2)
     return avg.flatten(-2)
 
