@@ -36,7 +36,7 @@ MEMORY_CASES = [((1, 18, 32, 32), "ours"), ((4, 18, 32, 32), "ours"),
                 ((1, 18, 32, 32), "library")]
 
 MEMORY_SCRIPT = """
-import resource, sys, torch
+import sys, torch
 which, shape = sys.argv[1], tuple(int(s) for s in sys.argv[2].split(','))
 if which == 'ours':
     from vqvae import LFQ
@@ -45,11 +45,16 @@ else:
 torch.manual_seed(0)
 layer = LFQ(codebook_size=2**18, dim=18).train()
 x = torch.randn(*shape, requires_grad=True)
-with open('/proc/self/statm') as f:
-    before = int(f.read().split()[1]) * 4096
+def status(field):
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+# the imports peak above what stays resident; start the high-water mark from here
+with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')
+before = status('VmRSS:')
 quantized, _, loss = layer(x)
 (quantized.sum() + loss).backward()
-print(max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
+print(max(0, status('VmHWM:') - before))
 """
 
 

@@ -213,6 +213,13 @@ def test_cpu_autocast_keeps_entropy_in_float32():
     assert parts.per_sample_entropy.item() == pytest.approx(per_sample, rel=1e-5)
     assert parts.batch_entropy.item() == pytest.approx(batch, rel=1e-5)
     assert torch.equal(i, (projected > 0).long() @ (2 ** torch.arange(9, -1, -1)))
+    # the library turns off CUDA autocast only: on CPU its entropies come out bfloat16-rounded
+    ref = library.LFQ(dim=32, codebook_size=2**10)
+    ref.load_state_dict(lfq.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, ref_parts = ref(x, inv_temperature=1.0, return_loss_breakdown=True)
+    ref_error = abs(ref_parts.per_sample_entropy.item() - per_sample)
+    assert ref_error > 10 * abs(parts.per_sample_entropy.item() - per_sample)
 
 
 # bad input
