@@ -158,6 +158,18 @@ def test_mask_uses_only_kept_tokens_library_diversity_term_vanishes():
     assert ref.batch_entropy.item() == pytest.approx(ref.per_sample_entropy.item(), rel=1e-5)
 
 
+def test_exact_where_library_log_clamp_underestimates():
+    torch.manual_seed(11)
+    x = torch.randn(1, 40, 12) * 0.05
+    _, parts = LFQ(dim=12)(x, inv_temperature=10.0, return_loss_breakdown=True)
+    _, ref = library.LFQ(dim=12)(x, inv_temperature=10.0, return_loss_breakdown=True)
+    per_sample, batch = full_entropies(x.double().numpy().reshape(40, 1, 12), 12, 1.0, 10.0)
+    assert parts.per_sample_entropy.item() == pytest.approx(per_sample, rel=1e-5)
+    assert parts.batch_entropy.item() == pytest.approx(batch, rel=1e-5)
+    # the library's log(max(p, 1e-5)) drops -p log(p / 1e-5) for every code below 1e-5
+    assert ref.per_sample_entropy.item() < per_sample - 2e-3
+
+
 def test_agrees_with_library_loss_where_library_is_right():
     torch.manual_seed(3)
     ours, ref = LFQ(codebook_size=128, dim=24), library.LFQ(codebook_size=128, dim=24)
@@ -295,6 +307,7 @@ def test_residual_matches_library_and_decodes_dropped_layers_to_zero():
     assert torch.equal(out[1], out_r[1]) and (out[1] == -1).any()
     for a, b in zip(out, out_r, strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    assert torch.equal(ours.codebooks, ref.codebooks)
     codes = ours.get_codes_from_indices(out[1])
     assert (codes[(out[1] == -1).movedim(-1, 0)] == 0).all()
     # layer i codes are +-2^-i
