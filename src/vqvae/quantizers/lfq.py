@@ -225,9 +225,13 @@ class LFQ(nn.Module):
 
     # forward
 
+    # a residual stack checks its input once and turns its layers' own check off
+    check_input = True
+
     def forward(self, x: Tensor, inv_temperature: float = 100.0,
                 return_loss_breakdown: bool = False, mask: Tensor | None = None):
-        check_finite(x)
+        if self.check_input:
+            check_finite(x)
         if x.ndim < 3:
             raise QuantizerInputError(f"LFQ expects (batch, seq, dim) or channel-first maps, "
                                       f"got shape {tuple(x.shape)}")

@@ -18,6 +18,8 @@ Code ``j`` has its bits most significant first (bit 0 is the top bit), as in the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -49,30 +51,33 @@ def per_sample_entropy(logits: Tensor) -> Tensor:
     return (torch.sigmoid(-a) * a - F.logsigmoid(a)).sum(-1)
 
 
-def _halves_matrix(k: int, device, dtype) -> Tensor:
-    """(k, 2^k1 + 2^k2) block-diagonal bit matrix: the high k1 = k // 2 bits' settings in the
-    first 2^k1 columns, the low k2 bits' in the rest."""
-    k1 = k // 2
-    out = torch.zeros(k, 2**k1 + 2 ** (k - k1), device=device, dtype=dtype)
-    out[:k1, : 2**k1] = bit_matrix(k1, device, dtype)
-    out[k1:, 2**k1 :] = bit_matrix(k - k1, device, dtype)
+@functools.lru_cache(maxsize=32)
+def _halves_matrix(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(2k, 2^k1 + 2^k2) matrix M such that [log sigmoid(-l), l] @ M = log P of every setting
+    of the high k1 = k // 2 bits (first 2^k1 columns) and of the low k2 bits (the rest).
+
+    Top block: which bits belong to each half (each contributes log sigmoid(-l_d)); bottom
+    block: the bits of each setting (a set bit adds l_d, as log sigmoid(l) - log sigmoid(-l)
+    = l). Cached: it is rebuilt only for a new (k, device, dtype).
+    """
+    k1, k2 = k // 2, k - k // 2
+    out = torch.zeros(2 * k, 2**k1 + 2**k2, device=device, dtype=dtype)
+    out[:k1, : 2**k1] = 1
+    out[k1:k, 2**k1 :] = 1
+    out[k : k + k1, : 2**k1] = bit_matrix(k1, device, dtype)
+    out[k + k1 :, 2**k1 :] = bit_matrix(k2, device, dtype)
     return out
 
 
 def mean_distribution(logits: Tensor) -> Tensor:
     """(C, 2^k) mean over samples of each codebook's code distribution, from (C, N, k) logits.
 
-    For each half of the bits, log P(setting) = sum_d log sigmoid(-l_d) + sum_d b_d l_d (as
-    log sigmoid(l) - log sigmoid(-l) = l): one matmul and one exp give both halves.
+    One matmul and one exp give the probabilities of both halves' settings (_halves_matrix).
     """
     k = logits.shape[-1]
     k1 = k // 2
-    neg = F.logsigmoid(-logits)  # (C, N, k)
-    base = torch.stack([neg[..., :k1].sum(-1), neg[..., k1:].sum(-1)], -1)  # (C, N, 2)
-    widths = torch.tensor([2**k1, 2 ** (k - k1)], device=logits.device)
-    base = base.repeat_interleave(widths, dim=-1, output_size=2**k1 + 2 ** (k - k1))
-    probs = torch.exp(torch.baddbmm(base, logits, _halves_matrix(k, logits.device, logits.dtype)
-                                    .expand(logits.shape[0], -1, -1)))
+    features = torch.cat([F.logsigmoid(-logits), logits], -1)  # (C, N, 2k)
+    probs = torch.exp(features @ _halves_matrix(k, logits.device, logits.dtype))
     hi, lo = probs[..., : 2**k1], probs[..., 2**k1 :]  # (C, N, 2^k1), (C, N, 2^k2)
     avg = hi.transpose(-1, -2) @ lo / logits.shape[-2]  # (C, 2^k1, 2^k2)
     return avg.flatten(-2)

@@ -56,6 +56,8 @@ class ResidualLFQ(nn.Module):
                               soft_clamp_input_value=soft_clamp_input_value, **kwargs))
             if soft_clamp_input_value is not None:
                 soft_clamp_input_value *= 0.5
+        for layer in layers:
+            layer.check_input = False  # forward checks x once; residuals of finite x are finite
         if any(layer.has_projections for layer in layers):
             raise ValueError("ResidualLFQ layers must not project (num_codebooks must be 1)")
         self.layers = nn.ModuleList(layers)
