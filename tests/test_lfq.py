@@ -394,3 +394,17 @@ def test_evo_lfq_best_gene_earns_its_fitness():
         (bits.long() * 2 ** torch.arange(5, -1, -1)).sum(-1)[:, None])[:, 0])
     out = evo(torch.randn(3, 5))
     assert out.reconstructed.shape == (3, 6) and out.indices.shape == (3,)
+
+
+def test_mean_distribution_at_2_to_18_codes_matches_direct_products():
+    from vqvae.quantizers.lfq_entropy import mean_distribution
+
+    torch.manual_seed(12)
+    logits = torch.randn(1, 64, 18) * 2
+    avg = mean_distribution(logits)[0]  # (2^18,), never an N x 2^18 matrix
+    assert avg.shape == (2**18,) and avg.sum().item() == pytest.approx(1.0, abs=1e-5)
+    p = torch.sigmoid(logits[0].double())  # (64, 18): probability that each bit is set
+    for j in torch.randint(0, 2**18, (6,)).tolist() + [0, 2**18 - 1]:
+        bits = torch.tensor([(j >> (17 - d)) & 1 for d in range(18)], dtype=torch.bool)
+        direct = torch.where(bits, p, 1 - p).prod(-1).mean().item()
+        assert avg[j].item() == pytest.approx(direct, rel=1e-4, abs=1e-12)
