@@ -408,3 +408,20 @@ def test_mean_distribution_at_2_to_18_codes_matches_direct_products():
         bits = torch.tensor([(j >> (17 - d)) & 1 for d in range(18)], dtype=torch.bool)
         direct = torch.where(bits, p, 1 - p).prod(-1).mean().item()
         assert avg[j].item() == pytest.approx(direct, rel=1e-4, abs=1e-12)
+
+
+def test_evo_lfq_encode_and_decode_match_library():
+    torch.manual_seed(13)
+    encoder, decoder = torch.nn.Linear(5, 8), torch.nn.Linear(8, 3)
+    kw = dict(codebook_size=16, num_codebooks=2)
+    ours = EvoLFQ(encoder, decoder, **kw)
+    ref = library.EvoLFQ(encoder, decoder, **kw)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 5)
+    assert torch.equal(ours.encode(x), ref.encode(x))
+    assert torch.equal(ours.encode(x, return_signs=True), ref.encode(x, return_signs=True))
+    bits = ours.init_random_population(pop_size=6, shape=(8,))
+    assert torch.allclose(ours.decode_bits(bits), ref.decode_bits(bits), atol=1e-6)
+    assert ours.training and ours.lfq.training  # encode/decode left the modes as they were
+    with pytest.raises(QuantizerInputError):
+        ours.decode_bits(torch.ones(2, 5))
