@@ -425,3 +425,13 @@ def test_evo_lfq_encode_and_decode_match_library():
     assert ours.training and ours.lfq.training  # encode/decode left the modes as they were
     with pytest.raises(QuantizerInputError):
         ours.decode_bits(torch.ones(2, 5))
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    lfq = LFQ(dim=4).eval()
+    x = torch.full((1, 2, 4), 3e38)  # finite; their float32 sum is inf
+    q, idx, _ = lfq(x)
+    assert (idx == 15).all() and (q == 1).all()
+    grouped = GroupedResidualLFQ(dim=8, groups=2, codebook_size=4, num_quantizers=2)
+    with pytest.raises(QuantizerInputError, match="NaN or infinite"):
+        grouped(torch.tensor([[[0.0] * 7 + [float("-inf")]]]))

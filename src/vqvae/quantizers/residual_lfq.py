@@ -97,9 +97,12 @@ class ResidualLFQ(nn.Module):
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         return self.project_out(self.get_codes_from_indices(indices).sum(0))
 
+    check_input = True  # off inside a GroupedResidualLFQ, which checks the whole input once
+
     def forward(self, x: Tensor, mask: Tensor | None = None, return_all_codes: bool = False,
                 rand_quantize_dropout_fixed_seed: int | None = None):
-        check_finite(x)
+        if self.check_input:
+            check_finite(x)
         x = self.project_in(x)
         dropout = self.training and self.quantize_dropout and torch.is_grad_enabled()
         last = self.num_quantizers - 1
@@ -148,6 +151,8 @@ class GroupedResidualLFQ(nn.Module):
         self.accept_image_fmap = accept_image_fmap
         self.rvqs = nn.ModuleList(ResidualLFQ(dim=dim // groups, **kwargs)
                                   for _ in range(groups))
+        for rvq in self.rvqs:
+            rvq.check_input = False
 
     @property
     def codebooks(self) -> Tensor:
