@@ -10,6 +10,7 @@ cross-entropy call (``indices=`` given) forward + backward to the input.
 
     python benchmarks/quantizer_simvq.py                 # CPU
     python benchmarks/quantizer_simvq.py --repeats 30 --device cuda
+    python benchmarks/quantizer_simvq.py --only SimVQ      # the cases whose name has "SimVQ"
 """
 
 from __future__ import annotations
@@ -111,12 +112,16 @@ def cases(device: torch.device):
     ]
 
 
-def run(repeats: int = 20, device: str = "cpu", warmup: int = 3) -> list[dict]:
-    """One row per case: name, shape, ours_ms, library_ms, ratio (ours / library)."""
+def run(repeats: int = 20, device: str = "cpu", warmup: int = 3,
+        only: str | None = None) -> list[dict]:
+    """One row per case: name, shape, ours_ms, library_ms, ratio (ours / library).
+    ``only``: run the cases whose name contains this text."""
     dev = torch.device(device)
     settle_allocator()
     rows = []
     for name, shape, build, step in cases(dev):
+        if only is not None and only not in name:
+            continue
         torch.manual_seed(0)
         ours, reference = (m.to(dev).train() for m in build())
         x = torch.randn(shape, device=dev, requires_grad=step is not indices_step)
@@ -148,8 +153,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--only", help="run the cases whose name contains this text")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
-    rows = run(args.repeats, args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(args.repeats, args.device, only=args.only)
     print_table(rows)
     write_json(args.json, {"rows": rows})
 
