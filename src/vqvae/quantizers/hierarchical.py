@@ -214,7 +214,8 @@ class HierarchicalVQ(nn.Module):
             indices[valid] = chosen_indices
         if self.training and self.orthogonal_reg_weight > 0:
             loss = loss + self.orthogonal_reg_weight * self._orthogonal_loss(vq, indices)
-        return q.movedim(-1, 1), indices, loss
+        # NCHW-contiguous: a channels-last view would send the convolutions down a slower path
+        return q.movedim(-1, 1).contiguous(), indices, loss
 
     def _orthogonal_loss(self, vq: VectorQuantize, indices: Tensor) -> Tensor:
         """Mean squared cosine similarity between codes less ``1/n`` (Shin et al., 2021,
