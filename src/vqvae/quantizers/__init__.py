@@ -4,14 +4,19 @@ from .binary_mapper import BinaryMapper
 from .evo_lfq import EvoLFQ
 from .fsp import FSP
 from .fsq import FSQ
+from .hierarchical import HierarchicalVQ
 from .kmeans import KMeansResult, kmeans
 from .latent_quantize import LatentQuantize
 from .lfq import LFQ
 from .metrics import CodebookUsage, code_counts, codebook_usage
+from .random_projection import RandomProjectionQuantizer
 from .residual import GroupedResidualVQ, ResidualVQ
 from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
 from .residual_lfq import GroupedResidualLFQ, ResidualLFQ
+from .residual_simvq import ResidualSimVQ
 from .search import nearest_code, sample_code, search_settings, set_search_defaults
+from .sequential import Sequential
+from .simvq import SimVQ
 from .vector_quantize import QuantizerInputError, VectorQuantize, VQOutput
 
 __all__ = [
@@ -25,18 +30,23 @@ __all__ = [
     "GroupedResidualFSQ",
     "GroupedResidualLFQ",
     "GroupedResidualVQ",
+    "HierarchicalVQ",
     "kmeans",
     "KMeansResult",
     "LatentQuantize",
     "LFQ",
     "nearest_code",
     "QuantizerInputError",
+    "RandomProjectionQuantizer",
     "ResidualFSQ",
     "ResidualLFQ",
+    "ResidualSimVQ",
     "ResidualVQ",
     "sample_code",
     "search_settings",
+    "Sequential",
     "set_search_defaults",
+    "SimVQ",
     "VectorQuantize",
     "VQOutput",
 ]

@@ -1,0 +1,328 @@
+"""SimVQ: a vector quantizer whose codebook is a learned linear map of a frozen random codebook.
+
+Zhu et al., 2024, "Addressing representation collapse in vector quantized models with one
+linear layer" (arXiv 2411.02038). The codes are ``C = frozen · Wᵀ``: the ``(K, d₀)`` frozen
+codebook (Gaussian, scale ``d₀^-1/2``) stays fixed and only the map ``W`` learns, so every
+gradient step moves the whole codebook, not just the codes that were picked, and codes do not
+die.
+
+Per call the implicit codebook is computed once (one matmul), the nearest code is found with
+:func:`vqvae.quantizers.search.nearest_code` (``||c||² - 2 x·cᵀ`` by blocks of ``addmm``), and
+the output, loss and gradients come from one fused autograd function.
+
+Loss, as in the reference library (``vector_quantize_pytorch.SimVQ``)::
+
+    loss = commitment_weight · (mse(sg(x), q) + w_in · mse(x, sg(q)))
+
+with ``w_in = input_to_quantize_commit_loss_weight``. The first term trains the linear map (moves
+codes toward inputs), the second the encoder.
+The output passes no gradient to the codes; its gradient reaches ``x`` by the rotation trick
+(Fifty et al., 2024; the default) or straight through.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .search import DEFAULT_BLOCK_BYTES, nearest_code
+from .vector_quantize import QuantizerInputError, check_input
+
+
+class SimVQOutput(NamedTuple):
+    quantized: Tensor  # x.shape, the code vectors (gradient reaches x by the estimator)
+    indices: Tensor  # x.shape without the feature axis, int64
+    loss: Tensor  # scalar, the weighted commitment + codebook loss
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def check_finite(x: Tensor, what: str = "input") -> None:
+    """Raise :class:`QuantizerInputError` if ``x`` holds NaN or Inf."""
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    raise QuantizerInputError(
+        f"{what} has {int((~finite).sum())} non-finite value(s) (NaN or Inf) out of "
+        f"{x.numel()}; expected finite values. Check the encoder output (learning rate, loss "
+        "scale) before it reaches the quantizer.")
+
+
+def check_indices(indices: object, codebook_size: int) -> Tensor:
+    """``indices`` as int64 after checking it is an integer tensor in ``[0, codebook_size)``."""
+    if not isinstance(indices, Tensor) or indices.dtype.is_floating_point \
+            or indices.dtype.is_complex or indices.dtype == torch.bool:
+        got = f"a tensor of dtype {indices.dtype}" if isinstance(indices, Tensor) \
+            else f"a {type(indices).__name__}"
+        raise QuantizerInputError(f"indices must be an integer tensor, got {got}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= codebook_size):
+        raise QuantizerInputError(
+            f"indices must lie in [0, {codebook_size}), got values in "
+            f"[{int(indices.min())}, {int(indices.max())}]")
+    return indices.long()
+
+
+# the library's norm floor (safe_div): a zero input or code keeps a finite gradient
+NORM_EPS = 1e-6
+
+
+class _Estimator(torch.autograd.Function):
+    """Output ``q`` (exactly) and the loss, with the gradients of the rotation trick or of
+    straight-through, in few passes over the batch.
+
+    ``loss = (commitment + codebook) · mean((x - q)²)`` from one ``x - q``, whose gradient is
+    ``2 · commitment / n · (x - q)`` for ``x`` and ``-2 · codebook / n · (x - q)`` for ``q``.
+
+    Rotation trick (Fifty et al., 2024, §4.2): the output is taken as ``λ R x`` with
+    ``R = I - 2 r rᵀ + 2 v uᵀ``, ``u = x̂``, ``v = q̂``, ``r = (u + v) / ||u + v||`` and
+    ``λ = ||q|| / ||x||`` held constant, so ``x`` receives ``λ Rᵀ g``. Written out with
+    per-row scalars ``a = u·g``, ``b = v·g``, ``s² = ||u + v||² = 2 + 2 u·v``::
+
+        λ Rᵀ g = λ g + λ (2b - 2(a + b)/s²) / ||x|| · x - λ 2(a + b)/s² / ||q|| · q
+
+    two row dot products and three fused passes instead of the textbook form's temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor, commitment: float, codebook: float,
+                rotation: bool):
+        diff = x - q  # (N, D)
+        flat = diff.reshape(-1)
+        loss = torch.dot(flat, flat).mul_((commitment + codebook) / flat.numel())
+        ctx.weights = (commitment, codebook)
+        ctx.rotation = rotation
+        if rotation:
+            x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
+            q_norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
+            cos = torch.linalg.vecdot(x, q).unsqueeze(-1) / (x_norm * q_norm)  # u·v, (N, 1)
+            ctx.save_for_backward(diff, x, q, x_norm, q_norm, cos)
+        else:
+            ctx.save_for_backward(diff)
+        return q, loss
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_loss: Tensor):
+        diff, *saved = ctx.saved_tensors
+        commitment, codebook = ctx.weights
+        scale = 2.0 * grad_loss / diff.numel()
+        grad_x = grad_q = None
+        if ctx.needs_input_grad[0]:
+            if ctx.rotation:
+                x, q, x_norm, q_norm, cos = saved
+                ratio = q_norm / x_norm  # λ, (N, 1)
+                a = torch.linalg.vecdot(x, grad_out).unsqueeze(-1) / x_norm
+                b = torch.linalg.vecdot(q, grad_out).unsqueeze(-1) / q_norm
+                # s² = ||u + v||², floored as the library's l2norm floors ||u + v||
+                pull = 2.0 * (a + b) / (2.0 + 2.0 * cos).clamp_(min=NORM_EPS**2)
+                grad_x = torch.mul(grad_out, ratio)
+                grad_x.addcmul_(x, ratio * (2.0 * b - pull) / x_norm)
+                grad_x.addcmul_(q, -ratio * pull / q_norm)
+                grad_x.add_(diff * (scale * commitment)) if commitment else None
+            else:
+                grad_x = torch.add(grad_out, diff * (scale * commitment)) if commitment \
+                    else grad_out
+        if ctx.needs_input_grad[1]:
+            grad_q = diff * (-scale * codebook)
+        return grad_x, grad_q, None, None, None
+
+
+class _LinearCodes(torch.autograd.Function):
+    """Rows ``indices`` of the codebook ``frozen · Wᵀ + b`` (already computed as ``codebook``),
+    with the gradient of ``W`` (and ``b``) from the rows that were picked only.
+
+    Through autograd, the gradient of the gathered rows is scattered into a dense ``(K, dim)``
+    matrix that then meets the whole frozen codebook in ``Wᵀ``'s gradient, though only the codes
+    used by the batch have non-zero rows (about 60% at 1024 codes for 1024 vectors).
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, bias: Tensor | None, frozen: Tensor, codebook: Tensor,
+                 indices: Tensor) -> Tensor:
+        ctx.save_for_backward(frozen, indices)
+        ctx.has_bias = bias is not None
+        return codebook.index_select(0, indices)  # (N, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        frozen, indices = ctx.saved_tensors
+        used, inverse = torch.unique(indices, return_inverse=True)  # (U,), (N,)
+        per_code = grad.new_zeros(used.shape[0], grad.shape[1]).index_add_(0, inverse, grad)
+        grad_weight = per_code.t().mm(frozen.index_select(0, used).to(grad.dtype))  # (dim, d0)
+        grad_bias = per_code.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return grad_weight, grad_bias, None, None, None
+
+
+class SimVQ(nn.Module):
+    """SimVQ quantizer, a drop-in for ``vector_quantize_pytorch.SimVQ``.
+
+    Tensor contract: ``x`` is ``(B, ..., dim)`` channels last, or ``(B, dim, ...)`` with
+    ``channel_first=True`` (image or video feature maps); any floating dtype. The result is
+    ``(quantized, indices, loss)``: ``quantized`` has ``x``'s shape and dtype, ``indices`` is int64
+    of ``x``'s shape without the feature axis, ``loss`` a float32 scalar.
+
+    Args:
+        dim: feature size of the input and of the codes.
+        codebook_size: number of codes K.
+        codebook_transform: module mapping the frozen ``(K, frozen_codebook_dim)`` codebook to the
+            ``(K, dim)`` codes; default ``Linear(frozen_codebook_dim, dim, bias=False)``.
+        init_fn: applied once to the frozen Gaussian codebook at construction.
+        channel_first: the feature axis is axis 1.
+        rotation_trick: gradient to ``x`` by the rotation trick; ``False``: straight-through.
+        input_to_quantize_commit_loss_weight: weight of the term that moves ``x`` toward its code.
+        commitment_weight: weight of the whole loss.
+        frozen_codebook_dim: width of the frozen codebook (default ``dim``).
+        max_search_bytes: memory bound of one block of the distance matrix.
+
+    Differences from the library, on purpose:
+
+    - ``quantized`` equals the code vectors exactly (the library's rotated vector equals them up
+      to rounding), so ``indices_to_codes(indices)`` reproduces it bit for bit; an input row of
+      zeros gets its code (the library returns zeros there).
+    - bf16/fp16 inputs are searched in float32 against the float32 codebook (the library's
+      ``torch.cdist`` refuses mixed dtypes); ``quantized`` comes back in the input's dtype.
+    - ``codebook_dim`` exists (``dim``): the library's ``ResidualSimVQ.codebook_dim`` reads it
+      from its layers, which lack it, and raises ``AttributeError``.
+    - NaN/Inf input raises :class:`QuantizerInputError`.
+    """
+
+    frozen_codebook: Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        codebook_transform: nn.Module | None = None,
+        init_fn: Callable[[Tensor], Tensor] = _identity,
+        channel_first: bool = False,
+        rotation_trick: bool = True,
+        input_to_quantize_commit_loss_weight: float = 0.25,
+        commitment_weight: float = 1.0,
+        frozen_codebook_dim: int | None = None,
+        *,
+        max_search_bytes: int = DEFAULT_BLOCK_BYTES,
+    ):
+        super().__init__()
+        if not (isinstance(dim, int) and dim >= 1):
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not (isinstance(codebook_size, int) and codebook_size >= 1):
+            raise ValueError(f"codebook_size must be a positive int, got {codebook_size!r}")
+        frozen_codebook_dim = dim if frozen_codebook_dim is None else frozen_codebook_dim
+        if not (isinstance(frozen_codebook_dim, int) and frozen_codebook_dim >= 1):
+            raise ValueError(
+                f"frozen_codebook_dim must be a positive int, got {frozen_codebook_dim!r}")
+        if input_to_quantize_commit_loss_weight < 0 or commitment_weight < 0:
+            raise ValueError("input_to_quantize_commit_loss_weight and commitment_weight must "
+                             "be >= 0")
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.codebook_dim = dim
+        self.frozen_codebook_dim = frozen_codebook_dim
+        self.channel_first = channel_first
+        self.rotation_trick = rotation_trick
+        self.input_to_quantize_commit_loss_weight = input_to_quantize_commit_loss_weight
+        self.commitment_weight = commitment_weight
+        self.max_search_bytes = max_search_bytes
+
+        # Gaussian with unit expected row norm: the codes start at the scale of normalised inputs
+        frozen = torch.randn(codebook_size, frozen_codebook_dim) * frozen_codebook_dim ** -0.5
+        self.register_buffer("frozen_codebook", init_fn(frozen))
+        if codebook_transform is None:
+            codebook_transform = nn.Linear(frozen_codebook_dim, dim, bias=False)
+        self.code_transform = codebook_transform
+
+    @property
+    def codebook(self) -> Tensor:
+        """The implicit ``(K, dim)`` codebook, ``code_transform(frozen_codebook)``."""
+        return self.code_transform(self.frozen_codebook)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, codebook_size={self.codebook_size}, "
+                f"frozen_codebook_dim={self.frozen_codebook_dim}, "
+                f"rotation_trick={self.rotation_trick}, channel_first={self.channel_first}")
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: Tensor) -> SimVQOutput:
+        self._check_input(x)
+        h = x.movedim(1, -1) if self.channel_first else x
+        quantized, indices, loss = self.quantize_last(h)
+        if self.channel_first:
+            quantized = quantized.movedim(-1, 1)
+        return SimVQOutput(quantized, indices, loss)
+
+    def quantize_last(self, h: Tensor, codebook: Tensor | None = None) -> SimVQOutput:
+        """Quantize channels-last ``h`` ``(..., dim)``; ``codebook`` if the caller computed it."""
+        shape = h.shape
+        flat = h.reshape(-1, self.dim)  # (N, dim)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()
+        linear = self._plain_linear()
+        if codebook is None:
+            if linear is not None:  # gradient by _LinearCodes; the search needs no graph
+                with torch.no_grad():
+                    codebook = self.codebook
+            else:
+                codebook = self.codebook  # (K, dim)
+        if flat.dtype != codebook.dtype:
+            flat = flat.to(codebook.dtype)
+        if flat.shape[0] == 0:
+            empty = torch.empty(shape[:-1], dtype=torch.long, device=h.device)
+            return SimVQOutput(h.clone(), empty, codebook.sum().float() * 0.0)
+        indices = nearest_code(flat.detach(), codebook.detach(),
+                               max_block_bytes=self.max_search_bytes)  # (N,)
+        if linear is not None and not codebook.requires_grad:
+            q = _LinearCodes.apply(linear.weight, linear.bias, self.frozen_codebook, codebook,
+                                   indices)
+        else:
+            q = codebook.index_select(0, indices)  # (N, dim)
+        weight = float(self.commitment_weight)
+        out, loss = _Estimator.apply(
+            flat, q, weight * float(self.input_to_quantize_commit_loss_weight), weight,
+            bool(self.rotation_trick))
+        # NaN/Inf in the input makes the loss non-finite: one scalar check finds it
+        if not math.isfinite(loss.item()):
+            check_finite(h)
+        return SimVQOutput(out.reshape(shape).to(h.dtype), indices.reshape(shape[:-1]),
+                           loss.float())
+
+    def _plain_linear(self) -> nn.Linear | None:
+        """The transform when it is a plain ``nn.Linear`` (the default) and autograd is on."""
+        transform = self.code_transform
+        if type(transform) is nn.Linear and torch.is_grad_enabled() \
+                and not self.frozen_codebook.requires_grad \
+                and not torch.is_autocast_enabled(self.frozen_codebook.device.type):
+            return transform
+        return None
+
+    # ------------------------------------------------------------------ decode
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """Code vectors for ``indices`` (any shape): ``(*indices.shape, dim)``, or channel-first
+        ``(B, dim, ...)`` with ``channel_first=True``. Equal to ``quantized`` of the call that
+        produced ``indices``."""
+        indices = check_indices(indices, self.codebook_size)
+        # the whole codebook, as forward computes it: a transform of only the rows asked for
+        # could round differently (other matmul blocking)
+        codes = self.codebook[indices]
+        if self.channel_first and codes.ndim >= 2:
+            codes = codes.movedim(-1, 1)
+        return codes
+
+    decode = indices_to_codes
+    get_output_from_indices = indices_to_codes
+
+    def _check_input(self, x: Tensor) -> None:
+        if self.channel_first:
+            if not isinstance(x, Tensor) or x.ndim < 2:
+                raise QuantizerInputError(
+                    f"channel_first=True expects (B, {self.dim}, ...), got "
+                    f"{'shape ' + str(tuple(x.shape)) if isinstance(x, Tensor) else type(x)}")
+            check_input(x.movedim(1, -1), self.dim)
+        else:
+            check_input(x, self.dim)
