@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .quantizers import (
+    Codebook,
     CodebookUsage,
     GroupedResidualVQ,
     QuantizerInputError,
@@ -20,6 +21,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "Codebook",
     "CodebookUsage",
     "GroupedResidualVQ",
     "QuantizerInputError",

@@ -1,12 +1,16 @@
 """Quantizers: modules that map vectors to discrete codes and back."""
 
+from .checks import QuantizerInputError
+from .codebook import Codebook, CodeStatistics
 from .kmeans import KMeansResult, kmeans
 from .metrics import CodebookUsage, code_counts, codebook_usage
 from .residual import GroupedResidualVQ, ResidualVQ
 from .search import nearest_code, sample_code, search_settings, set_search_defaults
-from .vector_quantize import QuantizerInputError, VectorQuantize, VQOutput
+from .vector_quantize import VectorQuantize, VQOutput
 
 __all__ = [
+    "CodeStatistics",
+    "Codebook",
     "CodebookUsage",
     "GroupedResidualVQ",
     "KMeansResult",
