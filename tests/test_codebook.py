@@ -13,7 +13,7 @@ from conftest import assert_state_equal, state
 from vqvae import Codebook, GroupedResidualVQ, QuantizerInputError, ResidualVQ, VectorQuantize
 from vqvae.quantizers import cpu_kernel, kmeans
 from vqvae.quantizers.estimators import quantize
-from vqvae.quantizers.search import search_settings
+from vqvae.quantizers.search import code_distances, search_settings
 
 BACKENDS = ["torch", pytest.param("c", marks=pytest.mark.skipif(
     not cpu_kernel.available(), reason="C kernels not built"))]
@@ -44,6 +44,17 @@ def test_search_matches_float64_cdist(backend, n, k, d):
                                distances[rows, expected.numpy()], rtol=1e-6)
     assert (indices == expected).float().mean() > 0.99
     assert indices.dtype == torch.int64 and indices.shape == (n,)
+
+
+def test_code_distances_are_the_squared_distances_less_what_is_asked():
+    torch.manual_seed(15)
+    x, codes = torch.randn(9, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    x_sq, code_sq = x.pow(2).sum(-1), codes.pow(2).sum(-1)
+    expected = numpy_distances(x.numpy(), codes.numpy())
+    full = code_distances(x, codes, x_sq[:, None] + code_sq)
+    np.testing.assert_allclose(full.numpy(), expected, rtol=1e-12, atol=1e-12)
+    partial = code_distances(x, codes, code_sq)  # argmin's form: without the row constant
+    np.testing.assert_allclose(partial.numpy(), expected - x_sq.numpy()[:, None], atol=1e-12)
 
 
 def test_search_with_zero_temperature_is_nearest_and_sampling_follows_distance():
@@ -401,6 +412,27 @@ def test_quantize_backward_equals_textbook_for_both_inputs():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-14, atol=0)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------- composition
+
+
+def test_residual_layers_use_their_codebooks_and_quantize_takes_a_depth():
+    torch.manual_seed(16)
+    rvq = ResidualVQ(4, 8, 3).eval()
+    assert all(isinstance(rvq.layer_at(d).book, Codebook) for d in range(3))
+    x = torch.randn(10, 4)
+    quantized, indices, _ = rvq.quantize(x, 2)
+    assert (indices[:, 2] == -1).all()
+    # depth by depth with the codebooks alone: search the residual, subtract its code
+    residual, total = x, torch.zeros_like(x)
+    for depth in range(2):
+        book = rvq.layer_at(depth).book
+        index = book.search(residual)
+        assert torch.equal(index, indices[:, depth])
+        code = book.lookup(index).detach()
+        total, residual = total + code, residual - code
+    torch.testing.assert_close(quantized, total, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- checkpoints
