@@ -433,6 +433,8 @@ def test_residual_layers_use_their_codebooks_and_quantize_takes_a_depth():
         code = book.lookup(index).detach()
         total, residual = total + code, residual - code
     torch.testing.assert_close(quantized, total, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="active must be"):
+        rvq.quantize(x, 4)
 
 
 # ---------------------------------------------------------------------------- checkpoints

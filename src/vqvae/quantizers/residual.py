@@ -185,6 +185,9 @@ class ResidualVQ(nn.Module):
         """:meth:`forward` with the first ``active`` layers (``1 <= active <= num_quantizers``)
         instead of a number drawn by :meth:`active_layers`."""
         check_input(x, self.dim)
+        if not (isinstance(active, int) and 1 <= active <= self.num_quantizers):
+            raise ValueError(f"active must be an int in [1, num_quantizers="
+                             f"{self.num_quantizers}], got {active!r}")
         shape = x.shape
         flat = x.reshape(-1, self.dim)  # (N, dim)
         if flat.shape[0] == 0:
