@@ -3,10 +3,15 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .quantizers import (
+    FSP,
+    FSQ,
     Codebook,
     CodebookUsage,
+    GroupedResidualFSQ,
     GroupedResidualVQ,
+    LatentQuantize,
     QuantizerInputError,
+    ResidualFSQ,
     ResidualVQ,
     VectorQuantize,
     VQOutput,
@@ -23,8 +28,13 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 __all__ = [
     "Codebook",
     "CodebookUsage",
+    "FSP",
+    "FSQ",
+    "GroupedResidualFSQ",
     "GroupedResidualVQ",
+    "LatentQuantize",
     "QuantizerInputError",
+    "ResidualFSQ",
     "ResidualVQ",
     "VQOutput",
     "VectorQuantize",
