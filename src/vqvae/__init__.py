@@ -7,6 +7,7 @@ from .quantizers import (
     FSQ,
     LFQ,
     BinaryMapper,
+    Codebook,
     CodebookUsage,
     EvoLFQ,
     GroupedResidualFSQ,
@@ -37,6 +38,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 __all__ = [
     "__version__",
     "BinaryMapper",
+    "Codebook",
     "codebook_usage",
     "CodebookUsage",
     "EvoLFQ",

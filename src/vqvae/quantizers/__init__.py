@@ -1,6 +1,8 @@
 """Quantizers: modules that map vectors to discrete codes and back."""
 
 from .binary_mapper import BinaryMapper
+from .checks import QuantizerInputError
+from .codebook import Codebook, CodeStatistics
 from .evo_lfq import EvoLFQ
 from .fsp import FSP
 from .fsq import FSQ
@@ -17,13 +19,15 @@ from .residual_simvq import ResidualSimVQ
 from .search import nearest_code, sample_code, search_settings, set_search_defaults
 from .sequential import Sequential
 from .simvq import SimVQ
-from .vector_quantize import QuantizerInputError, VectorQuantize, VQOutput
+from .vector_quantize import VectorQuantize, VQOutput
 
 __all__ = [
     "BinaryMapper",
     "code_counts",
+    "Codebook",
     "codebook_usage",
     "CodebookUsage",
+    "CodeStatistics",
     "EvoLFQ",
     "FSP",
     "FSQ",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .search import DEFAULT_BLOCK_BYTES, distance_dtype, nearest_code
+from .search import DEFAULT_BLOCK_BYTES, code_distances, distance_dtype, nearest_code
 
 
 def noop(tensor: Tensor) -> Tensor:
@@ -57,7 +57,7 @@ def kmeans_plus_plus(x: Tensor, num_clusters: int, generator: torch.Generator | 
     chosen = 1
     while chosen < num_clusters:
         new = seeds[-1]  # (m, D)
-        dist_sq = torch.addmm(x_sq.unsqueeze(-1) + new.pow(2).sum(-1), x, new.t(), alpha=-2.0)
+        dist_sq = code_distances(x, new, x_sq.unsqueeze(-1) + new.pow(2).sum(-1))  # (N, m)
         torch.minimum(nearest_sq, dist_sq.amin(dim=-1).clamp_(min=0), out=nearest_sq)
         # Fewer distinct rows than clusters: once every row is a seed, any row will do
         weights = nearest_sq if float(nearest_sq.sum()) > 0 else torch.ones_like(nearest_sq)

@@ -25,15 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
+from .checks import QuantizerInputError, check_finite, check_input, describe, require
+from .codebook import CodeStatistics
 from .estimators import quantize_residual
-from .vector_quantize import (
-    QuantizerInputError,
-    VectorQuantize,
-    VQOutput,
-    _describe,
-    _require,
-    check_input,
-)
+from .vector_quantize import VectorQuantize, VQOutput
 
 #: Options of :class:`VectorQuantize` that a residual quantizer passes to its layers.
 LAYER_OPTIONS = frozenset({
@@ -73,7 +68,8 @@ class ResidualVQ(nn.Module):
         codebook_size: codes per codebook.
         num_quantizers: layers (depths). Each has its own codebook unless ``shared_codebook``.
         shared_codebook: one codebook for every depth (RQ-VAE). It is one tensor, held by one
-            :class:`VectorQuantize`; with an EMA codebook the statistics of all depths are added
+            :class:`VectorQuantize` (its :class:`~vqvae.quantizers.codebook.Codebook`); with an
+            EMA codebook the statistics of all depths are added
             up and the codebook is updated once per training call, after every depth has
             searched it. k-means initialisation (if enabled) runs on the first depth's input, the
             only vectors there are before any code exists; dead codes are restarted from the
@@ -116,21 +112,21 @@ class ResidualVQ(nn.Module):
         **layer_options,
     ):
         super().__init__()
-        _require(isinstance(dim, int) and dim >= 1, f"dim must be a positive int, got {dim!r}")
-        _require(isinstance(num_quantizers, int) and num_quantizers >= 1,
+        require(isinstance(dim, int) and dim >= 1, f"dim must be a positive int, got {dim!r}")
+        require(isinstance(num_quantizers, int) and num_quantizers >= 1,
                  f"num_quantizers must be a positive int, got {num_quantizers!r}")
-        _require(isinstance(quantize_dropout_min_layers, int)
+        require(isinstance(quantize_dropout_min_layers, int)
                  and 1 <= quantize_dropout_min_layers <= num_quantizers,
                  f"quantize_dropout_min_layers must be an int in [1, num_quantizers="
                  f"{num_quantizers}], got {quantize_dropout_min_layers!r}")
-        _require(codebook_dim is None or (isinstance(codebook_dim, int) and codebook_dim >= 1),
+        require(codebook_dim is None or (isinstance(codebook_dim, int) and codebook_dim >= 1),
                  f"codebook_dim must be None or a positive int, got {codebook_dim!r}")
-        _require(not layer_options.get("use_cosine_sim", False),
+        require(not layer_options.get("use_cosine_sim", False),
                  "use_cosine_sim is not supported by residual quantizers: each depth would "
                  "quantize the direction of its residual and lose the norm the next depth needs")
         layer_options.pop("use_cosine_sim", None)
         unknown = sorted(set(layer_options) - LAYER_OPTIONS)
-        _require(not unknown, f"unknown option(s) {unknown}; a residual quantizer takes "
+        require(not unknown, f"unknown option(s) {unknown}; a residual quantizer takes "
                               f"shared_codebook, quantize_dropout, quantize_dropout_min_layers, "
                               f"codebook_dim and the layer options {sorted(LAYER_OPTIONS)}")
 
@@ -171,9 +167,9 @@ class ResidualVQ(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: Tensor) -> VQOutput:
-        return self._quantize(x, self._draw_active_layers())
+        return self.quantize(x, self.active_layers())
 
-    def _draw_active_layers(self) -> int:
+    def active_layers(self) -> int:
         """How many layers this call uses: all of them, or a random number under dropout."""
         if not (self.training and self.quantize_dropout):
             return self.num_quantizers
@@ -185,8 +181,13 @@ class ResidualVQ(nn.Module):
             active = distributed.broadcast(active.to(first.codebook.device), src=0)
         return int(active)
 
-    def _quantize(self, x: Tensor, active: int) -> VQOutput:
+    def quantize(self, x: Tensor, active: int) -> VQOutput:
+        """:meth:`forward` with the first ``active`` layers (``1 <= active <= num_quantizers``)
+        instead of a number drawn by :meth:`active_layers`."""
         check_input(x, self.dim)
+        if not (isinstance(active, int) and 1 <= active <= self.num_quantizers):
+            raise ValueError(f"active must be an int in [1, num_quantizers="
+                             f"{self.num_quantizers}], got {active!r}")
         shape = x.shape
         flat = x.reshape(-1, self.dim)  # (N, dim)
         if flat.shape[0] == 0:
@@ -195,8 +196,8 @@ class ResidualVQ(nn.Module):
             return VQOutput(x.clone(), empty, x.sum().float() * 0.0)
 
         h = self.project_in(flat)  # (N, codebook_dim)
-        h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
         first = self.layers[0]
+        h = first.book.prepare(h)  # float32 from half precision (cosine search is refused)
         training = self.training
         grad_to_input = torch.is_grad_enabled() and h.requires_grad
         commitment_grad = grad_to_input and first.commitment_weight > 0
@@ -207,29 +208,28 @@ class ResidualVQ(nn.Module):
 
         codes: list[Tensor] = []  # (N,) per depth
         inputs: list[Tensor] = []  # (N, codebook_dim) residual each depth quantized
-        shared_stats: list[Tensor] | None = None  # summed (counts, sums) of all depths
+        shared_stats: CodeStatistics | None = None  # summed over all depths
         with torch.no_grad():
             residual = h.detach()
             q_sum = residual_sum = sq_sum = None
             for depth in range(active):
                 layer = self.layer_at(depth)
-                if training and layer.kmeans_init and not bool(layer.initialized):
-                    layer._check_finite(residual)
-                    layer._initialize_from(residual)
-                index = layer._search(residual)  # (N,)
-                q = F.embedding(index, layer.codebook.detach()).to(residual.dtype)
+                book = layer.book
+                if training and book.kmeans_pending:
+                    book.initialize(residual)
+                index = book.search(residual, temperature=layer.search_temperature)  # (N,)
+                q = book.lookup(index).to(residual.dtype)
                 next_residual = residual - q
                 flat_next = next_residual.reshape(-1)
                 sq = torch.dot(flat_next, flat_next)  # ||r_{l+1}||², the layer's loss · numel
                 if depth == 0 and not bool(torch.isfinite(sq)):
-                    layer._check_finite(h)  # raises before any codebook update
+                    check_finite(h)  # raises before any codebook update
                 if training:
-                    stats = layer._code_statistics(residual, index) if layer.is_ema else None
+                    stats = book.statistics(residual, index) if book.is_ema else None
                     if not self.shared_codebook:
-                        layer._update_codebook(stats, residual)
+                        book.update(stats, residual)
                     elif stats is not None:
-                        shared_stats = stats if shared_stats is None else \
-                            [a.add_(b) for a, b in zip(shared_stats, stats, strict=True)]
+                        shared_stats = stats if shared_stats is None else shared_stats.add_(stats)
                 codes.append(index)
                 if keep_inputs:
                     inputs.append(residual)
@@ -243,7 +243,7 @@ class ResidualVQ(nn.Module):
 
             if training and self.shared_codebook:
                 # one update of the one codebook, from the statistics of every depth
-                first._update_codebook(shared_stats, lambda: torch.cat(inputs))
+                first.book.update(shared_stats, lambda: torch.cat(inputs))
 
         weight = first.commitment_weight / active  # the mean over the layers used
         if grad_to_input:
@@ -271,8 +271,7 @@ class ResidualVQ(nn.Module):
         """``Σ_l mse(sg(r_l), q_l)``: moves each learnable code toward the residuals it got."""
         if not (torch.is_grad_enabled() and self.layers[0].codebook.requires_grad):
             return sq_sum / inputs[0].numel()  # the same value, without building a graph
-        terms = [F.mse_loss(F.embedding(index, self.layer_at(depth).codebook), residual,
-                            reduction="sum")
+        terms = [F.mse_loss(self.layer_at(depth).book.lookup(index), residual, reduction="sum")
                  for depth, (index, residual) in enumerate(zip(codes, inputs, strict=True))]
         return torch.stack(terms).sum() / inputs[0].numel()
 
@@ -320,12 +319,12 @@ class ResidualVQ(nn.Module):
         codes = []
         for depth in range(depth_count):
             index = indices[..., depth]
-            codebook = self.layer_at(depth).codebook
+            book = self.layer_at(depth).book
             if dropped:
-                code = F.embedding(index.clamp(min=0), codebook)
+                code = book.lookup(index.clamp(min=0))
                 codes.append(code.masked_fill((index < 0).unsqueeze(-1), 0.0))
             else:
-                codes.append(F.embedding(index, codebook))
+                codes.append(book.lookup(index))
         return codes
 
 
@@ -347,9 +346,9 @@ class GroupedResidualVQ(nn.Module):
     def __init__(self, dim: int, codebook_size: int, num_quantizers: int, *, groups: int,
                  **residual_options):
         super().__init__()
-        _require(isinstance(groups, int) and groups >= 1,
+        require(isinstance(groups, int) and groups >= 1,
                  f"groups must be a positive int, got {groups!r}")
-        _require(isinstance(dim, int) and dim >= 1 and dim % groups == 0,
+        require(isinstance(dim, int) and dim >= 1 and dim % groups == 0,
                  f"dim={dim!r} must be a positive multiple of groups={groups}")
         self.dim = dim
         self.groups = groups
@@ -367,9 +366,9 @@ class GroupedResidualVQ(nn.Module):
         check_input(x, self.dim)
         if self.training and self.groups > 1 and x.numel() and not bool(torch.isfinite(x).all()):
             # checked here, not per group: an earlier group would already have updated
-            VectorQuantize._check_finite(x)
-        active = self.rvqs[0]._draw_active_layers()
-        outs = [rvq._quantize(part, active)
+            check_finite(x)
+        active = self.rvqs[0].active_layers()
+        outs = [rvq.quantize(part, active)
                 for rvq, part in zip(self.rvqs, x.split(self.group_dim, dim=-1), strict=True)]
         quantized = torch.cat([out.quantized for out in outs], dim=-1)
         indices = torch.stack([out.indices for out in outs], dim=-2)  # (..., G, L)
@@ -405,7 +404,7 @@ def _check_indices(indices: object, codebook_size: int, layout: str) -> None:
     if not isinstance(indices, Tensor) or indices.dtype.is_floating_point \
             or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise QuantizerInputError(
-            f"indices must be an integer tensor of shape {layout}, got {_describe(indices)}")
+            f"indices must be an integer tensor of shape {layout}, got {describe(indices)}")
     if indices.ndim < 1:
         raise QuantizerInputError(f"indices must have shape {layout}, got a 0-d tensor")
     if indices.numel() and (int(indices.min()) < DROPPED

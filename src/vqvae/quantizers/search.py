@@ -74,6 +74,18 @@ def distance_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def code_distances(x: Tensor, codebook: Tensor, offset: Tensor) -> Tensor:
+    """``offset - 2 x·cᵀ`` for every row ``x`` ``(N, D)`` and code ``c`` ``(K, D)``: ``(N, K)``.
+
+    The one place the distance of the torch paths is written. With ``offset = ||c||²`` ``(K,)``
+    it is the squared Euclidean distance less the row constant ``||x||²``, all an argmin needs;
+    with ``offset = ||x||² + ||c||²`` ``(N, K)`` it is the squared distance itself. One
+    ``addmm``: the matmul adds into the offset without a temporary. (The C and Triton kernels
+    compute the same expression tile by tile.)
+    """
+    return torch.addmm(offset, x, codebook.t(), alpha=-2.0)
+
+
 def _row_blocks(num_rows: int, codebook_size: int, itemsize: int, max_block_bytes: int):
     rows = max(1, max_block_bytes // max(1, codebook_size * itemsize))
     for start in range(0, num_rows, rows):
@@ -207,13 +219,17 @@ def nearest_code(
     Args:
         x: ``(N, D)`` vectors.
         codebook: ``(K, D)`` codes.
-        max_block_bytes: upper bound on the memory of one block of distances (chunked path;
-            the fused kernel never holds more than one tile).
-        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: the arithmetic of the fused kernel's
-            distance matmul. All three return the float32 answer up to float32 near-ties (the
+        max_block_bytes: upper bound on the memory of one block of distances (chunked
+            ``addmm`` path; the Triton and C kernels never hold more than one tile).
+        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: the arithmetic of the Triton
+            kernel's distance matmul (the other paths compute in float32, or float64 for
+            float64 input). All three return the float32 answer up to float32 near-ties (the
             low-precision modes re-check their close calls in float32). Default: see
             :func:`search_defaults`.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (module docstring).
+        backend: ``"auto"`` (Triton for CUDA tensors when it is installed, the C kernel for
+            float32 CPU vectors of up to ``cpu_kernel.MAX_DIM`` dimensions when it builds, the
+            chunked ``addmm`` otherwise), ``"torch"``, ``"c"`` or ``"triton"``; see the module
+            docstring. Default: see :func:`search_defaults`.
 
     Returns:
         ``(N,)`` int64 indices, equal to ``torch.cdist(x, codebook).argmin(-1)`` up to ties.
@@ -253,12 +269,11 @@ def nearest_code(
     blocks = list(_row_blocks(x.shape[0], codebook.shape[0], x.dtype.itemsize, max_block_bytes))
     if len(blocks) == 1:
         # (N, K) = ||c||² - 2 x·cᵀ, the squared distance less the row constant ||x||²
-        out = row_argmin(torch.addmm(code_sq, x, codebook.t(), alpha=-2.0))
+        out = row_argmin(code_distances(x, codebook, code_sq))
     else:
         out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
         for start, stop in blocks:
-            out[start:stop] = row_argmin(
-                torch.addmm(code_sq, x[start:stop], codebook.t(), alpha=-2.0))
+            out[start:stop] = row_argmin(code_distances(x[start:stop], codebook, code_sq))
     # a padding code wins only for rows whose distances are all NaN or infinite
     return out.clamp_(max=num_codes - 1) if padding else out
 
@@ -319,8 +334,8 @@ def sample_code(
     tiny = torch.finfo(x.dtype).tiny
     for start, stop in _row_blocks(x.shape[0], codebook.shape[0], x.dtype.itemsize,
                                    max_block_bytes):
-        sq = torch.addmm(code_sq, x[start:stop], codebook.t(), alpha=-2.0)
-        distance = sq.add_(x_sq[start:stop]).clamp_(min=0).sqrt_()  # (rows, K)
+        sq = code_distances(x[start:stop], codebook, code_sq).add_(x_sq[start:stop])
+        distance = sq.clamp_(min=0).sqrt_()  # (rows, K)
         uniform = torch.rand(distance.shape, generator=generator, dtype=x.dtype,
                              device=x.device)
         gumbel = uniform.clamp_(min=tiny).log_().neg_().log_().neg_()

@@ -1,0 +1,58 @@
+"""Input checks shared by the quantizers, and the error they raise.
+
+Kept apart from the modules that use them so that :mod:`.codebook` and the quantizers built on it
+raise one error type with one wording.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class QuantizerInputError(ValueError, TypeError):
+    """Input a quantizer cannot take: wrong shape, dtype or non-finite values.
+
+    A ``ValueError`` and a ``TypeError`` at once, so either ``except`` catches it.
+    """
+
+
+def check_input(x: object, dim: int) -> None:
+    """Raise :class:`QuantizerInputError` unless ``x`` is a floating tensor ``(..., dim)``."""
+    if not isinstance(x, Tensor):
+        raise QuantizerInputError(f"expected a torch.Tensor, got {describe(x)}")
+    if not x.dtype.is_floating_point:
+        raise QuantizerInputError(
+            f"expected a floating-point tensor (float16/bfloat16/float32/float64), "
+            f"got dtype {x.dtype}")
+    if x.ndim < 1:
+        raise QuantizerInputError(
+            f"expected a tensor of shape (..., {dim}) with at least one dimension, "
+            "got a 0-d tensor")
+    if x.shape[-1] != dim:
+        raise QuantizerInputError(
+            f"expected the last dimension to be dim={dim} (channels last, "
+            f"(..., {dim})), got shape {tuple(x.shape)}")
+
+
+def check_finite(x: Tensor) -> None:
+    """Raise :class:`QuantizerInputError` if ``x`` holds a NaN or an Inf."""
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    raise QuantizerInputError(
+        f"input has {int((~finite).sum())} non-finite value(s) (NaN or Inf) out of "
+        f"{x.numel()}; the codebook was not updated. Check the encoder output (learning "
+        "rate, loss scale) before it reaches the quantizer.")
+
+
+def require(condition: bool, message: str) -> None:
+    """A constructor argument check: ``ValueError(message)`` unless ``condition``."""
+    if not condition:
+        raise ValueError(message)
+
+
+def describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
