@@ -198,3 +198,10 @@ def test_a_class_without_a_config_type_is_told_what_it_needs(tmp_path):
 
     with pytest.raises(TypeError, match="config_class"):
         Bare._config_type()
+
+
+def test_a_config_json_that_is_not_an_object_is_refused(tmp_path):
+    (tmp_path / CONFIG_NAME).write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        VQVAE(ModelConfig(codebook_size=64)).save_pretrained(tmp_path)
+    assert not (tmp_path / WEIGHTS_NAME).exists()

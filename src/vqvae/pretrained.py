@@ -100,6 +100,9 @@ class PretrainedMixin:
         values: dict[str, Any] = {}
         if config_path.is_file():
             values = json.loads(config_path.read_text())
+            if not isinstance(values, dict):
+                raise ValueError(f"{config_path} is not a JSON object; save into an empty "
+                                 f"directory or a run directory")
             existing = values.get(CONFIG_KEY)
             if existing is not None and existing != model_config:
                 raise ValueError(f"{config_path} describes another model "
