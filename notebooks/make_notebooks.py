@@ -377,10 +377,13 @@ results["hand-written"]
 """),
     code('show_model(hand_model, "hand-written layer")'),
     md("""
-Look at *codes used*: most of the 512 entries are never chosen. An entry that is never the
-nearest gets no gradient from either loss, so it stays where `torch.rand` put it, while the few
-entries near the encoder's outputs do all the work. The reconstructions are blurry for that
-reason: the model has far fewer than 512 symbols to say things with.
+Look at *codes used*: with the course's settings this layer ends up choosing only a handful of
+the 512 entries (8 in a full-budget run), and the reconstructions show it: every input comes
+back close to one average digit. An entry that is never the nearest gets no gradient from
+either loss, so it stays where `torch.rand` put it. The untrained encoder's outputs all lie
+within about 0.2 of zero, while the entries are spread over [0, 1)^16: the few entries nearest
+the origin win the first batches and then do all the work, and 16 positions × a few symbols
+cannot say which digit it was.
 
 ### Training with `vqvae.VectorQuantize`
 
