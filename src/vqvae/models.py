@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .pretrained import PretrainedMixin
 from .quantizers import GroupedResidualVQ, ResidualVQ, VectorQuantize, VQOutput
 from .quantizers.course import CourseVectorQuantize
 
@@ -381,7 +382,7 @@ class ConvDecoder(nn.Module):
 MODELS = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
 
 
-class VQVAE(nn.Module):
+class VQVAE(PretrainedMixin, nn.Module):
     """Encoder → quantizer → decoder. Images are ``(B, 1, H, W)`` floats in [0, 1]."""
 
     def __init__(self, config: ModelConfig):
