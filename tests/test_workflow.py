@@ -14,7 +14,8 @@ from conftest import requires_mnist
 
 from vqvae.cli import main
 from vqvae.models import VQVAE, ModelConfig
-from vqvae.train import TrainConfig, load_checkpoint, load_model, train
+from vqvae.rundir import load_checkpoint, load_model
+from vqvae.train import TrainConfig, train
 from vqvae.workflow import load_codes, reconstruct, write_run_figures
 
 pytestmark = requires_mnist
@@ -66,6 +67,7 @@ def test_figures_are_real_images(tiny_run):
     assert width > 2 * height  # a wide figure of two rows of ten digits, not squashed
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, tiny_run):
     # --compile: torch.compile'd encoder and decoder, same seed and data order as tiny_run
     config = TrainConfig(epochs=2, out_dir=str(tmp_path / "compiled"), compile=True, **QUICK)
@@ -85,6 +87,7 @@ def _run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     """A run SIGKILLed right after epoch 1's checkpoint, then resumed, ends bit-identical."""
     args = "train --epochs 3 --train-subset 1200 --test-subset 200 --batch-size 100 --no-progress"

@@ -19,10 +19,9 @@ download never leaves a partial file behind).
 from __future__ import annotations
 
 import gzip
-import hashlib
+import io
 import os
 import struct
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from .rundir import atomic_write_bytes, sha256_bytes, user_cache_dir
 
 
 class DatasetError(RuntimeError):
@@ -149,11 +150,6 @@ def read_file_bytes(path: Path) -> bytes:
 # ---------------------------------------------------------------------------- finding files
 
 
-def user_cache_dir(dataset: str) -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vqvae" / dataset
-
-
 def candidate_dirs(spec: DatasetSpec, data_dir: str | os.PathLike | None) -> list[Path]:
     dirs = []
     if data_dir is not None:
@@ -177,13 +173,9 @@ def _find_file(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def sha256_hex(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()
-
-
 def load_verified(path: Path, expected_sha256: str) -> np.ndarray:
     raw = read_file_bytes(path)
-    digest = sha256_hex(raw)
+    digest = sha256_bytes(raw)
     if digest != expected_sha256:
         raise DatasetError(
             f"{path} failed verification: the SHA-256 of its content is {digest}, expected "
@@ -207,25 +199,23 @@ def find_dataset_dir(spec: DatasetSpec, data_dir=None) -> Path | None:
 def _download_one(url: str, destination: Path, expected_sha256: str, progress: bool) -> None:
     from tqdm import tqdm
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=destination.name + ".", suffix=".part",
-                                    dir=destination.parent)
-    tmp = Path(tmp_name)
+    out = io.BytesIO()  # the files are megabytes: verified in memory, then written atomically
+    with urllib.request.urlopen(url, timeout=30) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name,
+                  disable=not progress, leave=False) as bar:
+            while chunk := response.read(1 << 16):
+                out.write(chunk)
+                bar.update(len(chunk))
+    payload = out.getvalue()
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name,
-                      disable=not progress, leave=False) as bar:
-                while chunk := response.read(1 << 16):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        raw = read_file_bytes(tmp)
-        if sha256_hex(raw) != expected_sha256:
-            raise DatasetError(f"{url}: downloaded content does not match its known SHA-256")
-        parse_idx(raw, url)
-        os.replace(tmp, destination)
-    finally:
-        tmp.unlink(missing_ok=True)
+        raw = gzip.decompress(payload) if payload[:2] == b"\x1f\x8b" else payload
+    except (OSError, EOFError) as error:
+        raise DatasetError(f"{url}: downloaded content cannot be read ({error})") from error
+    if sha256_bytes(raw) != expected_sha256:
+        raise DatasetError(f"{url}: downloaded content does not match its known SHA-256")
+    parse_idx(raw, url)
+    atomic_write_bytes(destination, payload)
 
 
 def download(spec: DatasetSpec, directory: Path, progress: bool = True) -> None:

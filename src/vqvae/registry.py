@@ -126,7 +126,9 @@ def names(listed_only: bool = True) -> list[str]:
 
 
 def entries(listed_only: bool = True) -> list[QuantizerEntry]:
-    return [_ENTRIES[n] for n in names(listed_only)]
+    """Registered entries in the order they were registered."""
+    _load_builtins()
+    return [e for e in _ENTRIES.values() if e.listed or not listed_only]
 
 
 def takers(setting: str) -> list[str]:

@@ -9,7 +9,7 @@
 The library modules (models, train, prior, judge) never import this package.
 """
 
-from .codes import load_codes, read_png_images, save_codes, write_png_images
+from .codes import load_codes, read_png_images, save_codes, save_images, write_png_images
 from .judge_run import SamplingOptions, judge_run, write_judge_report
 from .prior_run import (
     PRIOR_CHECKPOINT,
@@ -51,6 +51,7 @@ __all__ = [
     "reconstruct",
     "run_codes",
     "save_codes",
+    "save_images",
     "train_run_prior",
     "write_judge_report",
     "write_png_images",

@@ -90,3 +90,16 @@ def load_codes(path: Path, config: ModelConfig) -> tuple[Tensor, list[str]]:
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= config.vocab_size):
         raise ValueError(f"{path}: codes must lie in [0, {config.vocab_size})")
     return codes, sources
+
+
+def save_images(images: Tensor, out: Path, columns: int = 8, title: str | None = None) -> Path:
+    """``out`` ending in ``.npy``: an ``(N, H, W)`` float32 array in [0, 1]; otherwise an image
+    grid of ``columns`` columns."""
+    from .. import plots
+
+    out = Path(out)
+    if out.suffix == ".npy":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, images[:, 0].float().cpu().numpy())
+        return out
+    return plots.image_grid(images, out, columns=columns, title=title)
