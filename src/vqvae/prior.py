@@ -75,7 +75,7 @@ class PriorConfig:
     heads: int = 4
     mlp_ratio: int = 4
     # No dropout: with 60,000 sequences and a few epochs the prior underfits (train NLL stays
-    # above held-out), and dropout costs ~15% of a CPU step.
+    # above held-out), and dropout costs time on every step (README, "Development").
     dropout: float = 0.0
     label_dropout: float = 0.1  # training sequences whose label is replaced by the null label
 
@@ -135,7 +135,7 @@ class SelfAttention(nn.Module):
             cache.keys[layer][:, :, cache.length] = k[:, :, 0]
             cache.values[layer][:, :, cache.length] = v[:, :, 0]
             k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
-            # one query: plain matmuls beat the fused kernel here (~25% on CPU)
+            # one query: plain matmuls beat the fused kernel here on CPU (README, "Development")
             scores = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5  # (B, H, 1, T)
             out = torch.softmax(scores, -1) @ v
         out = out.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
@@ -357,8 +357,8 @@ class PriorTrainConfig:
     warmup_fraction: float = 0.05
     seed: int = 0
     # "bf16" runs the forward pass under autocast; "auto" picks it where the CPU has native
-    # bf16 dot products (or on CUDA): on this project's AVX512-BF16 machine it halves the time
-    # of a training step. Evaluation and sampling stay float32.
+    # bf16 dot products (or on CUDA), where it is much faster (README, "Development").
+    # Evaluation and sampling stay float32.
     precision: str = "auto"
     device: str = "cpu"
     train_subset: int | None = None  # first N training sequences (quick runs and tests)

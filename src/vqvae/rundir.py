@@ -105,7 +105,8 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     """Whether ``precision`` means bf16 autocast on ``device``.
 
     ``"auto"`` picks bf16 where matrix products run natively in bf16: CUDA devices that support
-    it, and CPUs with AVX512-BF16 or AMX (oneDNN's check); see the README for what it gains.
+    it, and CPUs with AVX512-BF16 or AMX (oneDNN's check); README, "Development", says what it
+    gains.
     """
     if precision != "auto":
         return precision == "bf16"

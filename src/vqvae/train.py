@@ -65,7 +65,7 @@ class TrainConfig:
     precision: str = "auto"
     # torch.compile the encoder and decoder (the quantizer stays eager: its updates depend on
     # the data). Costs seconds of compilation at the start and is for GPUs, where it fuses the
-    # small kernels; on small CPUs it made the step slower (README, "Speed").
+    # small kernels; on small CPUs it made the step slower (README, "GPU").
     compile: bool = False
     train_subset: int | None = None  # first N training images (quick runs and tests)
     test_subset: int | None = None
