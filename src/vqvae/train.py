@@ -268,6 +268,7 @@ def train_epoch(model, optimizer, data: Data, config: TrainConfig, epoch: int,
     order = epoch_permutation(config.seed, epoch, n, device)
     sums = torch.zeros(3, device=device)  # loss, recon, vq: summed on device, read once
     counts = new_code_counts(vqvae.config, device)  # (codebooks per position, K)
+    vocab, codebook_dims = vqvae.config.vocab_size, len(vqvae.config.codebook_axes)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=uses_bf16(config.precision, device))
     # A bar on a terminal; in a log (stderr not a terminal) the per-epoch line says enough
@@ -288,8 +289,8 @@ def train_epoch(model, optimizer, data: Data, config: TrainConfig, epoch: int,
         with torch.no_grad():
             sums += torch.stack([step_output.loss, step_output.recon_mse,
                                  step_output.vq_loss.float()])
-            counts += code_counts_per_codebook(step_output.indices, vqvae.config.vocab_size,
-                                               len(vqvae.config.codebook_axes), check=False)
+            counts += code_counts_per_codebook(step_output.indices, vocab, codebook_dims,
+                                               check=False)
         if config.progress and processes.is_main and (step % 25 == 0 or step == per_epoch - 1):
             usage = usage_from_counts(counts)
             mean = (sums / (step + 1)).tolist()
