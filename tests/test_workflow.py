@@ -213,6 +213,35 @@ def test_help_and_version(capsys):
     assert "vqvae" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command,options", [
+    ("train", ["--quantizer", "--num-quantizers", "--resume", "--out-dir", "--precision"]),
+    ("compare", ["--quantizers", "--epochs", "--out-dir"]),
+    ("reconstruct", ["RUN_DIR", "--indices", "--images", "--invert"]),
+    ("sample", ["--prior", "--digit", "--guidance", "--threads"]),
+    ("prior", ["--epochs", "--unconditional", "--precision", "--threads"]),
+    ("encode", ["--indices", "--out"]),
+    ("decode", ["CODES", "--out"]),
+    ("judge", ["--judge-path", "--retrain-judge", "--guidance", "--images"]),
+    ("demo", ["--dim", "--codebook-size", "--steps"]),
+])
+def test_every_command_explains_its_options(command, options, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: vqvae {command}")
+    for option in options:
+        assert option in text, option
+    main_help = _main_help(capsys)
+    assert command in main_help
+
+
+def _main_help(capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    return capsys.readouterr().out
+
+
 def test_model_config_round_trips_and_rejects_unknown_keys():
     config = ModelConfig(quantizer_options={"decay": 0.9})
     assert ModelConfig.from_dict(config.to_dict()) == config
