@@ -32,10 +32,40 @@ def test_codes_match_float64_cdist(num_rows, dim, num_codes):
     assert torch.equal(nearest_code(x, codebook, backend="c"), expected)
 
 
+def _expected_lanes() -> int | None:
+    """The register width in floats that -march=native gives this CPU, read from its flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith(("flags", "Features"))).split()
+    except (OSError, StopIteration):
+        return None
+    for flag, lanes in [("avx512f", 16), ("avx", 8), ("sse2", 4), ("asimd", 4)]:
+        if flag in flags:
+            return lanes
+    return None
+
+
 @requires_kernel
-def test_kernels_use_native_simd():
-    # built with -march=native: a vector width the CPU really has (emulated ones are 45x slower)
-    assert cpu_kernel.simd_lanes() in (4, 8, 16)
+def test_kernels_use_the_cpus_widest_vectors():
+    # built with -march=native: the widest registers the CPU has (emulated wider ones are 45x
+    # slower, and narrower ones leave half the machine unused)
+    expected = _expected_lanes()
+    if expected is None:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    assert cpu_kernel.simd_lanes() == expected
+
+
+@requires_kernel
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 macro names")
+def test_a_build_without_simd_is_refused(tmp_path, monkeypatch):
+    # with the instruction-set macros undefined the C file falls back to emulated vectors; such
+    # a build must not be used
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    undefine = ["-U__AVX512F__", "-U__AVX__", "-U__SSE2__"]
+    monkeypatch.setattr(cpu_kernel, "FLAGS", [*cpu_kernel.FLAGS, *undefine])
+    compiler = cpu_kernel._compiler()
+    with pytest.raises(cpu_kernel.NoSimdError, match="no SIMD instruction set"):
+        cpu_kernel._open(compiler)
 
 
 @requires_kernel
@@ -118,20 +148,22 @@ def test_without_a_compiler_the_search_falls_back_to_addmm(tmp_path):
 def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     compiler = cpu_kernel._compiler()
-    first = cpu_kernel._build(compiler)
-    assert first.is_file() and first.parent == tmp_path / "vqvae" / "kernels"
-    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left
+    cpu_kernel._open(compiler)
+    directory = tmp_path / "vqvae" / "kernels"
+    library, digest = cpu_kernel._cache_paths(directory, cpu_kernel._build_key(compiler))
+    # the library and its digest, no temporary left
+    assert sorted(p.name for p in directory.iterdir()) == sorted([library.name, digest.name])
 
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled again")
 
     monkeypatch.setattr(cpu_kernel.subprocess, "run", no_compiling)
-    assert cpu_kernel._build(compiler) == first  # found in the cache
+    cpu_kernel._open(compiler)  # found in the cache
     changed = tmp_path / "cpu_search.c"
     changed.write_text(cpu_kernel.SOURCE.read_text() + "\n/* changed */\n")
     monkeypatch.setattr(cpu_kernel, "SOURCE", changed)
     with pytest.raises(AssertionError, match="compiled again"):
-        cpu_kernel._build(compiler)  # another source: another name, so a build
+        cpu_kernel._open(compiler)  # another source: another name, so a build
 
 
 @requires_kernel
@@ -140,16 +172,12 @@ def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
                                           (["-march=x86-64"], 4)])
 def test_narrower_simd_builds_give_the_same_codes(target, lanes, tmp_path, monkeypatch):
     # the machines users have may lack AVX-512: the AVX2 and SSE2 builds must agree too
-    import ctypes
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     flags = [f for f in cpu_kernel.FLAGS if not f.startswith("-march")] + target
     monkeypatch.setattr(cpu_kernel, "FLAGS", flags)
-    library = ctypes.CDLL(str(cpu_kernel._build(cpu_kernel._compiler())))
+    library = cpu_kernel._open(cpu_kernel._compiler())
     if library.vq_simd_lanes() != lanes:
         pytest.skip(f"this CPU or compiler gives {library.vq_simd_lanes()} lanes for {target}")
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.vq_nearest_code.argtypes = [pointer, pointer, size, size, size, pointer]
     torch.manual_seed(0)
     x, codebook = torch.randn(1003, 16), torch.randn(500, 16)
     out = torch.empty(1003, dtype=torch.long)

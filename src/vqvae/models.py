@@ -10,8 +10,9 @@ The quantizer is chosen by name from :mod:`vqvae.registry`; every one follows th
 ``quantized, indices, loss = q(x)`` with ``x`` of shape ``(..., vector_dim)`` and has
 ``decode(indices)``.
 
-The convolutional model (``model="conv"``) is for quality: two stride-2 convolutions take a
-28×28 image to a 7×7 grid of ``vector_dim`` vectors, one code per grid cell (49 codes), and
+The convolutional model (``model="conv"``) is for quality: two stride-2 convolutions take an
+image of ``channels_in`` channels, H×W pixels (H and W multiples of 4) to an H/4×W/4 grid of
+``vector_dim`` vectors, one code per grid cell (a 28×28 MNIST digit: 7×7, 49 codes), and
 transposed convolutions take them back.
 
 Codes of one image have the shape :attr:`ModelConfig.code_shape`: the positions
@@ -51,16 +52,19 @@ class ModelConfig:
     # Width of the conv model (its first layer has half); the MLP ignores it. 32 reaches test
     # MSE 0.003 on MNIST in 6 epochs and trains in about half the time of 64 on a CPU.
     channels: int = 32
+    channels_in: int = 1  # channels of the images: 1 gray, 3 RGB (the conv model only)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(MODELS)}")
         entry = registry.get(self.quantizer)  # a ValueError naming the choices
         for name in ("image_size", "hidden_dim", "vector_dim", "num_embeddings", "codebook_size",
-                     "num_quantizers", "groups", "channels"):
+                     "num_quantizers", "groups", "channels", "channels_in"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.model != "conv" and self.channels_in != 1:
+            raise ValueError(f"channels_in={self.channels_in} needs model='conv'")
         if self.model == "conv" and self.image_size % 4:
             raise ValueError(f"the conv model needs an image size divisible by 4, "
                              f"got {self.image_size}")
@@ -180,24 +184,49 @@ class ResidualBlock(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """``(B, 1, 28, 28)`` → ``(B, 7, 7, vector_dim)``, channels last for the quantizer."""
+    """``(B, channels_in, H, W)`` → ``(B, H/4, W/4, vector_dim)``, channels last for the
+    quantizer. H and W must be multiples of :attr:`downsampling` (a 28×28 digit → 7×7).
+
+    Fully convolutional: any such H×W works, though :meth:`VQVAE.decode` builds images of the
+    configured ``image_size`` from codes.
+    """
+
+    #: Pixels per code along each side: two stride-2 convolutions
+    downsampling = 4
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = config.channels
+        self.channels_in = config.channels_in
         self.body = nn.Sequential(
-            nn.Conv2d(1, c // 2, 4, stride=2, padding=1), nn.ReLU(),  # (B, c/2, 14, 14)
-            nn.Conv2d(c // 2, c, 4, stride=2, padding=1),  # (B, c, 7, 7)
+            nn.Conv2d(config.channels_in, c // 2, 4, stride=2, padding=1), nn.ReLU(),  # H/2
+            nn.Conv2d(c // 2, c, 4, stride=2, padding=1),  # (B, c, H/4, W/4)
             ResidualBlock(c), nn.ReLU(),
             nn.Conv2d(c, config.vector_dim, 1),
         )
 
+    def check_input(self, images: Tensor) -> None:
+        """Raise ValueError unless ``images`` is a float ``(B, channels_in, H, W)`` batch with H
+        and W positive multiples of :attr:`downsampling`."""
+        shape, multiple = tuple(images.shape), self.downsampling
+        if images.ndim != 4 or shape[1] != self.channels_in:
+            raise ValueError(f"the conv model takes images (B, {self.channels_in}, H, W) "
+                             f"(channels_in={self.channels_in}), got shape {shape}")
+        if not images.is_floating_point():
+            raise ValueError(f"the conv model takes float images in [0, 1], got {images.dtype}")
+        height, width = shape[2:]
+        if height < multiple or width < multiple or height % multiple or width % multiple:
+            raise ValueError(
+                f"the conv model takes images whose height and width are positive multiples "
+                f"of {multiple} (its downsampling factor), got {height}×{width}")
+
     def forward(self, images: Tensor) -> Tensor:
+        self.check_input(images)
         return self.body(images).permute(0, 2, 3, 1)
 
 
 class ConvDecoder(nn.Module):
-    """``(B, 7, 7, vector_dim)`` → ``(B, 1, 28, 28)`` in [0, 1]."""
+    """``(B, H/4, W/4, vector_dim)`` → ``(B, channels_in, H, W)`` in [0, 1]."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -205,8 +234,8 @@ class ConvDecoder(nn.Module):
         self.body = nn.Sequential(
             nn.Conv2d(config.vector_dim, c, 3, padding=1),
             ResidualBlock(c), nn.ReLU(),
-            nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1), nn.ReLU(),  # 14×14
-            nn.ConvTranspose2d(c // 2, 1, 4, stride=2, padding=1),  # 28×28
+            nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1), nn.ReLU(),  # H/2
+            nn.ConvTranspose2d(c // 2, config.channels_in, 4, stride=2, padding=1),  # H
             nn.Sigmoid(),
         )
         # Start the output near the mean pixel (sigmoid(-2) = 0.12) instead of 0.5. From 0.5,

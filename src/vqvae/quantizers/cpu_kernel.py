@@ -12,12 +12,38 @@ The EMA update of a float32 CPU codebook (:func:`code_statistics`, :func:`ema_up
 there too, for any dimension: two calls instead of some twenty tensor operations of a few
 microseconds each, which on CPU cost more than their arithmetic.
 
-The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc`` or
-``gcc``) and ``-O3 -march=native``, into ``$XDG_CACHE_HOME/vqvae/kernels`` (``~/.cache``) under
-a name that hashes the source, the compiler, the flags and the CPU, so a cache shared between
-machines never hands one the other's instructions. Nothing is compiled at install time, and
-without a compiler (or with ``VQVAE_CPU_KERNEL=0``) :func:`available` is false and the layers
-use torch operations (``addmm`` for the search); :func:`unavailable_reason` says why.
+Build and cache. The C file is compiled on first use with the system's C compiler (``$CC``, else
+``cc`` or ``gcc``) and ``-O3 -march=native``, into ``$XDG_CACHE_HOME/vqvae/kernels``
+(``~/.cache``) under a name that hashes the source, the compiler, the flags and the CPU, so a
+cache shared between machines never hands one the other's instructions. Loading a shared
+library runs its code, so the cache is treated as untrusted until checked:
+
+- the directories are created ``0700`` whatever the umask; the kernel directory must belong to
+  this user and not be writable by group or others, and no directory above it may be writable
+  by anyone else (unless sticky, like ``/tmp``) or belong to anyone but this user or root;
+- each build is stored with a digest file (SHA-256 of the library's bytes and the full build
+  key), both written atomically; the library is read through a descriptor opened without
+  following links and checked the same way, hashed, and only those verified bytes are loaded,
+  from a copy written into a fresh private directory (so the file cannot change between the
+  check and ``dlopen``);
+- a library that fails its digest, fails to load, or lacks a symbol is rebuilt; a cache that
+  fails the ownership checks is left alone and the kernel is built in a private temporary
+  directory instead, with a one-line ``RuntimeWarning`` that says why.
+
+Nothing is compiled at install time, and without a compiler (or with ``VQVAE_CPU_KERNEL=0``)
+:func:`available` is false and the layers use torch operations (``addmm`` for the search);
+:func:`unavailable_reason` says why.
+
+Custom ops. The three entry points are also ``torch.library`` custom ops with fake
+implementations, so that ``torch.compile`` sees them as single nodes:
+``torch.ops.vqvae.nearest_code_cpu(x, codebook) -> indices``,
+``torch.ops.vqvae.code_statistics_cpu(h, indices, codebook_size) -> (counts, sums)`` and
+``torch.ops.vqvae.ema_update_cpu(codebook!, cluster_size!, counts, sums, decay, eps,
+threshold) -> dead`` (in place; ``dead`` a 0-dim int64 tensor). The public functions call the
+ops only while tracing; in eager mode they call the library directly, since the op dispatch
+costs more than the whole search on small batches (``benchmarks/cpu_kernel_ops.py``: 8-30 µs
+more per search call, and over 100 µs for the in-place update, whose wrapper torch writes in
+Python, against 0.2-2 µs for the check that picks the direct path).
 """
 
 from __future__ import annotations
@@ -28,12 +54,15 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 SOURCE = Path(__file__).with_name("cpu_search.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
@@ -58,54 +87,168 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+# ---------------------------------------------------------------------------- build cache
+
+
+class UnsafeCacheError(OSError):
+    """The kernel cache, or a file in it, could have been written by someone else."""
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "vqvae" / "kernels"
 
 
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(),
-                                     _cpu_identity().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_search-{key}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # compiled next to the target, then renamed: a process never loads a half-written file
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
+def _build_key(compiler: str) -> str:
+    """SHA-256 of everything the library's bytes depend on."""
+    return hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(),
+                                      " ".join(FLAGS).encode(),
+                                      _cpu_identity().encode()])).hexdigest()
+
+
+def _cache_paths(directory: Path, key: str) -> tuple[Path, Path]:
+    """The library and its digest file for ``key`` in ``directory``."""
+    name = f"cpu_search-{key[:16]}"
+    return directory / f"{name}.so", directory / f"{name}.sha256"
+
+
+def _refuse_unless_private(status: os.stat_result, path: Path | str) -> None:
+    if status.st_uid != os.geteuid():
+        raise UnsafeCacheError(f"{path} belongs to uid {status.st_uid}, not to this user "
+                               f"(uid {os.geteuid()})")
+    if status.st_mode & 0o022:
+        raise UnsafeCacheError(f"{path} is writable by group or others "
+                               f"(mode {stat.S_IMODE(status.st_mode):04o})")
+
+
+def _refuse_unless_safe_above(directory: Path) -> None:
+    """Refuse if someone other than this user and root could swap an entry on the way down to
+    ``directory`` (resolved) or below it: a directory they own or can write, unless sticky
+    (like /tmp, where they can add entries but not rename ours)."""
+    for path in [directory, *directory.parents]:
+        status = os.stat(path)
+        if status.st_uid not in (os.geteuid(), 0):
+            raise UnsafeCacheError(f"{path} belongs to uid {status.st_uid}, neither this user "
+                                   "nor root")
+        if status.st_mode & 0o022 and not status.st_mode & stat.S_ISVTX:
+            raise UnsafeCacheError(f"{path} is writable by group or others "
+                                   f"(mode {stat.S_IMODE(status.st_mode):04o}) and not sticky")
+
+
+def _make_private_dirs(path: Path) -> Path:
+    """Create the missing directories of ``path`` with mode 0700 whatever the umask, and check
+    that nobody but this user (and root) can change what it leads to; returns it resolved."""
+    missing = []
+    for directory in [path, *path.parents]:
+        if os.path.lexists(directory):
+            # checked before creating anything in it, so that what we create stays ours
+            _refuse_unless_safe_above(Path(os.path.realpath(directory)))
+            break
+        missing.append(directory)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            continue  # made by a concurrent process: the checks below judge it
+        # mkdir's mode went through the umask; through a descriptor, never a planted link
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_NOFOLLOW)
+        try:
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+    real = Path(os.path.realpath(path))
+    _refuse_unless_private(os.stat(real), real)
+    _refuse_unless_safe_above(real.parent)
+    return real
+
+
+def _read_private(path: Path) -> bytes | None:
+    """The bytes of the regular file ``path`` if it exists, read through one descriptor that
+    was checked for owner and mode; None if it does not exist."""
     try:
-        result = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)],
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as error:  # O_NOFOLLOW on a link: ELOOP
+        raise UnsafeCacheError(f"{path} cannot be opened as a plain file: {error}") from error
+    with os.fdopen(fd, "rb") as f:
+        status = os.fstat(f.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise UnsafeCacheError(f"{path} is not a regular file")
+        _refuse_unless_private(status, path)
+        return f.read()
+
+
+def _digest_text(image: bytes, key: str) -> bytes:
+    return f"sha256 {hashlib.sha256(image).hexdigest()}\nkey {key}\n".encode()
+
+
+def _read_verified(directory: Path, key: str) -> bytes | None:
+    """The cached library for ``key`` if its bytes match its digest file, else None (missing,
+    corrupt, or built for another key). Raises :class:`UnsafeCacheError` for a file that
+    someone else could have written."""
+    library_path, digest_path = _cache_paths(directory, key)
+    image, digest = _read_private(library_path), _read_private(digest_path)
+    if image is None or digest is None or digest != _digest_text(image, key):
+        return None
+    return image
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``path`` (mode 0600) so that a reader sees the old file or the whole new one."""
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        os.unlink(partial)
+        raise
+
+
+def _compile(compiler: str, directory: Path) -> bytes:
+    """The bytes of a fresh build, compiled in a private directory under ``directory``."""
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as work:
+        output = Path(work) / "cpu_search.so"
+        result = subprocess.run([compiler, *FLAGS, "-o", str(output), str(SOURCE)],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return target
+        return output.read_bytes()
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    global _reason
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        _reason = f"turned off by {ENV_SWITCH}=0"
-        return None
-    compiler = _compiler()
-    if compiler is None:
-        _reason = "no C compiler found ($CC, cc or gcc)"
-        return None
-    try:
-        library = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        _reason = f"{type(error).__name__}: {error}"
-        return None
+def _build_into(directory: Path, compiler: str, key: str) -> bytes:
+    """Compile, store the library and then its digest in ``directory``; return the bytes."""
+    image = _compile(compiler, directory)
+    library_path, digest_path = _cache_paths(directory, key)
+    _write_atomically(library_path, image)
+    _write_atomically(digest_path, _digest_text(image, key))
+    return image
+
+
+def _load(image: bytes, directory: Path) -> ctypes.CDLL:
+    """``dlopen`` exactly ``image``: from a copy written into a fresh 0700 directory (removed
+    once loaded; the mapping stays), so nothing can swap the file after it was verified."""
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".load-") as private:
+        path = os.path.join(private, "cpu_search.so")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(image)
+        return ctypes.CDLL(path)
+
+
+class NoSimdError(RuntimeError):
+    """The build targets no vector instruction set that ``cpu_search.c`` knows."""
+
+
+def _configure(library: ctypes.CDLL, compiler: str) -> ctypes.CDLL:
+    """Declare the C signatures; AttributeError if a symbol is missing."""
     library.vq_simd_lanes.restype = ctypes.c_int
     if library.vq_simd_lanes() <= 0:
         # emulated vectors are many times slower than torch's kernels
-        _reason = f"{compiler} targets no SIMD instruction set that cpu_search.c knows"
-        return None
+        raise NoSimdError(f"{compiler} targets no SIMD instruction set that cpu_search.c knows")
     pointer, size, number = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     signatures = {
         "vq_nearest_code": ([pointer, pointer, size, size, size, pointer], ctypes.c_int),
@@ -120,6 +263,48 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+def _open(compiler: str) -> ctypes.CDLL:
+    """The library for this compiler, flags, source and CPU: from the cache when it verifies,
+    else freshly built (into the cache, or into a private temporary directory when the cache
+    is not safe to use)."""
+    key = _build_key(compiler)
+    try:
+        directory = _make_private_dirs(_cache_dir())
+        image = _read_verified(directory, key)
+    except OSError as error:  # unsafe, or not writable (a read-only home, say)
+        warnings.warn(f"vqvae: not using the C kernel cache ({error}); building the kernel in "
+                      "a private temporary directory", RuntimeWarning, stacklevel=4)
+        with tempfile.TemporaryDirectory(prefix="vqvae-kernels-") as private:
+            return _configure(_load(_compile(compiler, Path(private)), Path(private)), compiler)
+    if image is not None:
+        try:
+            return _configure(_load(image, directory), compiler)
+        except (OSError, AttributeError):
+            pass  # verified, yet not a loadable kernel (say, written by hand): build it again
+    return _configure(_load(_build_into(directory, compiler, key), directory), compiler)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    global _reason
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        _reason = f"turned off by {ENV_SWITCH}=0"
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        _reason = "no C compiler found ($CC, cc or gcc)"
+        return None
+    try:
+        return _open(compiler)
+    except NoSimdError as error:
+        _reason = str(error)
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
+        _reason = f"{type(error).__name__}: {error}"
+    return None
+
+
+# a constant to torch.compile: built and loaded once, outside the graph
+@torch.compiler.assume_constant_result
 def simd_lanes() -> int:
     """Floats per SIMD register of the built kernels (16 with AVX-512, 8 with AVX2, 4 with SSE2
     or NEON), or 0 when they are not available."""
@@ -127,15 +312,35 @@ def simd_lanes() -> int:
     return library.vq_simd_lanes() if library is not None else 0
 
 
+# a constant to torch.compile: built and loaded once, outside the graph
+@torch.compiler.assume_constant_result
 def available() -> bool:
     """Whether the C search could be built and loaded here (built on the first call)."""
     return _library() is not None
 
 
+# a constant to torch.compile: built and loaded once, outside the graph
+@torch.compiler.assume_constant_result
 def unavailable_reason() -> str | None:
     """Why :func:`available` is false, or None."""
     available()
     return _reason
+
+
+def _tracing() -> bool:
+    """Whether the call is being traced (torch.compile, export, make_fx, fake tensors), where
+    the custom ops must be called so that the graph records them."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
+def _checked_library() -> ctypes.CDLL:
+    library = _library()
+    if library is None:
+        raise RuntimeError(f"the C CPU kernels are not available: {_reason}")
+    return library
+
+
+# ---------------------------------------------------------------------------- search
 
 
 def supports(x: Tensor, codebook: Tensor) -> bool:
@@ -146,6 +351,13 @@ def supports(x: Tensor, codebook: Tensor) -> bool:
             and 0 < x.shape[1] <= MAX_DIM)
 
 
+def _check_search_inputs(x: Tensor, codebook: Tensor) -> None:
+    if not supports(x, codebook):
+        raise ValueError(f"expected float32 CPU tensors with at most {MAX_DIM} columns, got "
+                         f"{x.dtype} {tuple(x.shape)} on {x.device} and {codebook.dtype} "
+                         f"{tuple(codebook.shape)} on {codebook.device}")
+
+
 def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
     """Index of the nearest row of ``codebook`` ``(K, D)`` for each row of ``x`` ``(N, D)``.
 
@@ -154,13 +366,16 @@ def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
     gained (training step 1.43x the network alone with two threads, 1.19x with one, before
     the EMA update moved to C too).
     """
+    if _tracing():
+        return torch.ops.vqvae.nearest_code_cpu(x, codebook)
+    return _nearest_code(x, codebook)
+
+
+def _nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
     library = _library()
     if library is None:
         raise RuntimeError(f"the C nearest-code search is not available: {_reason}")
-    if not supports(x, codebook):
-        raise ValueError(f"expected float32 CPU tensors with at most {MAX_DIM} columns, got "
-                         f"{x.dtype} {tuple(x.shape)} on {x.device} and {codebook.dtype} "
-                         f"{tuple(codebook.shape)} on {codebook.device}")
+    _check_search_inputs(x, codebook)
     x, codebook = x.contiguous(), codebook.contiguous()
     num_rows, dim = x.shape
     out = torch.empty(num_rows, dtype=torch.long)
@@ -170,6 +385,17 @@ def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
         if status != 0:
             raise MemoryError("vq_nearest_code could not allocate its copy of the codebook")
     return out
+
+
+@torch.library.custom_op("vqvae::nearest_code_cpu", mutates_args=(), device_types="cpu")
+def _nearest_code_op(x: Tensor, codebook: Tensor) -> Tensor:
+    return _nearest_code(x, codebook)
+
+
+@_nearest_code_op.register_fake
+def _(x: Tensor, codebook: Tensor) -> Tensor:
+    _check_search_inputs(x, codebook)
+    return x.new_empty(x.shape[0], dtype=torch.long)  # (N,)
 
 
 # ---------------------------------------------------------------------------- EMA update
@@ -186,11 +412,17 @@ def code_statistics(h: Tensor, indices: Tensor, codebook_size: int) -> tuple[Ten
     """``(counts (K,), sums (K, D))`` of the rows of ``h`` ``(N, D)`` assigned to each code:
     ``bincount`` and ``index_add_`` in one pass over ``h``."""
     indices = indices.to(torch.long).contiguous()
+    if _tracing():
+        return torch.ops.vqvae.code_statistics_cpu(h, indices, codebook_size)
+    return _code_statistics(h, indices, codebook_size)
+
+
+def _code_statistics(h: Tensor, indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
     counts = h.new_empty(codebook_size)
     sums = h.new_empty(codebook_size, h.shape[1])
-    status = _library().vq_code_statistics(h.data_ptr(), indices.data_ptr(), h.shape[0],
-                                           h.shape[1], codebook_size, counts.data_ptr(),
-                                           sums.data_ptr())
+    status = _checked_library().vq_code_statistics(h.data_ptr(), indices.data_ptr(),
+                                                   h.shape[0], h.shape[1], codebook_size,
+                                                   counts.data_ptr(), sums.data_ptr())
     if status != 0:
         raise ValueError(f"code indices must lie in [0, {codebook_size})")
     return counts, sums
@@ -200,6 +432,69 @@ def ema_update(codebook: Tensor, cluster_size: Tensor, counts: Tensor, sums: Ten
                decay: float, eps: float, threshold: float = 0.0) -> int:
     """One EMA step of ``cluster_size`` and ``codebook``, in place (``_apply_ema``'s formulas);
     returns how many codes end with a cluster size below ``threshold``."""
-    return _library().vq_ema_update(codebook.data_ptr(), cluster_size.data_ptr(),
-                                    counts.data_ptr(), sums.data_ptr(), codebook.shape[0],
-                                    codebook.shape[1], decay, eps, threshold)
+    if _tracing():
+        return int(torch.ops.vqvae.ema_update_cpu(codebook, cluster_size, counts, sums, decay,
+                                                  eps, threshold))
+    return _ema_update(codebook, cluster_size, counts, sums, decay, eps, threshold)
+
+
+def _ema_update(codebook: Tensor, cluster_size: Tensor, counts: Tensor, sums: Tensor,
+                decay: float, eps: float, threshold: float) -> int:
+    return _checked_library().vq_ema_update(codebook.data_ptr(), cluster_size.data_ptr(),
+                                            counts.data_ptr(), sums.data_ptr(),
+                                            codebook.shape[0], codebook.shape[1], decay, eps,
+                                            threshold)
+
+
+def _check_ema_inputs(*tensors: Tensor) -> None:
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"expected contiguous float32 CPU tensors, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+
+
+def _check_statistics_inputs(h: Tensor, indices: Tensor) -> None:
+    _check_ema_inputs(h)
+    if h.ndim != 2 or indices.shape != h.shape[:1] or indices.dtype != torch.long \
+            or not indices.is_contiguous():
+        raise ValueError(f"expected h (N, D) and contiguous int64 indices (N,), got "
+                         f"{tuple(h.shape)} and {indices.dtype} {tuple(indices.shape)}")
+
+
+def _check_update_inputs(codebook: Tensor, cluster_size: Tensor, counts: Tensor,
+                         sums: Tensor) -> None:
+    _check_ema_inputs(codebook, cluster_size, counts, sums)
+    if codebook.ndim != 2 or cluster_size.shape != codebook.shape[:1] \
+            or counts.shape != codebook.shape[:1] or sums.shape != codebook.shape:
+        raise ValueError(f"expected codebook (K, D), cluster_size and counts (K,), sums (K, D), "
+                         f"got {tuple(codebook.shape)}, {tuple(cluster_size.shape)}, "
+                         f"{tuple(counts.shape)}, {tuple(sums.shape)}")
+
+
+@torch.library.custom_op("vqvae::code_statistics_cpu", mutates_args=(), device_types="cpu")
+def _code_statistics_op(h: Tensor, indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
+    _check_statistics_inputs(h, indices)
+    return _code_statistics(h, indices, codebook_size)
+
+
+@_code_statistics_op.register_fake
+def _(h: Tensor, indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
+    _check_statistics_inputs(h, indices)
+    return h.new_empty(codebook_size), h.new_empty(codebook_size, h.shape[1])  # (K,), (K, D)
+
+
+# the count comes back as a 0-dim tensor: a Python int would be data-dependent in a graph
+@torch.library.custom_op("vqvae::ema_update_cpu", mutates_args=("codebook", "cluster_size"),
+                         device_types="cpu")
+def _ema_update_op(codebook: Tensor, cluster_size: Tensor, counts: Tensor, sums: Tensor,
+                   decay: float, eps: float, threshold: float) -> Tensor:
+    _check_update_inputs(codebook, cluster_size, counts, sums)
+    dead = _ema_update(codebook, cluster_size, counts, sums, decay, eps, threshold)
+    return torch.tensor(dead, dtype=torch.long)
+
+
+@_ema_update_op.register_fake
+def _(codebook: Tensor, cluster_size: Tensor, counts: Tensor, sums: Tensor, decay: float,
+      eps: float, threshold: float) -> Tensor:
+    _check_update_inputs(codebook, cluster_size, counts, sums)
+    return codebook.new_empty((), dtype=torch.long)  # how many codes are below threshold

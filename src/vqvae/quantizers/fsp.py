@@ -1,0 +1,204 @@
+"""FSP, finite scalar perturbation (VP-VAE): a drop-in for the library's ``FSP``.
+
+Each latent channel is mapped to [0, 1] by a CDF activation (tanh, sigmoid, normal, laplace,
+cauchy), then to the centre of one of ``levels[i]`` equal bins; in training a fraction
+``1 - quantize_rate`` of the entries is instead perturbed by uniform noise up to half a bin.
+A moment-matching ``VectorNorm`` loss keeps the latents near a target distribution.
+
+Call as in ``vector_quantize_pytorch`` 1.32:
+``quantized, indices, norm_loss, info = fsp(z)``. Where we differ on purpose:
+
+- The bin and index arithmetic runs in float32 for float16/bfloat16 inputs, and indices are
+  ``int64`` sums of integer levels. The library sums ``level * basis`` in the input's dtype and
+  truncates, so a bfloat16 input gets wrong indices for codebooks past 256 codes.
+- Non-finite input raises :class:`QuantizerInputError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .fsq import check_finite, check_tensor
+
+_SQRT2 = math.sqrt(2.0)
+_UNIT_UNIFORM_STD = math.sqrt(1.0 / 12.0)  # maps bin centres in [0, 1] to unit variance
+
+_CDFS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    "tanh": (lambda z: (torch.tanh(z) + 1.0) / 2.0, lambda p: torch.atanh(p * 2.0 - 1.0)),
+    "sigmoid": (torch.sigmoid, torch.logit),
+    "normal": (lambda z: (1.0 + torch.erf(z / _SQRT2)) / 2.0,
+               lambda p: torch.erfinv(2.0 * p - 1.0) * _SQRT2),
+    "laplace": (lambda z: 0.5 * (1.0 + torch.sign(z) * (1.0 - torch.exp(-z.abs()))),
+                lambda p: -torch.sign(p - 0.5) * torch.log(1.0 - 2.0 * (p - 0.5).abs())),
+    "cauchy": (lambda z: torch.arctan(z) / math.pi + 0.5,
+               lambda p: torch.tan((p - 0.5) * math.pi)),
+}
+
+# (mean, variance, skewness, kurtosis) targets and weights of each preset
+_NORM_PRESETS = {
+    "none": ((0.0, 1.0, 0.0, 0.0), (0.0, 0.0, 0.0, 0.0)),
+    "var": ((0.0, 1.0, 0.0, 0.0), (0.1, 0.07, 0.0, 0.0)),
+    "kurt": ((0.0, 1.0, 0.0, 0.0), (0.1, 0.07, 0.06, 0.05)),
+    "var_tanh": ((0.0, 0.8225, 0.0, 0.0), (0.1, 0.07, 0.0, 0.0)),
+    "var_sigmoid": ((0.0, 3.29, 0.0, 0.0), (0.1, 0.07, 0.0, 0.0)),
+    "var_laplace": ((0.0, 2.0, 0.0, 0.0), (0.1, 0.07, 0.0, 0.0)),
+}
+
+
+def build_cdf_act(act_name: str) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    if act_name not in _CDFS:
+        raise ValueError(f"unknown CDF activation {act_name!r}; choose one of {list(_CDFS)}")
+    return _CDFS[act_name]
+
+
+class VectorNorm(nn.Module):
+    """Squared distance of the per-channel batch mean, variance, skewness and excess kurtosis
+    from their targets, weighted."""
+
+    def __init__(self, l1_target: float = 0.0, l1_weight: float = 0.1, l2_target: float = 1.0,
+                 l2_weight: float = 0.07, l3_target: float = 0.0, l3_weight: float = 0.06,
+                 l4_target: float = 0.0, l4_weight: float = 0.05, eps: float = 1e-8):
+        super().__init__()
+        self.l1_target, self.l1_weight = l1_target, l1_weight
+        self.l2_target, self.l2_weight = l2_target, l2_weight
+        self.l3_target, self.l3_weight = l3_target, l3_weight
+        self.l4_target, self.l4_weight = l4_target, l4_weight
+        self.eps = eps
+
+    @classmethod
+    def build(cls, name: str) -> VectorNorm:
+        if name not in _NORM_PRESETS:
+            raise ValueError(f"unknown vector_norm preset {name!r}; choose one of "
+                             f"{list(_NORM_PRESETS)}")
+        (t1, t2, t3, t4), (w1, w2, w3, w4) = _NORM_PRESETS[name]
+        return cls(t1, w1, t2, w2, t3, w3, t4, w4)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        variance, mean = torch.var_mean(z, dim=0, unbiased=True)
+        std = variance.sqrt().clamp_min(self.eps)
+        standard = (z - mean) / std
+        skewness = standard.pow(3).mean(0)
+        kurtosis = standard.pow(4).mean(0) - 3.0
+        loss = (((mean - self.l1_target) ** 2).mean() * self.l1_weight
+                + ((variance - self.l2_target) ** 2).mean() * self.l2_weight
+                + ((skewness - self.l3_target) ** 2).mean() * self.l3_weight
+                + ((kurtosis - self.l4_target) ** 2).mean() * self.l4_weight)
+        return loss, {"mean": mean, "variance": variance, "skewness": skewness,
+                      "kurtosis": kurtosis}
+
+
+class FSPOutput(NamedTuple):
+    quantized: Tensor
+    indices: Tensor  # int64, the input's shape without the channel axis
+    norm_loss: Tensor
+    info: dict
+
+
+class FSP(nn.Module):
+    """Finite scalar perturbation (see the module docstring)."""
+
+    def __init__(self, levels: list[int] | tuple[int, ...], dim: int | None = None,
+                 channel_first: bool = False, projection_has_bias: bool = True,
+                 act_name: str = "tanh", quantize_rate: float = 0.0, need_inv_act: bool = False,
+                 vector_norm: str = "var_tanh"):
+        super().__init__()
+        if not 0.0 <= quantize_rate <= 1.0:
+            raise ValueError(f"quantize_rate must be in [0.0, 1.0], got {quantize_rate}")
+        levels = [int(level) for level in levels]
+        if not levels or any(level < 1 for level in levels):
+            raise ValueError(f"levels must be positive integers, got {levels}")
+        self.codebook_dim = len(levels)
+        self.dim = self.codebook_dim if dim is None else dim
+        self.channel_first = channel_first
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32),
+                             persistent=False)
+        basis = [math.prod(levels[:i]) for i in range(len(levels))]
+        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.int64), persistent=False)
+        self.codebook_size = math.prod(levels)
+        self.has_projections = self.dim != self.codebook_dim
+        if self.has_projections:
+            self.project_in = nn.Linear(self.dim, self.codebook_dim, bias=projection_has_bias)
+            self.project_out = nn.Linear(self.codebook_dim, self.dim, bias=projection_has_bias)
+        else:
+            self.project_in = nn.Identity()
+            self.project_out = nn.Identity()
+        self.act_name = act_name
+        self.act_func, self.inv_act_func = build_cdf_act(act_name)
+        self.need_inv_act = need_inv_act
+        self.quantize_rate = quantize_rate
+        self.vector_norm = VectorNorm.build(vector_norm)
+
+    def extra_repr(self) -> str:
+        return (f"levels={self._levels.tolist()}, codebook_size={self.codebook_size}, "
+                f"dim={self.dim}, act_name={self.act_name!r}, "
+                f"need_inv_act={self.need_inv_act}, quantize_rate={self.quantize_rate}")
+
+    def quantize_act_value(self, act_z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """[0, 1] values -> bin centres (straight-through) and integer bin indices (float)."""
+        levels = self._levels.to(act_z.dtype)
+        level_indices = (act_z.clamp_max(1.0 - eps) * levels).floor()
+        centres = (level_indices + 0.5) / levels
+        return act_z + (centres - act_z).detach(), level_indices.detach()
+
+    def level_indices_to_indices(self, level_indices: Tensor) -> Tensor:
+        return (level_indices.long() * self._basis).sum(-1)
+
+    def indices_to_level_indices(self, indices: Tensor) -> Tensor:
+        indices = indices.long().unsqueeze(-1)
+        return torch.div(indices, self._basis, rounding_mode="floor") % self._levels
+
+    def indices_to_act_value(self, indices: Tensor) -> Tensor:
+        return (self.indices_to_level_indices(indices).float() + 0.5) / self._levels
+
+    def _act_to_latent(self, q_act: Tensor, eps: float) -> Tensor:
+        if self.need_inv_act:
+            return self.inv_act_func(q_act.clamp(eps, 1.0 - eps))
+        return (q_act - 0.5) / _UNIT_UNIFORM_STD
+
+    def indices_to_codes(self, indices: Tensor, eps: float = 1e-6) -> Tensor:
+        codes = self.project_out(self._act_to_latent(self.indices_to_act_value(indices), eps))
+        return codes.movedim(-1, 1) if self.channel_first else codes
+
+    def forward(self, z: Tensor, eps: float | None = None) -> FSPOutput:
+        check_tensor(z, self.dim, 1 if self.channel_first else -1)
+        if self.channel_first:
+            z = z.movedim(1, -1)
+        if not bool(torch.isfinite(z).all()):
+            check_finite(z)
+        shape = z.shape
+        orig_dtype = z.dtype
+        h = self.project_in(z.reshape(-1, self.dim))
+        if h.dtype in (torch.float16, torch.bfloat16):
+            h = h.float()  # bin edges and index sums need more than 8-11 bits
+        eps = eps or torch.finfo(h.dtype).eps
+        norm_loss, norm_info = self.vector_norm(h)
+
+        act = self.act_func(h)
+        q_act, level_indices = self.quantize_act_value(act, eps)
+        info: dict = {}
+        rate = self.quantize_rate if self.training else 1.0
+        if rate < 1.0:
+            half_bin = 1.0 / (self._levels * 2)
+            proposal = act + half_bin * (torch.rand_like(act) * 2.0 - 1.0)
+            accept = (proposal > 0.0) & (proposal < 1.0)
+            info["p_accept_prob"] = accept.float().mean()
+            perturbed = torch.where(accept, proposal, act)
+            q_act = torch.where(torch.rand_like(q_act) > rate, perturbed, q_act)
+
+        q = self._act_to_latent(q_act, eps)
+        if self.need_inv_act:
+            q = h + (q - h).detach()
+        out = self.project_out(q.to(orig_dtype) if not self.has_projections else q
+                               .to(self.project_out.weight.dtype))
+        indices = self.level_indices_to_indices(level_indices).reshape(shape[:-1])
+        out = out.reshape(*shape[:-1], self.dim)
+        if self.channel_first:
+            out = out.movedim(-1, 1)
+        return FSPOutput(out, indices, norm_loss, {
+            "level_indices": level_indices.reshape(*shape[:-1], -1), "norm_info": norm_info,
+            **info})

@@ -1,0 +1,471 @@
+"""FSQ: finite scalar quantization (Mentzer et al. 2023), a drop-in for the library's ``FSQ``.
+
+Each of the ``len(levels)`` latent channels is squashed into a bounded range and rounded to one of
+``levels[i]`` evenly spaced values; the code of a vector is the tuple of its rounded channels,
+and its index is that tuple read as a mixed-radix number (the first channel varies fastest).
+No codebook is learnt, so there is no loss and no state that a call can change.
+
+The constructor and call are those of ``vector_quantize_pytorch.FSQ`` (1.32): ``out, indices =
+fsq(z)``. Where we differ on purpose:
+
+- ``indices`` are ``int64`` (the library: ``int32``, which overflows for level products past
+  2**31) and are computed in integer arithmetic from the rounded levels; the library sums
+  ``code * basis`` in float32, exact only up to 2**24 codes. ``implicit_codebook`` is built on
+  demand rather than stored, so large level products do not fill memory at construction.
+- The quantization math runs in float32 for float16/bfloat16 inputs and in float64 for float64
+  inputs, whatever autocast is active and even with ``force_quantization_f32=False`` (where
+  the library also ends up in float32, by promotion against its float32 constants); the
+  output is cast back to the input's dtype before ``project_out``.
+- ``noise_dropout`` (with ``preserve_symmetry``) replaces rounding, for the chosen entries, by
+  uniform noise one quantization bin wide around the bounded value (half the step ``2/(L-1)``
+  either side), so the noise scale follows the levels. The library adds ``U(-0.5, 0.5)`` to the
+  already rounded value whatever the levels: several bins when ``L`` is large.
+- Non-finite input raises :class:`QuantizerInputError`; wrong shapes raise it too, naming the
+  expected layout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .vector_quantize import QuantizerInputError
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class FSQOutput(NamedTuple):
+    quantized: Tensor  # the input's shape: the codes, through project_out
+    indices: Tensor | None  # int64, (b, n) or (b, n, c), or (b, *spatial[, c]) for feature maps
+
+
+def check_finite(x: Tensor) -> None:
+    """Raise :class:`QuantizerInputError` if ``x`` holds NaN or Inf (the caller checks cheaply
+    first; this builds the message)."""
+    bad = ~torch.isfinite(x)
+    raise QuantizerInputError(
+        f"input has {int(bad.sum())} non-finite value(s) (NaN or Inf) out of {x.numel()}; "
+        "finite scalar quantization needs finite values. Check the encoder output.")
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether ``x`` holds only finite values. A sum is finite unless an entry is NaN/Inf or
+    the sum overflows, so the exact test runs only when the cheap one fails."""
+    x = x.detach()
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def check_tensor(z: object, dim: int, channel_axis: int) -> None:
+    if not isinstance(z, Tensor):
+        raise QuantizerInputError(f"expected a torch.Tensor, got a {type(z).__name__}")
+    if not z.dtype.is_floating_point:
+        raise QuantizerInputError(
+            f"expected a floating-point tensor (float16/bfloat16/float32/float64), got {z.dtype}")
+    if z.ndim < 2 or z.shape[channel_axis] != dim:
+        layout = "(b, dim, ...) channel first" if channel_axis == 1 else "(..., dim) channels last"
+        raise QuantizerInputError(
+            f"expected dimension of {dim} on axis {channel_axis} ({layout}), "
+            f"got shape {tuple(z.shape)}")
+
+
+class _BoundAndRound(torch.autograd.Function):
+    """Squash, round and rescale in one autograd node (straight-through estimator).
+
+    Forward, per channel with ``t = act(z + shift)`` (act = tanh, or a clamp to [-1, 1]):
+        level  = round(t * half_l - offset) + half_width    (standard FSQ, integer 0..L-1)
+        level  = floor((t + 1) * (L - 1) / 2 + 0.5)         (symmetric FSQ)
+        code   = (level - half_width) / half_width  or  level * 2 / (L - 1) - 1
+    Backward: rounding is the identity, so d code / dz = slope * act'(z + shift), with
+    slope = half_l / half_width (standard) or 1 (symmetric).
+    """
+
+    @staticmethod
+    def forward(ctx, z, shift, scale, bias, centre, step, slope, symmetric, hard_clamp):
+        u = z + shift
+        t = u.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(u)
+        if symmetric:  # the library's order of operations, so that ties fall alike
+            level = torch.floor((t + 1.0) * scale + 0.5)
+        else:
+            level = torch.round(torch.addcmul(bias, t, scale)) + centre
+        code = level * step - 1.0 if symmetric else (level - centre) / centre
+        ctx.hard_clamp = hard_clamp
+        ctx.save_for_backward(u if hard_clamp else t, slope)
+        ctx.mark_non_differentiable(level)
+        return code, level
+
+    @staticmethod
+    def backward(ctx, grad_code, _grad_level):
+        saved, slope = ctx.saved_tensors
+        if ctx.hard_clamp:
+            local = ((saved >= -1.0) & (saved <= 1.0)).to(grad_code.dtype) * slope
+        else:
+            local = (1.0 - saved * saved) * slope
+        return grad_code * local, None, None, None, None, None, None, None, None
+
+
+class _ProjectedFSQ(torch.autograd.Function):
+    """project_in -> bound and round -> project_out as one autograd node.
+
+    Why: at (8, 1024, 256) against 4 channels the call is memory traffic over the (N, dim)
+    tensors, and Linear's backward is slow on these narrow shapes: it reads the output gradient
+    three times (two matmuls and the bias sum) and forms the weight gradient in the slow
+    operand order. Here the weight and bias gradients of project_out come from one matmul
+    against [codes, 1], in the fast order.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_in, b_in, w_out, b_out, shift, scale, bias, centre, step, slope,
+                symmetric, hard_clamp):
+        h = x @ w_in.t() if b_in is None else torch.addmm(b_in, x, w_in.t())
+        if not all_finite(h):  # tanh would map Inf to a valid code
+            check_finite(x)
+        u = h + shift
+        t = u.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(u)
+        if symmetric:  # the library's order of operations, so that ties fall alike
+            level = torch.floor((t + 1.0) * scale + 0.5)
+        else:
+            level = torch.round(torch.addcmul(bias, t, scale)) + centre
+        code = level * step - 1.0 if symmetric else (level - centre) / centre
+        out = code @ w_out.t() if b_out is None else torch.addmm(b_out, code, w_out.t())
+        ctx.hard_clamp = hard_clamp
+        ctx.has_bias = (b_in is not None, b_out is not None)
+        ctx.save_for_backward(x, w_in, w_out, code, u if hard_clamp else t, slope)
+        ctx.mark_non_differentiable(level)
+        return out, level
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_level):
+        x, w_in, w_out, code, saved, slope = ctx.saved_tensors
+        # one contiguous copy (a loss like out.sum() hands back an expanded gradient) instead
+        # of one per matmul; that copy is ours, and later takes the input gradient
+        given = grad_out
+        grad_out = grad_out.contiguous()
+        spare = grad_out if grad_out is not given and grad_out.shape == x.shape else None
+        in_bias, out_bias = ctx.has_bias
+        if ctx.hard_clamp:
+            local = ((saved >= -1.0) & (saved <= 1.0)).to(code.dtype) * slope
+        else:
+            local = (1.0 - saved * saved) * slope
+        # (codebook_dim [+ 1], N) @ (N, dim): the narrow operand transposed. The same product
+        # as grad_out.t() @ code (what Linear's backward computes), which BLAS runs ~30x
+        # slower here with N = 8192 and 4 columns
+        grad_b_out = None
+        if out_bias:
+            both = torch.cat([code, torch.ones_like(code[:, :1])], 1).t() @ grad_out
+            grad_w_out, grad_b_out = both[:-1].t(), both[-1]
+        else:
+            grad_w_out = (code.t() @ grad_out).t()
+        # w_out is (dim, codebook_dim) row-major; BLAS wants it as the transpose of a row-major
+        # (codebook_dim, dim) here (4x faster at N = 8192, dim = 256)
+        grad_h = (grad_out @ w_out.t().contiguous().t()) * local  # (N, codebook_dim)
+        grad_x = torch.mm(grad_h, w_in, out=spare) if spare is not None else grad_h @ w_in
+        grad_w_in = grad_h.t() @ x
+        grad_b_in = grad_h.sum(0) if in_bias else None
+        return (grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out,
+                None, None, None, None, None, None, None, None)
+
+
+class FSQ(nn.Module):
+    """Finite scalar quantizer; see the module docstring for the contract and differences."""
+
+    def __init__(
+        self,
+        levels: list[int] | tuple[int, ...],
+        dim: int | None = None,
+        num_codebooks: int = 1,
+        keep_num_codebooks_dim: bool | None = None,
+        scale: float | None = None,
+        allowed_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
+        channel_first: bool = False,
+        projection_has_bias: bool = True,
+        return_indices: bool = True,
+        force_quantization_f32: bool = True,
+        preserve_symmetry: bool = False,
+        noise_dropout: float = 0.0,
+        bound_hard_clamp: bool = False,
+        orthogonal_rotation: bool = False,
+    ):
+        super().__init__()
+        levels = [int(level) for level in levels]
+        if not levels or any(level < 2 for level in levels):
+            raise ValueError(f"levels must be a non-empty list of integers >= 2, got {levels}")
+        if any(level == 2 for level in levels) and not preserve_symmetry:
+            raise ValueError("levels of 2 need preserve_symmetry=True (standard FSQ's even-level "
+                             "offset leaves a 2-level channel on {-1, 0}); or use levels > 2")
+        if not 0.0 <= noise_dropout <= 1.0:
+            raise ValueError(f"noise_dropout must lie in [0, 1], got {noise_dropout}")
+        if noise_dropout > 0 and not preserve_symmetry:
+            raise ValueError("noise_dropout needs preserve_symmetry=True")
+        if num_codebooks < 1:
+            raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks}")
+        if keep_num_codebooks_dim is None:
+            keep_num_codebooks_dim = num_codebooks > 1
+        if num_codebooks > 1 and not keep_num_codebooks_dim:
+            raise ValueError("num_codebooks > 1 needs keep_num_codebooks_dim=True")
+
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
+        basis = [math.prod(levels[:i]) for i in range(len(levels))]
+        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.int64), persistent=False)
+
+        self.scale = scale  # accepted for the library's signature; FSQ itself does not use it
+        self.preserve_symmetry = preserve_symmetry
+        self.noise_dropout = noise_dropout
+        self.codebook_dim = len(levels)
+        self.num_codebooks = num_codebooks
+        self.effective_codebook_dim = self.codebook_dim * num_codebooks
+        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.dim = dim if dim is not None else self.effective_codebook_dim
+        self.channel_first = channel_first
+        self.has_projections = self.dim != self.effective_codebook_dim
+        if self.has_projections:
+            self.project_in = nn.Linear(self.dim, self.effective_codebook_dim,
+                                        bias=projection_has_bias)
+            self.project_out = nn.Linear(self.effective_codebook_dim, self.dim,
+                                         bias=projection_has_bias)
+        else:
+            self.project_in = nn.Identity()
+            self.project_out = nn.Identity()
+        self.return_indices = return_indices
+        self.codebook_size = math.prod(levels)
+        self.allowed_dtypes = allowed_dtypes
+        self.force_quantization_f32 = force_quantization_f32
+        self.bound_hard_clamp = bound_hard_clamp
+        self.orthogonal_rotation = orthogonal_rotation
+        self._register_constants(levels)
+        if orthogonal_rotation:
+            rotation = torch.empty(self.codebook_dim, self.codebook_dim)
+            nn.init.orthogonal_(rotation)
+            self.register_buffer("orthogonal_rot", rotation)
+
+    @property
+    def implicit_codebook(self) -> Tensor:
+        """(codebook_size, codebook_dim) every code, in index order. Built on demand (the
+        library keeps it as a buffer, which for large level products fills memory)."""
+        return self._indices_to_codes(torch.arange(self.codebook_size,
+                                                   device=self._levels.device)).float()
+
+    def _register_constants(self, levels: list[int]) -> None:
+        """Per-channel constants of the bound, in float64 (cast per call to the math dtype)."""
+        eps = 1e-3
+        lv = torch.tensor(levels, dtype=torch.float64)
+        if self.preserve_symmetry:
+            shift = torch.zeros_like(lv)
+            scale = (lv - 1) / 2
+            bias = (lv - 1) / 2 + 0.5
+            centre = torch.zeros_like(lv)
+            step = 2.0 / (lv - 1)
+            slope = torch.ones_like(lv)
+        else:
+            half_l = (lv - 1) * (1 + eps) / 2
+            offset = (lv % 2 == 0).double() * 0.5
+            ratio = offset / half_l
+            # even levels: shift so that z = 0 lands on code 0 after the half-level offset
+            shift = ratio if self.bound_hard_clamp else torch.atanh(ratio)
+            scale = half_l
+            bias = -offset
+            centre = torch.div(lv, 2, rounding_mode="floor")
+            step = 1.0 / centre
+            slope = half_l / centre
+        for name, value in dict(shift=shift, scale=scale, bias=bias, centre=centre, step=step,
+                                slope=slope).items():
+            self.register_buffer(f"_bound_{name}", value, persistent=False)
+        self._cache: dict = {}
+
+    def _constants(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+        key = (dtype, device)
+        hit = self._cache.get(key)
+        if hit is None or hit[0].device != device:
+            hit = tuple(getattr(self, f"_bound_{n}").to(device=device, dtype=dtype)
+                        for n in ("shift", "scale", "bias", "centre", "step", "slope"))
+            self._cache = {key: hit}
+        return hit
+
+    def _apply(self, fn, recurse=True):
+        self._cache = {}
+        return super()._apply(fn, recurse)
+
+    # ------------------------------------------------------------------ the library's helpers
+
+    def bound(self, z: Tensor, eps: float = 1e-3, hard_clamp: bool = False) -> Tensor:
+        """Standard FSQ bound and round, as the library's ``bound``: codes in [-1, 1]."""
+        levels = self._levels.to(z.dtype)
+        half_l = (levels - 1) * (1 + eps) / 2
+        offset = (self._levels % 2 == 0).to(z.dtype) * 0.5
+        shift = offset / half_l if hard_clamp else torch.atanh(offset / half_l)
+        bounded = (z + shift).clamp(-1, 1) if hard_clamp else torch.tanh(z + shift)
+        bounded = bounded * half_l - offset
+        rounded = bounded + (bounded.round() - bounded).detach()
+        return rounded / torch.div(self._levels, 2, rounding_mode="floor")
+
+    def symmetry_preserving_bound(self, z: Tensor, hard_clamp: bool = False) -> Tensor:
+        levels_minus_1 = (self._levels - 1).to(z.dtype)
+        t = z.clamp(-1, 1) if hard_clamp else torch.tanh(z)
+        bracket = levels_minus_1 * (t + 1) / 2 + 0.5
+        bracket = bracket + (bracket.floor() - bracket).detach()
+        return 2.0 / levels_minus_1 * bracket - 1.0
+
+    def quantize(self, z: Tensor) -> Tensor:
+        """Bound and round ``z`` (..., codebook_dim) to codes in [-1, 1], same shape."""
+        return self._bound_and_round(z)[0]
+
+    def _bound_and_round(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        constants = self._constants(z.dtype, z.device)
+        return _BoundAndRound.apply(z, *constants, self.preserve_symmetry, self.bound_hard_clamp)
+
+    def maybe_apply_noise(self, codes: Tensor, bounded: Tensor | None = None) -> Tensor:
+        """In training with ``noise_dropout``: for each entry with that probability, the
+        bounded value plus uniform noise of half a step either side, clamped to [-1, 1]."""
+        if not self.training or self.noise_dropout == 0.0:
+            return codes
+        if bounded is None:
+            bounded = codes
+        step = self._constants(codes.dtype, codes.device)[4]
+        noisy = bounded + (torch.rand_like(bounded) - 0.5) * step
+        chosen = torch.rand_like(bounded) < self.noise_dropout
+        return torch.where(chosen, noisy.clamp(-1.0, 1.0), codes)
+
+    def _scale_and_shift(self, zhat_normalized: Tensor) -> Tensor:
+        if self.preserve_symmetry:
+            return (zhat_normalized + 1.0) / (2.0 / (self._levels - 1))
+        half_width = self._levels // 2
+        return zhat_normalized * half_width + half_width
+
+    def _scale_and_shift_inverse(self, zhat: Tensor) -> Tensor:
+        if self.preserve_symmetry:
+            return zhat * (2.0 / (self._levels - 1)) - 1.0
+        half_width = self._levels // 2
+        return (zhat - half_width) / half_width
+
+    def indices_to_level_indices(self, indices: Tensor) -> Tensor:
+        """(...,) code indices -> (..., codebook_dim) level of each channel, 0..L-1."""
+        indices = indices.long().unsqueeze(-1)
+        return torch.div(indices, self._basis, rounding_mode="floor") % self._levels
+
+    def _indices_to_codes(self, indices: Tensor) -> Tensor:
+        return self._scale_and_shift_inverse(self.indices_to_level_indices(indices))
+
+    def codes_to_indices(self, zhat: Tensor) -> Tensor:
+        """(..., codebook_dim) codes in [-1, 1] -> (...,) int64 indices."""
+        if zhat.shape[-1] != self.codebook_dim:
+            raise QuantizerInputError(
+                f"expected codes of shape (..., {self.codebook_dim}), got {tuple(zhat.shape)}")
+        levels = self._scale_and_shift(zhat.double()).round().long()
+        return (levels * self._basis).sum(-1)
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """Indices as returned by ``forward`` -> the output ``forward`` gave for them."""
+        if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+            raise QuantizerInputError(f"expected integer indices, got {indices.dtype}")
+        is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
+        codes = self._indices_to_codes(indices).float()
+        if self.orthogonal_rotation:
+            codes = codes @ self.orthogonal_rot.t()
+        if self.keep_num_codebooks_dim:
+            codes = codes.flatten(-2)
+        codes = self.project_out(codes.to(self._param_dtype(codes.dtype)))
+        if is_img_or_video or self.channel_first:
+            codes = codes.movedim(-1, 1)
+        return codes
+
+    def _param_dtype(self, default: torch.dtype) -> torch.dtype:
+        if self.has_projections:
+            return self.project_out.weight.dtype
+        return default
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, z: Tensor) -> FSQOutput:
+        """``z``: (b, n, dim), or (b, dim, *spatial) for image/video feature maps (4+ dims)
+        or when ``channel_first``. Returns ``(out, indices)`` in the same layout."""
+        channel_first = self.channel_first or (isinstance(z, Tensor) and z.ndim >= 4)
+        check_tensor(z, self.dim, 1 if channel_first else -1)
+        if channel_first:
+            spatial = z.shape[2:]
+            z = z.flatten(2).transpose(1, 2)  # (b, n, dim)
+
+        fused = self._fused_call(z)
+        if fused is not None:
+            out, indices = fused
+            if channel_first:
+                out = out.transpose(1, 2).unflatten(2, spatial)
+                if indices is not None:
+                    indices = indices.unflatten(1, spatial)
+            if indices is not None and not self.keep_num_codebooks_dim:
+                indices = indices.squeeze(-1)
+            return FSQOutput(out, indices)
+
+        h = self.project_in(z)
+        # a non-finite input entry makes every projected entry it feeds non-finite, so the
+        # small projected tensor is the cheap place to look
+        if not all_finite(h):
+            check_finite(z)
+        orig_dtype = h.dtype
+        math_dtype = orig_dtype
+        if orig_dtype not in self.allowed_dtypes and (
+                self.force_quantization_f32 or orig_dtype in _HALF_DTYPES):
+            # half precision would misplace the rounding thresholds
+            math_dtype = torch.float32
+        h = h.to(math_dtype)
+        h = h.unflatten(-1, (self.num_codebooks, self.codebook_dim))  # (b, n, c, d)
+        if self.orthogonal_rotation:
+            h = h @ self.orthogonal_rot.to(math_dtype)
+
+        with torch.autocast(h.device.type, enabled=False):
+            codes, level = self._bound_and_round(h)
+            indices = None
+            if self.return_indices:
+                indices = (level.long() * self._basis).sum(-1)  # (b, n, c), exact
+            if self.noise_dropout > 0.0 and self.training:
+                codes = self.maybe_apply_noise(codes, self._bounded(h))
+            if self.orthogonal_rotation:
+                codes = codes @ self.orthogonal_rot.to(math_dtype).t()
+        codes = codes.flatten(-2).to(orig_dtype)
+        out = self.project_out(codes)
+
+        if channel_first:
+            out = out.transpose(1, 2).unflatten(2, spatial)
+            if indices is not None:
+                indices = indices.unflatten(1, spatial)
+        if indices is not None and not self.keep_num_codebooks_dim:
+            indices = indices.squeeze(-1)
+        return FSQOutput(out, indices)
+
+    def _fused_call(self, z: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        """The common case (projections, float32/float64, no rotation or noise, autocast off)
+        in one autograd node; None when the general path is needed."""
+        if not (self.has_projections and z.dtype in self.allowed_dtypes
+                and not self.orthogonal_rotation
+                and not (self.noise_dropout > 0.0 and self.training)
+                and z.dtype == self.project_in.weight.dtype
+                and not torch.is_autocast_enabled(z.device.type)):
+            return None
+        flat = z.reshape(-1, self.dim)
+        pin, pout = self.project_in, self.project_out
+        constants = self._constants(z.dtype, z.device)
+        repeat = self.num_codebooks
+        if repeat > 1:
+            constants = tuple(c.repeat(repeat) for c in constants)
+        out, level = _ProjectedFSQ.apply(flat, pin.weight, pin.bias, pout.weight, pout.bias,
+                                         *constants, self.preserve_symmetry,
+                                         self.bound_hard_clamp)
+        indices = None
+        if self.return_indices:
+            level = level.view(*z.shape[:-1], self.num_codebooks, self.codebook_dim)
+            if self.codebook_size <= 2 ** 24 and level.dtype == torch.float32:
+                # one matvec, exact: every partial sum is an integer below 2**24
+                indices = (level @ self._basis.to(level.dtype)).long()
+            else:
+                indices = (level.long() * self._basis).sum(-1)
+        return out.view(*z.shape[:-1], self.dim), indices
+
+    def _bounded(self, h: Tensor) -> Tensor:
+        """The continuous bounded value in code units (symmetric FSQ), differentiable."""
+        t = h.clamp(-1.0, 1.0) if self.bound_hard_clamp else torch.tanh(h)
+        return t
+
+    def extra_repr(self) -> str:
+        return (f"levels={self._levels.tolist()}, dim={self.dim}, "
+                f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}")
