@@ -7,7 +7,7 @@ ifeq ($(VQVAE_DATA_DIR),)
 export VQVAE_DATA_DIR := $(abspath $(wildcard ../shared/data/mnist))
 endif
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast lint bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +17,11 @@ run: setup
 
 test: setup
 	@$(PY) -m pytest -q
+	@$(PY) -m ruff check src tests benchmarks
+
+# The tests that start no processes, compile nothing and run no command end to end.
+test-fast: setup
+	@$(PY) -m pytest -q -m "not slow"
 	@$(PY) -m ruff check src tests benchmarks
 
 lint: setup

@@ -45,7 +45,6 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -473,13 +472,8 @@ def section_memory(run: Run, shape, k) -> None:
 # ---------------------------------------------------------------------------- section 5: epoch
 
 
-class NoQuantizer(torch.nn.Module):
-    def forward(self, z):
-        return z, torch.zeros(z.shape[:-1], dtype=torch.long, device=z.device), z.new_zeros(())
-
-
 EPOCH_VARIANTS = [  # (name, quantizer, autocast, search backend)
-    ("no quantizer", "ours", False, None),
+    ("no quantizer", "none", False, None),
     ("ours", "ours", False, "triton"),
     ("ours, bf16 autocast", "ours", True, "triton"),
     ("ours, chunked search", "ours", False, "torch"),
@@ -489,8 +483,7 @@ EPOCH_VARIANTS = [  # (name, quantizer, autocast, search backend)
 ]
 
 
-def make_model(run: Run, quantizer: str, no_quantizer: bool, autocast: bool,
-               compiled: bool = False):
+def make_model(run: Run, quantizer: str, autocast: bool, compiled: bool = False):
     from vqvae.models import VQVAE, ModelConfig
     from vqvae.train import TrainConfig, compile_networks, make_optimizer
 
@@ -500,8 +493,6 @@ def make_model(run: Run, quantizer: str, no_quantizer: bool, autocast: bool,
     options = {} if run.args.epoch_codebook_size is None else \
         {"codebook_size": run.args.epoch_codebook_size}
     model = VQVAE(ModelConfig(quantizer=quantizer, **options)).to(run.device)
-    if no_quantizer:
-        model.quantizer = NoQuantizer()
     if compiled:
         compile_networks(model)
     return model, make_optimizer(model, config, run.device)
@@ -509,20 +500,16 @@ def make_model(run: Run, quantizer: str, no_quantizer: bool, autocast: bool,
 
 def train_steps(model, optimizer, data, start: int, steps: int, batch_size: int,
                 autocast: bool, backend: str | None) -> None:
-    """The step of vqvae.train.train_epoch (autocast forward, MSE + VQ loss, Adam)."""
+    """``steps`` calls of vqvae.train.train_step, the step of ``vqvae train``."""
     from vqvae.quantizers.search import search_settings
+    from vqvae.train import train_step
 
     n = data.shape[0]
-    device_type = data.device.type
+    context = torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=autocast)
     with search_settings(backend=backend):
         for i in range(start, start + steps):
-            batch = data[(i * batch_size) % (n - batch_size):][:batch_size]
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-                reconstruction, _, vq_loss = model(batch)
-            loss = F.mse_loss(reconstruction.float(), batch) + vq_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step(model, optimizer, data[(i * batch_size) % (n - batch_size):][:batch_size],
+                       context)
 
 
 def section_epoch(run: Run) -> None:
@@ -530,8 +517,8 @@ def section_epoch(run: Run) -> None:
     data = torch.rand(args.epoch_images, 1, 28, 28, device=run.device)  # MNIST-shaped
     variants = {}
     for name, quantizer, autocast, backend in EPOCH_VARIANTS:
-        built = run.guard("epoch", f"{name} (build)", make_model, run, quantizer,
-                          name == "no quantizer", autocast, name.endswith("compiled"))
+        built = run.guard("epoch", f"{name} (build)", make_model, run, quantizer, autocast,
+                          name.endswith("compiled"))
         if built is not FAILED:
             variants[name] = (*built, autocast, backend)
     for name, (model, optimizer, autocast, backend) in list(variants.items()):

@@ -1,9 +1,10 @@
 """Seconds per training epoch of the course's MLP VQ-VAE: no quantizer, ours, the library's.
 
-Each variant runs the training step of ``vqvae.train`` (same optimiser, batch size, data
-layout) on MNIST-sized data. The variants take turns in rounds of ``--steps`` steps within one
-process, so machine noise hits all alike; the table gives the median time per step scaled to a
-60,000-image epoch, and each variant's ratio to the network without a quantizer.
+Each variant runs ``vqvae.train.train_step`` (the step of ``vqvae train``: same optimiser,
+batch size, data layout) on MNIST-sized data; "no quantizer" is the ``none`` quantizer. The
+variants take turns in rounds of ``--steps`` steps within one process, so machine noise hits all
+alike; the table gives the median time per step scaled to a 60,000-image epoch, and each
+variant's ratio to the network without a quantizer.
 
     python benchmarks/train_epoch.py                      # CPU
     python benchmarks/train_epoch.py --device cuda --precision bf16
@@ -19,41 +20,27 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from vqvae.models import VQVAE, ModelConfig
-from vqvae.train import TrainConfig, make_optimizer, uses_bf16
+from vqvae.rundir import uses_bf16
+from vqvae.train import TrainConfig, make_optimizer, train_step
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quantizer import print_markdown, settle_allocator, sync  # noqa: E402
 
 
-class NoQuantizer(torch.nn.Module):
-    """The same network with the quantizer taken out: the encoder output goes to the decoder."""
-
-    def forward(self, z):
-        return z, None, z.new_zeros(())
-
-
 def make_variant(name: str, device: torch.device, config: TrainConfig):
     torch.manual_seed(0)
-    quantizer = "ours" if name == "no quantizer" else name
+    quantizer = "none" if name == "no quantizer" else name
     model = VQVAE(ModelConfig(quantizer=quantizer)).to(device)
-    if name == "no quantizer":
-        model.quantizer = NoQuantizer()
     return model, make_optimizer(model, config, device)
 
 
 def run_steps(model, optimizer, data, start, steps, batch_size, autocast):
     n = data.shape[0]
     for i in range(start, start + steps):
-        batch = data[(i * batch_size) % (n - batch_size):][:batch_size]
-        with autocast:
-            reconstruction, _, vq_loss = model(batch)
-        loss = F.mse_loss(reconstruction.float(), batch) + vq_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, data[(i * batch_size) % (n - batch_size):][:batch_size],
+                   autocast)
 
 
 def main() -> None:

@@ -120,6 +120,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
                           text=True, timeout=120, env={**os.environ, **env})
 
 
+@pytest.mark.slow
 def test_without_a_compiler_the_search_falls_back_to_addmm(tmp_path):
     result = _python("""
         import torch

@@ -15,8 +15,9 @@ from conftest import requires_mnist
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available"),
+              pytest.mark.slow]  # every test starts processes (torchrun or workers)
 
 
 def free_port() -> int:

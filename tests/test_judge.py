@@ -118,11 +118,17 @@ def test_fd_of_a_set_against_itself_is_zero_and_grows_with_noise(random_judge):
 
 
 def test_score_of_one_image_repeated(random_judge):
-    report = random_judge.score(blobs(1).repeat(20, 1, 1, 1)[:, 0], labels=[3] * 20)
+    image = blobs(1)
+    with torch.no_grad():  # the class the net predicts, computed apart from the judge
+        predicted = int(random_judge.net(image).argmax())
+    other = (predicted + 1) % 10
+    labels = [predicted] * 15 + [other] * 5  # 15 of 20 are the class the judge will say
+    report = random_judge.score(image.repeat(20, 1, 1, 1)[:, 0], labels=labels)
     assert report.inception_score == pytest.approx(1.0, abs=1e-9)
-    assert report.count == 20 and sum(report.class_histogram) == 20
-    assert max(report.class_histogram) == 20  # one image, one predicted class
-    assert report.accuracy in (0.0, 1.0)
+    assert report.count == 20
+    assert report.class_histogram == [20 if c == predicted else 0 for c in range(10)]
+    assert report.accuracy == pytest.approx(0.75)
+    assert random_judge.score(image.repeat(2, 1, 1, 1), labels=[other] * 2).accuracy == 0.0
     assert "| a set | 20 | 1.00 |" in report_table({"a set": report})
 
 

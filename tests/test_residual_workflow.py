@@ -145,8 +145,9 @@ QUICK = ["--epochs", "1", "--train-subset", "200", "--test-subset", "50", "--bat
 
 
 @requires_mnist
+@pytest.mark.slow
 def test_cli_trains_encodes_and_decodes_a_residual_model(tmp_path, capsys):
-    from vqvae.train import load_model
+    from vqvae.rundir import load_model
 
     run_dir = tmp_path / "rvq"
     assert main(["train", "--quantizer", "rvq", "--num-quantizers", "2", "--out-dir",
@@ -166,6 +167,7 @@ def test_cli_trains_encodes_and_decodes_a_residual_model(tmp_path, capsys):
 
 
 @requires_mnist
+@pytest.mark.slow
 def test_cli_compare_residual_ours_and_library(tmp_path, capsys):
     out = tmp_path / "compare"
     assert main(["compare", "--quantizers", "rvq,lucidrains-rvq", "--num-quantizers", "2",

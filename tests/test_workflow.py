@@ -14,7 +14,8 @@ from conftest import requires_mnist
 
 from vqvae.cli import main
 from vqvae.models import VQVAE, ModelConfig
-from vqvae.train import TrainConfig, load_checkpoint, load_model, train
+from vqvae.rundir import load_checkpoint, load_model
+from vqvae.train import TrainConfig, train
 from vqvae.workflow import load_codes, reconstruct, write_run_figures
 
 pytestmark = requires_mnist
@@ -66,6 +67,7 @@ def test_figures_are_real_images(tiny_run):
     assert width > 2 * height  # a wide figure of two rows of ten digits, not squashed
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, tiny_run):
     # --compile: torch.compile'd encoder and decoder, same seed and data order as tiny_run
     config = TrainConfig(epochs=2, out_dir=str(tmp_path / "compiled"), compile=True, **QUICK)
@@ -85,6 +87,7 @@ def _run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     """A run SIGKILLed right after epoch 1's checkpoint, then resumed, ends bit-identical."""
     args = "train --epochs 3 --train-subset 1200 --test-subset 200 --batch-size 100 --no-progress"
@@ -208,6 +211,35 @@ def test_help_and_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert "vqvae" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command,options", [
+    ("train", ["--quantizer", "--num-quantizers", "--resume", "--out-dir", "--precision"]),
+    ("compare", ["--quantizers", "--epochs", "--out-dir"]),
+    ("reconstruct", ["RUN_DIR", "--indices", "--images", "--invert"]),
+    ("sample", ["--prior", "--digit", "--guidance", "--threads"]),
+    ("prior", ["--epochs", "--unconditional", "--precision", "--threads"]),
+    ("encode", ["--indices", "--out"]),
+    ("decode", ["CODES", "--out"]),
+    ("judge", ["--judge-path", "--retrain-judge", "--guidance", "--images"]),
+    ("demo", ["--dim", "--codebook-size", "--steps"]),
+])
+def test_every_command_explains_its_options(command, options, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: vqvae {command}")
+    for option in options:
+        assert option in text, option
+    main_help = _main_help(capsys)
+    assert command in main_help
+
+
+def _main_help(capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    return capsys.readouterr().out
 
 
 def test_model_config_round_trips_and_rejects_unknown_keys():

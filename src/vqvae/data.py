@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import hashlib
 import os
 import struct
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -38,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from .rundir import atomic_file, sha256_bytes, user_cache_dir
 
 
 class DatasetError(RuntimeError):
@@ -204,11 +204,6 @@ def read_file_bytes(path: Path) -> bytes:
 # ---------------------------------------------------------------------------- finding files
 
 
-def user_cache_dir(dataset: str) -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vqvae" / dataset
-
-
 def candidate_dirs(spec: DatasetSpec, data_dir: str | os.PathLike | None) -> list[Path]:
     dirs = []
     if data_dir is not None:
@@ -232,13 +227,9 @@ def _find_file(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def sha256_hex(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()
-
-
 def load_verified(path: Path, expected_sha256: str) -> np.ndarray:
     raw = read_file_bytes(path)
-    digest = sha256_hex(raw)
+    digest = sha256_bytes(raw)
     if digest != expected_sha256:
         raise DatasetError(
             f"{path} failed verification: the SHA-256 of its content is {digest}, expected "
@@ -278,12 +269,8 @@ def download_file(url: str, destination: Path, verify: Callable[[Path], None],
     """
     from tqdm import tqdm
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=destination.name + ".", suffix=".part",
-                                    dir=destination.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
+    with atomic_file(destination, suffix=".part") as tmp:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name,
                       disable=not progress, leave=False) as bar:
@@ -291,15 +278,12 @@ def download_file(url: str, destination: Path, verify: Callable[[Path], None],
                     out.write(chunk)
                     bar.update(len(chunk))
         verify(tmp)
-        os.replace(tmp, destination)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _idx_verifier(url: str, expected_sha256: str) -> Callable[[Path], None]:
     def verify(path: Path) -> None:
         raw = read_file_bytes(path)
-        if sha256_hex(raw) != expected_sha256:
+        if sha256_bytes(raw) != expected_sha256:
             raise DatasetError(f"{url}: downloaded content does not match its known SHA-256")
         parse_idx(raw, url)
 

@@ -24,21 +24,19 @@ settings. A weights file whose checksum does not match its record is never used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import DATASETS, load_dataset, user_cache_dir
-from .train import atomic_torch_save, atomic_write_json
+from .data import DATASETS, load_dataset
+from .rundir import atomic_torch_save, atomic_write_json, sha256_file, user_cache_dir
 
 #: Bumped whenever the architecture or its training changes, so old caches are not mistaken
 #: for the current judge.
@@ -285,19 +283,11 @@ def _record_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_judge(net: JudgeNet, record: dict, path: Path) -> None:
     """Weights, then the record carrying their SHA-256 (both written atomically)."""
     path = Path(path)
     atomic_torch_save(path, net.state_dict())
-    atomic_write_json(_record_path(path), {**record, "sha256": _sha256_file(path)})
+    atomic_write_json(_record_path(path), {**record, "sha256": sha256_file(path)})
 
 
 def load_judge_net(path: Path) -> tuple[JudgeNet, dict]:
@@ -307,7 +297,7 @@ def load_judge_net(path: Path) -> tuple[JudgeNet, dict]:
     if not path.is_file() or not record_path.is_file():
         raise JudgeError(f"no judge cached at {path}")
     record = json.loads(record_path.read_text())
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     if digest != record.get("sha256"):
         raise JudgeError(
             f"{path} failed verification: its SHA-256 is {digest}, its record {record_path} "
@@ -369,98 +359,3 @@ def report_table(rows: dict[str, JudgeReport], classes: int = 10) -> str:
                      f"{r.mean_confidence:.3f} | {r.confident_fraction:.1%} | {accuracy} | "
                      f"{histogram} |")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- judging a run
-
-
-@dataclass
-class SamplingOptions:
-    temperature: float = 1.0
-    top_k: int | None = None
-    guidance_scale: float = 1.0  # conditional samples only
-
-
-def judge_run(run_dir: str | Path, judge: Judge, count: int = 10_000, seed: int = 0,
-              sampling: SamplingOptions | None = None, data_dir=None,
-              progress: bool = True) -> dict[str, Any]:
-    """Score the sets a run can make, ``count`` images each: the real test set, its
-    reconstructions, uniformly random codes, codes drawn from per-position frequencies and,
-    when the run has a prior, prior samples: unconditional (the null label); with a guidance
-    scale above 1, with each class drawn from the label frequencies and guided toward; and
-    conditional on a digit cycling 0-9, whose ``accuracy`` is the fraction judged to be the
-    digit asked for. ``sampling`` (temperature, top-k) applies to all prior samples."""
-    from .prior import (
-        PRIOR_CHECKPOINT,
-        FrequencyPrior,
-        draw_labels,
-        encode_images,
-        load_run_prior,
-        run_codes,
-        sample,
-    )
-    from .train import load_model, read_config
-    from .workflow import random_codes
-
-    run_dir = Path(run_dir)
-    sampling = sampling or SamplingOptions()
-    model = load_model(run_dir)
-    train_config, model_config = read_config(run_dir)
-    if train_config.dataset != judge.dataset:
-        raise JudgeError(f"{run_dir} was trained on {train_config.dataset}, the judge is for "
-                         f"{judge.dataset}")
-    test = load_dataset(judge.dataset, "test", data_dir or train_config.data_dir,
-                        progress=False)
-    real = test.as_float()[:count].unsqueeze(1)
-
-    def decode(codes: Tensor) -> Tensor:
-        with torch.no_grad():
-            return torch.cat([model.decode(c) for c in codes.split(1000)])
-
-    def say(name: str) -> None:
-        if progress:
-            print(f"judging {name} ...", flush=True)
-
-    reports: dict[str, JudgeReport] = {}
-    seconds: dict[str, float] = {}
-    say("the real test set")
-    reports["real test set"] = judge.score(real, test.labels[:count])
-    say("reconstructions")
-    reports["reconstructions"] = judge.score(decode(encode_images(model, real)),
-                                             test.labels[:count])
-    say("uniformly random codes")
-    reports["random codes"] = judge.score(decode(random_codes(model_config, count, seed)))
-    say("per-position frequencies")
-    codes = run_codes(run_dir, model, data_dir, progress=False)
-    frequency = FrequencyPrior(codes["train_codes"], model_config.codebook_size,
-                               model_config.code_shape)
-    reports["per-position frequencies"] = judge.score(decode(frequency.sample(count, seed)))
-    if (run_dir / PRIOR_CHECKPOINT).is_file():
-        prior = load_run_prior(run_dir)
-        options = {"temperature": sampling.temperature, "top_k": sampling.top_k}
-        say("prior samples")
-        start = time.perf_counter()
-        images = decode(sample(prior, count, seed=seed, **options))
-        seconds["prior, null label"] = time.perf_counter() - start
-        reports["prior, null label"] = judge.score(images)
-        if prior.config.num_classes and sampling.guidance_scale != 1.0:
-            say("prior samples, classes drawn from the label frequencies, guided")
-            labels = draw_labels(prior, count, seed)
-            start = time.perf_counter()
-            images = decode(sample(prior, count, labels, seed=seed,
-                                   guidance_scale=sampling.guidance_scale, **options))
-            seconds["prior, guided"] = time.perf_counter() - start
-            reports[f"prior, class drawn, guidance {sampling.guidance_scale:g}"] = \
-                judge.score(images)
-        if prior.config.num_classes:
-            say("conditional prior samples")
-            labels = torch.arange(count) % prior.config.num_classes
-            start = time.perf_counter()
-            images = decode(sample(prior, count, labels, seed=seed,
-                                   guidance_scale=sampling.guidance_scale, **options))
-            seconds["prior, digit asked for"] = time.perf_counter() - start
-            name = "prior, digit asked for" + (f", guidance {sampling.guidance_scale:g}"
-                                               if sampling.guidance_scale != 1.0 else "")
-            reports[name] = judge.score(images, labels)
-    return {"reports": reports, "sample_seconds": seconds, "sampling": asdict(sampling),
-            "count": count, "seed": seed, "judge": judge.info, "run_dir": str(run_dir)}

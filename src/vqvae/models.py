@@ -6,7 +6,7 @@ The MLP model is the course's, layer for layer:
     reshape  (B, num_embeddings, vector_dim): one code per position
     decoder  vector_dim·num_embeddings → 300 → 300 → 784    (LeakyReLU between, Sigmoid last)
 
-The quantizer is chosen by name (see :data:`QUANTIZERS`); every one follows the contract
+The quantizer is chosen by name from :mod:`vqvae.registry`; every one follows the contract
 ``quantized, indices, loss = q(x)`` with ``x`` of shape ``(..., vector_dim)`` and has
 ``decode(indices)``.
 
@@ -17,8 +17,9 @@ transposed convolutions take them back.
 
 Codes of one image have the shape :attr:`ModelConfig.code_shape`: the positions
 (``(num_embeddings,)`` for the MLP, ``(7, 7)`` for the conv model's grid), then the codebook axes
-of the quantizer: none for a single codebook, ``(num_quantizers,)`` for a residual quantizer and
-``(groups, num_quantizers)`` for a grouped residual one. Everything that handles codes asks it.
+of the quantizer (its registry entry's layout): none for a single codebook, ``(num_quantizers,)``
+for a residual quantizer and ``(groups, num_quantizers)`` for a grouped residual one. Each index
+takes :attr:`ModelConfig.vocab_size` values. Everything that handles codes asks these.
 """
 
 from __future__ import annotations
@@ -31,147 +32,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import registry
 from .pretrained import PretrainedMixin
-from .quantizers import GroupedResidualVQ, ResidualVQ, VectorQuantize, VQOutput
-from .quantizers.course import CourseVectorQuantize
-
-#: Options of our VectorQuantize for the MNIST models (``--quantizer ours``), chosen by
-#: measurement (README, "How the defaults were chosen"). Random N(0, 1) codes, not k-means:
-#: k-means on the untrained encoder's outputs gives each of the 16 positions its own ~32
-#: codes, 5 bits per position instead of 9. Restarts of dead codes wait for the encoder's
-#: outputs to spread out, for the same reason. A slower EMA (0.95) and a light commitment
-#: weight (0.1) let the encoder move more freely.
-OURS_DEFAULTS: dict[str, Any] = {
-    "decay": 0.95,
-    "commitment_weight": 0.1,
-    "kmeans_init": False,
-    "threshold_ema_dead_code": 1.0,
-    "dead_code_warmup_steps": 1000,
-}
-
-
-def _ours(dim: int, codebook_size: int, options: dict) -> nn.Module:
-    return VectorQuantize(dim=dim, codebook_size=codebook_size, **options)
-
-
-def _lucidrains(dim: int, codebook_size: int, options: dict) -> nn.Module:
-    from vector_quantize_pytorch import VectorQuantize as LibraryVectorQuantize
-
-    layer = LibraryVectorQuantize(dim=dim, codebook_size=codebook_size, **options)
-    layer.decode = layer.get_output_from_indices
-    return layer
-
-
-#: Commitment weight of the residual presets before division by the depth. Every layer's loss
-#: pulls the encoder toward its own partial sum (the first toward the coarsest), so the pull of
-#: the mean of L layers is dominated by coarse errors a deep stack no longer makes. Measured with
-#: the MLP on MNIST, 4 layers: commitment 0.1 gives test MSE 0.0070, 0.025 gives 0.0065, 0.01
-#: gives 0.0060, 0.0025 gives 0.0062; 8 layers: 0.0125 gives 0.0058, 0.005 gives 0.0055.
-RESIDUAL_COMMITMENT = 0.04
-
-
-def _depth_scaled(options: dict) -> dict:
-    """``commitment_weight=None`` means ``RESIDUAL_COMMITMENT / num_quantizers``."""
-    if options.get("commitment_weight") is not None:
-        return options
-    depth = options.get("num_quantizers", 1)
-    return {**options, "commitment_weight": RESIDUAL_COMMITMENT / depth}
-
-
-def _residual(dim: int, codebook_size: int, options: dict) -> nn.Module:
-    return ResidualVQ(dim=dim, codebook_size=codebook_size, **_depth_scaled(options))
-
-
-def _grouped(dim: int, codebook_size: int, options: dict) -> nn.Module:
-    return GroupedResidualVQ(dim=dim, codebook_size=codebook_size, **_depth_scaled(options))
-
-
-class LibraryResidual(nn.Module):
-    """The library's ``ResidualVQ`` / ``GroupedResidualVQ`` behind our contract.
-
-    The library returns one loss per depth (and group) and puts the group axis first; this
-    returns a scalar loss reduced as ours is (the mean over depths and groups) and indices laid
-    out as ours, ``(..., num_quantizers)`` or ``(..., groups, num_quantizers)``. (The library
-    pads the depths quantize dropout skipped with zero losses; the comparisons use no dropout.)
-    """
-
-    def __init__(self, module: nn.Module, grouped: bool):
-        super().__init__()
-        self.module = module
-        self.grouped = grouped
-
-    def forward(self, x: Tensor) -> VQOutput:
-        quantized, indices, losses = self.module(x)
-        if self.grouped:
-            indices = indices.movedim(0, -2)
-        return VQOutput(quantized, indices, losses.mean())
-
-    def decode(self, indices: Tensor) -> Tensor:
-        if self.grouped:
-            indices = indices.movedim(-2, 0)  # (groups, ..., num_quantizers)
-        return self.module.get_output_from_indices(indices)
-
-
-def _lucidrains_residual(dim: int, codebook_size: int, options: dict) -> nn.Module:
-    from vector_quantize_pytorch import ResidualVQ as LibraryResidualVQ
-
-    return LibraryResidual(LibraryResidualVQ(dim=dim, codebook_size=codebook_size,
-                                             **_depth_scaled(options)), grouped=False)
-
-
-def _lucidrains_grouped(dim: int, codebook_size: int, options: dict) -> nn.Module:
-    from vector_quantize_pytorch import GroupedResidualVQ as LibraryGroupedResidualVQ
-
-    return LibraryResidual(LibraryGroupedResidualVQ(dim=dim, codebook_size=codebook_size,
-                                                    **_depth_scaled(options)), grouped=True)
-
-
-def _naive(dim: int, codebook_size: int, options: dict) -> nn.Module:
-    if options:
-        raise ValueError(f"the course's layer takes no options, got {sorted(options)}")
-    return CourseVectorQuantize(codebook_size=codebook_size, dim=dim)
-
-
-#: The library's residual quantizers with the settings of ours (``OURS_DEFAULTS``) that it has,
-#: so that a comparison is like with like: the same decay, commitment weight, initialisation and
-#: dead-code threshold, and straight-through gradients (the library's default is the rotation
-#: trick). It has no warm-up before dead-code restarts: its restarts start at the first step.
-#: Ours for residual stacks: the commitment weight is divided by the depth (``_depth_scaled``).
-RESIDUAL_DEFAULTS: dict[str, Any] = {**OURS_DEFAULTS, "commitment_weight": None}
-
-LIBRARY_RESIDUAL_DEFAULTS: dict[str, Any] = {
-    **{k: v for k, v in RESIDUAL_DEFAULTS.items() if k != "dead_code_warmup_steps"},
-    "rotation_trick": False,
-}
-
-#: name -> (builder, default options). Options given in a config replace the defaults key by key.
-QUANTIZERS: dict[str, tuple[Any, dict[str, Any]]] = {
-    "ours": (_ours, OURS_DEFAULTS),
-    # Exercise 1: the library's layer with the course's settings
-    "lucidrains": (_lucidrains, {"decay": 0.8, "commitment_weight": 1.0}),
-    # Exercise 2 as the course writes it
-    "naive": (_naive, {}),
-    # The residual family, ours and the library's
-    "rvq": (_residual, RESIDUAL_DEFAULTS),
-    # Temperature for this model's latent scale: on a trained 4-layer MLP model the nearest code
-    # is ~0.06 away at depth 1 and the 10th ~0.18; at 0.1 (the library README's value) codes are
-    # sampled among dozens, at 0.01 the second-nearest is ~e^-3 as likely as the nearest.
-    "rqvae": (_residual, {**RESIDUAL_DEFAULTS, "shared_codebook": True,
-                          "stochastic_sample_codes": True, "sample_codebook_temp": 0.01}),
-    "grvq": (_grouped, RESIDUAL_DEFAULTS),
-    "lucidrains-rvq": (_lucidrains_residual, LIBRARY_RESIDUAL_DEFAULTS),
-    "lucidrains-grvq": (_lucidrains_grouped, LIBRARY_RESIDUAL_DEFAULTS),
-}
-
-#: The ModelConfig fields that shape a quantizer's codes, per quantizer: they are passed to its
-#: builder as options and give the codes of a position their axes, in this order.
-CODE_AXES: dict[str, tuple[str, ...]] = {
-    "rvq": ("num_quantizers",),
-    "rqvae": ("num_quantizers",),
-    "grvq": ("groups", "num_quantizers"),
-    "lucidrains-rvq": ("num_quantizers",),
-    "lucidrains-grvq": ("groups", "num_quantizers"),
-}
 
 
 @dataclass
@@ -186,7 +48,7 @@ class ModelConfig:
     codebook_size: int = 512
     quantizer: str = "ours"
     quantizer_options: dict[str, Any] = field(default_factory=dict)
-    num_quantizers: int = 1  # depths of a residual quantizer (see CODE_AXES)
+    num_quantizers: int = 1  # depths of a residual quantizer (a registry layout setting)
     groups: int = 1  # feature groups of a grouped residual quantizer
     # Width of the conv model (its first layer has half); the MLP ignores it. 32 reaches test
     # MSE 0.003 on MNIST in 6 epochs and trains in about half the time of 64 on a CPU.
@@ -196,9 +58,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(MODELS)}")
-        if self.quantizer not in QUANTIZERS:
-            raise ValueError(
-                f"unknown quantizer {self.quantizer!r}; choose one of {sorted(QUANTIZERS)}")
+        entry = registry.get(self.quantizer)  # a ValueError naming the choices
         for name in ("image_size", "hidden_dim", "vector_dim", "num_embeddings", "codebook_size",
                      "num_quantizers", "groups", "channels", "channels_in"):
             value = getattr(self, name)
@@ -209,12 +69,11 @@ class ModelConfig:
         if self.model == "conv" and self.image_size % 4:
             raise ValueError(f"the conv model needs an image size divisible by 4, "
                              f"got {self.image_size}")
-        axes = CODE_AXES.get(self.quantizer, ())
         for name in ("num_quantizers", "groups"):
-            if getattr(self, name) != 1 and name not in axes:
-                takers = sorted(q for q, a in CODE_AXES.items() if name in a)
+            if getattr(self, name) != 1 and name not in entry.layout:
                 raise ValueError(f"quantizer {self.quantizer!r} does not take {name}="
-                                 f"{getattr(self, name)}; choose one of {takers}")
+                                 f"{getattr(self, name)}; choose one of "
+                                 f"{registry.takers(name)}")
             if name in self.quantizer_options:
                 raise ValueError(f"{name} is a model setting (ModelConfig.{name}, "
                                  f"--{name.replace('_', '-')}), not a quantizer option")
@@ -222,7 +81,7 @@ class ModelConfig:
             raise ValueError(f"vector_dim={self.vector_dim} must be a multiple of "
                              f"groups={self.groups}")
         # Record the options in full, so a checkpoint says exactly what was trained
-        self.quantizer_options = {**QUANTIZERS[self.quantizer][1], **self.quantizer_options}
+        self.quantizer_options = {**entry.defaults, **self.quantizer_options}
 
     @property
     def position_shape(self) -> tuple[int, ...]:
@@ -233,10 +92,21 @@ class ModelConfig:
         return (self.num_embeddings,)
 
     @property
+    def entry(self) -> registry.QuantizerEntry:
+        """The quantizer's registry entry."""
+        return registry.get(self.quantizer)
+
+    @property
     def codebook_axes(self) -> tuple[int, ...]:
         """The quantizer's codes per position: ``()``, ``(num_quantizers,)`` or
-        ``(groups, num_quantizers)``."""
-        return tuple(getattr(self, a) for a in CODE_AXES.get(self.quantizer, ()))
+        ``(groups, num_quantizers)``, as its registry entry lays them out."""
+        return self.entry.codebook_axes(self)
+
+    @property
+    def vocab_size(self) -> int:
+        """Values one index takes: ``codebook_size`` for a codebook, or what the quantizer's
+        entry says (levels, bits)."""
+        return self.entry.vocab_size(self)
 
     @property
     def code_shape(self) -> tuple[int, ...]:
@@ -250,12 +120,12 @@ class ModelConfig:
 
     @property
     def bits_per_image(self) -> float:
-        """Size of one image's codes in bits: ``prod(code_shape) · log2(codebook_size)``."""
-        return math.prod(self.code_shape) * math.log2(self.codebook_size)
+        """Size of one image's codes in bits: ``prod(code_shape) · log2(vocab_size)``."""
+        return self.entry.bits_per_image(self)
 
     def quantizer_arguments(self) -> dict[str, Any]:
         """The options the quantizer's builder gets: ``quantizer_options`` and the code axes."""
-        axes = {a: getattr(self, a) for a in CODE_AXES.get(self.quantizer, ())}
+        axes = {a: getattr(self, a) for a in self.entry.layout}
         return {**self.quantizer_options, **axes}
 
     def to_dict(self) -> dict[str, Any]:
@@ -391,9 +261,8 @@ class VQVAE(PretrainedMixin, nn.Module):
         encoder, decoder = MODELS[config.model]
         self.encoder = encoder(config)
         self.decoder = decoder(config)
-        build, _ = QUANTIZERS[config.quantizer]
-        self.quantizer = build(config.vector_dim, config.codebook_size,
-                               config.quantizer_arguments())
+        self.quantizer = config.entry.build(config.vector_dim, config.codebook_size,
+                                            config.quantizer_arguments())
 
     def forward(self, images: Tensor) -> VQVAEOutput:
         z = self.encoder(images)  # (B, num_embeddings, vector_dim)
@@ -418,7 +287,7 @@ class VQVAE(PretrainedMixin, nn.Module):
             raise ValueError(
                 f"codes must have shape (B, {', '.join(map(str, code_shape))}), "
                 f"got {tuple(indices.shape)}")
-        if indices.numel() and (int(indices.min()) < 0
-                                or int(indices.max()) >= self.config.codebook_size):
-            raise ValueError(f"codes must lie in [0, {self.config.codebook_size})")
+        vocab = self.config.vocab_size
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= vocab):
+            raise ValueError(f"codes must lie in [0, {vocab})")
         return self.decoder(self.quantizer.decode(indices.long()))

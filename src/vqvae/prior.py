@@ -30,7 +30,6 @@ code frequencies.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -42,12 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .train import uses_bf16
-
-PRIOR_CHECKPOINT = "prior.pt"
-PRIOR_METRICS = "prior_metrics.json"
-PRIOR_CODES = "prior_codes.pt"
-
+from .rundir import atomic_torch_save, resolve_device, uses_bf16
+from .schedule import warmup_cosine
 
 # ---------------------------------------------------------------------------- layouts
 
@@ -80,7 +75,7 @@ class PriorConfig:
     heads: int = 4
     mlp_ratio: int = 4
     # No dropout: with 60,000 sequences and a few epochs the prior underfits (train NLL stays
-    # above held-out), and dropout costs ~15% of a CPU step.
+    # above held-out), and dropout costs time on every step (README, "Development").
     dropout: float = 0.0
     label_dropout: float = 0.1  # training sequences whose label is replaced by the null label
 
@@ -140,7 +135,7 @@ class SelfAttention(nn.Module):
             cache.keys[layer][:, :, cache.length] = k[:, :, 0]
             cache.values[layer][:, :, cache.length] = v[:, :, 0]
             k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
-            # one query: plain matmuls beat the fused kernel here (~25% on CPU)
+            # one query: plain matmuls beat the fused kernel here on CPU (README, "Development")
             scores = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5  # (B, H, 1, T)
             out = torch.softmax(scores, -1) @ v
         out = out.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
@@ -361,10 +356,9 @@ class PriorTrainConfig:
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05
     seed: int = 0
-    threads: int | None = None  # torch CPU threads (None: torch's default)
     # "bf16" runs the forward pass under autocast; "auto" picks it where the CPU has native
-    # bf16 dot products (or on CUDA): on this project's AVX512-BF16 machine it halves the time
-    # of a training step. Evaluation and sampling stay float32.
+    # bf16 dot products (or on CUDA), where it is much faster (README, "Development").
+    # Evaluation and sampling stay float32.
     precision: str = "auto"
     device: str = "cpu"
     train_subset: int | None = None  # first N training sequences (quick runs and tests)
@@ -400,20 +394,16 @@ def evaluate_nll(prior: CodePrior, tokens: Tensor, labels: Tensor | None = None,
 def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: PriorConfig,
                 train_config: PriorTrainConfig | None = None, *,
                 val_tokens: Tensor | None = None, val_labels: Tensor | None = None,
-                checkpoint: Path | None = None, extra: dict | None = None) -> PriorRun:
+                checkpoint: Path | None = None) -> PriorRun:
     """Train a :class:`CodePrior` on flat ``train_tokens`` ``(N, L)``.
 
     With ``checkpoint``, the prior (its config, weights and history) is saved there atomically
-    after every epoch. ``val_tokens`` add held-out NLL per epoch, next to the frequency
-    baseline's.
+    after every epoch. ``val_tokens`` add the held-out NLL after the last epoch (after every
+    epoch it cost a fifth of the training time), next to the frequency baseline's.
     """
     from tqdm import tqdm
 
-    from .train import atomic_torch_save, resolve_device
-
     train_config = train_config or PriorTrainConfig()
-    if train_config.threads:
-        torch.set_num_threads(train_config.threads)
     device = resolve_device(train_config.device)
     bf16 = uses_bf16(train_config.precision, device)
     torch.manual_seed(train_config.seed)
@@ -442,7 +432,6 @@ def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: Prior
     n = train_tokens.shape[0]
     per_epoch = -(-n // train_config.batch_size)
     total = per_epoch * train_config.epochs
-    warmup = max(1, int(train_config.warmup_fraction * total))
     baseline = FrequencyPrior(train_tokens, config.vocab_size, config.code_shape)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     history: list[dict] = []
@@ -458,8 +447,7 @@ def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: Prior
         for i in bar:
             index = order[i * train_config.batch_size:(i + 1) * train_config.batch_size]
             index = index.to(device)
-            factor = ((step + 1) / warmup if step < warmup else
-                      0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+            factor = warmup_cosine(step, total, train_config.warmup_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = train_config.lr * factor
             labels = None
@@ -494,7 +482,7 @@ def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: Prior
             atomic_torch_save(Path(checkpoint), {
                 "prior": prior.state_dict(), "prior_config": config.to_dict(),
                 "train_config": json.dumps(dataclasses.asdict(train_config)),
-                "history": json.dumps(history), **(extra or {})})
+                "history": json.dumps(history)})
     metrics: dict[str, Any] = {
         "train_seconds": time.perf_counter() - start_time,
         # CPU time of this process while training: on a shared machine, wall time says more
@@ -526,80 +514,7 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu") -> CodePrio
     return prior.to(device).eval()
 
 
-# ---------------------------------------------------------------------------- a run's prior
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-@torch.no_grad()
-def encode_images(model, images: Tensor, batch_size: int = 1000) -> Tensor:
-    """Codes ``(N, *code_shape)`` of images ``(N, 1, H, W)``, in batches."""
-    device = next(model.parameters()).device
-    return torch.cat([model.encode(images[i:i + batch_size].to(device)).cpu()
-                      for i in range(0, images.shape[0], batch_size)])
-
-
-def run_codes(run_dir: str | Path, model=None, data_dir=None, progress: bool = True) -> dict:
-    """The codes of a run's training and test sets, with their labels, encoded once.
-
-    Cached in ``RUN_DIR/prior_codes.pt`` with the SHA-256 of the checkpoint they came from; a
-    changed checkpoint (a resumed run) makes them be encoded again.
-    """
-    from .data import load_dataset
-    from .train import CHECKPOINT, atomic_torch_save, load_model, read_config
-
-    run_dir = Path(run_dir)
-    checkpoint_sha256 = file_sha256(run_dir / CHECKPOINT)
-    path = run_dir / PRIOR_CODES
-    if path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("checkpoint_sha256") == checkpoint_sha256:
-            return {k: v.long() if isinstance(v, Tensor) else v for k, v in cached.items()}
-    model = model if model is not None else load_model(run_dir)
-    train_config, _ = read_config(run_dir)
-    data_dir = data_dir or train_config.data_dir
-    codes: dict[str, Any] = {"checkpoint_sha256": checkpoint_sha256,
-                             "dataset": train_config.dataset}
-    for split in ("train", "test"):
-        dataset = load_dataset(train_config.dataset, split, data_dir, progress=progress)
-        codes[f"{split}_codes"] = encode_images(model, dataset.as_float().unsqueeze(1))
-        codes[f"{split}_labels"] = dataset.labels.clone()
-    # int16 on disk when the codes fit (a quarter of the size); int64 in memory
-    small = model.config.codebook_size <= torch.iinfo(torch.int16).max
-    atomic_torch_save(path, {k: v.to(torch.int16) if small and k.endswith("_codes") else v
-                             for k, v in codes.items()})
-    return codes
-
-
-def train_run_prior(run_dir: str | Path, config_overrides: dict | None = None,
-                    train_config: PriorTrainConfig | None = None, data_dir=None,
-                    conditional: bool = True) -> PriorRun:
-    """Train a prior over the codes of a run; writes ``prior.pt`` and ``prior_metrics.json``
-    into the run directory. The test set's codes are the held-out set."""
-    from .train import atomic_write_json, load_model
-
-    run_dir = Path(run_dir)
-    model = load_model(run_dir)
-    train_config = train_config or PriorTrainConfig()
-    codes = run_codes(run_dir, model, data_dir, progress=train_config.progress)
-    shape = model.config.code_shape
-    config = PriorConfig(vocab_size=model.config.codebook_size, code_shape=shape,
-                         num_classes=10 if conditional else 0, **(config_overrides or {}))
-    train_tokens = flatten_codes(codes["train_codes"], shape)
-    test_tokens = flatten_codes(codes["test_codes"], shape)
-    run = train_prior(train_tokens, codes["train_labels"] if conditional else None, config,
-                      train_config, val_tokens=test_tokens,
-                      val_labels=codes["test_labels"] if conditional else None,
-                      checkpoint=run_dir / PRIOR_CHECKPOINT)
-    run.metrics["dataset"] = codes["dataset"]
-    atomic_write_json(run_dir / PRIOR_METRICS, run.metrics)
-    return run
-
-
-def load_run_prior(run_dir: str | Path, device: str | torch.device = "cpu") -> CodePrior:
-    return load_prior(Path(run_dir) / PRIOR_CHECKPOINT, device)
+# ---------------------------------------------------------------------------- images
 
 
 @torch.no_grad()
@@ -629,46 +544,3 @@ def sample_images(model, prior: CodePrior, count: int, digit: int | None = None,
                    guidance_scale=guidance_scale, batch_size=batch_size)
     device = next(model.parameters()).device
     return torch.cat([model.decode(c.to(device)).cpu() for c in codes.split(batch_size)])
-
-
-def write_prior_figures(run_dir: str | Path, model, prior: CodePrior, seed: int = 0,
-                        guidance_scale: float = 1.0, **sampling) -> dict[str, Path]:
-    """Figures of a run's prior, 64 images where it is a grid of 8 columns:
-    ``samples_prior.png`` (the sampler as :func:`sample_images` runs it with these options)
-    beside ``samples_random.png`` (uniformly random codes), ``samples_compare.png`` (random
-    codes, the null label and the guided sampler, a row each) and ``samples_by_digit.png`` (a
-    row per class, when the prior is conditional)."""
-    from . import plots
-    from .workflow import SAMPLE_COUNT, random_codes
-
-    run_dir = Path(run_dir)
-    device = next(model.parameters()).device
-    random_images = model.decode(random_codes(model.config, SAMPLE_COUNT, seed).to(device))
-    prior_images = sample_images(model, prior, SAMPLE_COUNT, seed=seed,
-                                 guidance_scale=guidance_scale, **sampling)
-    how = "" if guidance_scale == 1 else f", class drawn, guidance {guidance_scale:g}"
-    paths = {
-        "samples_random": plots.image_grid(random_images, run_dir / "samples_random.png",
-                                           columns=8, title="Decoded from uniformly random "
-                                                            "codes"),
-        "samples_prior": plots.image_grid(prior_images, run_dir / "samples_prior.png",
-                                          columns=8, title="Decoded from codes sampled from "
-                                                           f"the learned prior{how}"),
-    }
-    rows, labels = [random_images[:12]], ["random codes"]
-    if guidance_scale != 1:
-        rows.append(sample_images(model, prior, 12, seed=seed, **sampling))
-        labels.append("prior,\nnull label")
-    rows.append(prior_images[:12])
-    labels.append("prior" + how.replace(", class", ",\nclass"))
-    paths["samples_compare"] = plots.image_rows(rows, labels, run_dir / "samples_compare.png",
-                                                title="Uniformly random codes vs the prior")
-    if prior.config.num_classes:
-        rows = [sample_images(model, prior, 10, digit=d, seed=seed + d,
-                              guidance_scale=guidance_scale, **sampling)
-                for d in range(prior.config.num_classes)]
-        paths["samples_by_digit"] = plots.image_rows(
-            rows, [str(d) for d in range(prior.config.num_classes)],
-            run_dir / "samples_by_digit.png",
-            title=f"Prior samples asked for each class (guidance {guidance_scale:g})")
-    return paths

@@ -2,16 +2,18 @@
 
     run = train(TrainConfig(...), ModelConfig(...))   # or resume(run_dir)
 
-Sections: configuration, data, the run directory (config, checkpoint, metrics), one epoch,
-evaluation, the loop. The whole dataset lives on the training device and batches are index
-slices of one permutation per epoch, drawn from ``seed`` and the epoch number alone, so a run
-resumed from its checkpoint sees the same batches as an uninterrupted one. The checkpoint also
-carries the optimiser, schedule and random-number state: on CPU, a run killed after epoch k and
-resumed ends with the same weights, bit for bit, as a run that was never interrupted.
+Sections: configuration, processes, data, one step, one epoch, evaluation, the loop (the files
+of a run directory are read and written by :mod:`vqvae.rundir`). The whole dataset lives on the
+training device and batches are index slices of one permutation per epoch, drawn from ``seed``
+and the epoch number alone, so a run resumed from its checkpoint sees the same batches as an
+uninterrupted one. The checkpoint also carries the optimiser, schedule and random-number state:
+on CPU, a run killed after epoch k and resumed ends with the same weights, bit for bit, as a run
+that was never interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -19,11 +21,10 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +33,18 @@ from torch import Tensor
 from .data import load_dataset
 from .models import VQVAE, ModelConfig
 from .quantizers.metrics import code_counts_per_codebook, usage_from_counts
-
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.json"
-METRICS = "metrics.json"
+from .rundir import (
+    CHECKPOINT,
+    METRICS,
+    atomic_torch_save,
+    atomic_write_json,
+    load_checkpoint,
+    read_config,
+    resolve_device,
+    save_config,
+    uses_bf16,
+)
+from .schedule import warmup_cosine
 
 # ---------------------------------------------------------------------------- configuration
 
@@ -55,8 +64,8 @@ class TrainConfig:
     # "auto" does so where the hardware has native bf16 (see uses_bf16)
     precision: str = "auto"
     # torch.compile the encoder and decoder (the quantizer stays eager: its updates depend on
-    # the data). Costs seconds of compilation at the start; on this project's 2-core CPU it made
-    # the step slower (6.3 -> 7.2 ms), so it is for GPUs, where it fuses the small kernels.
+    # the data). Costs seconds of compilation at the start and is for GPUs, where it fuses the
+    # small kernels; on small CPUs it made the step slower (README, "GPU").
     compile: bool = False
     train_subset: int | None = None  # first N training images (quick runs and tests)
     test_subset: int | None = None
@@ -83,33 +92,6 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-
-
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Whether ``precision`` means bf16 autocast on ``device``.
-
-    ``"auto"`` picks bf16 where matrix products run natively in bf16: CUDA devices that support
-    it, and CPUs with AVX512-BF16 or AMX (oneDNN's check). On this project's 2-core CPU the MLP
-    VQ-VAE trains 1.3× faster that way with the same test MSE (0.0077 against 0.0078).
-    """
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device; "
-                         "use --device cpu (or auto)")
-    return device
 
 
 # ---------------------------------------------------------------------------- processes
@@ -199,66 +181,7 @@ def epoch_permutation(seed: int, epoch: int, n: int, device: torch.device) -> Te
     return torch.randperm(n, generator=generator).to(device)
 
 
-# ---------------------------------------------------------------------------- run directory
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``path`` so that it holds either its old content or all of the new: never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def save_config(run_dir: Path, train_config: TrainConfig, model_config: ModelConfig) -> None:
-    atomic_write_json(run_dir / CONFIG, {"model": model_config.to_dict(),
-                                         "train": dataclasses.asdict(train_config)})
-
-
-def read_config(run_dir: Path) -> tuple[TrainConfig, ModelConfig]:
-    path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not a run directory")
-    values = json.loads(path.read_text())
-    return TrainConfig(**values["train"]), ModelConfig.from_dict(values["model"])
-
-
-def load_checkpoint(run_dir: Path, map_location="cpu") -> dict:
-    """The checkpoint of a run, loaded with ``weights_only=True`` (no code is executed)."""
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the run has not finished an epoch yet")
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> VQVAE:
-    """The trained model of a run directory, in eval mode."""
-    checkpoint = load_checkpoint(Path(run_dir), map_location=device)
-    model = VQVAE(ModelConfig.from_dict(checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval()
-
-
-# ---------------------------------------------------------------------------- training pieces
+# ---------------------------------------------------------------------------- one step
 
 
 def make_optimizer(model: VQVAE, config: TrainConfig, device: torch.device):
@@ -279,18 +202,42 @@ def compile_networks(model: VQVAE) -> None:
 
 
 def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
-    """Multiplier of ``config.lr`` at ``step``: linear warm-up then cosine decay to zero."""
+    """Multiplier of ``config.lr`` at ``step``: 1, or :func:`~vqvae.schedule.warmup_cosine`."""
     if config.lr_schedule == "constant":
         return 1.0
-    warmup = max(1, int(config.warmup_fraction * total_steps))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return warmup_cosine(step, total_steps, config.warmup_fraction)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
+
+
+class StepOutput(NamedTuple):
+    loss: Tensor  # scalar, detached: recon_mse + vq_loss
+    recon_mse: Tensor  # scalar, detached
+    vq_loss: Tensor  # scalar, detached
+    indices: Tensor  # (B, *code_shape) codes of the batch
+
+
+def train_step(model, optimizer, batch: Tensor, autocast=None,
+               loss_scale: float = 1.0) -> StepOutput:
+    """One optimiser step on ``batch`` ``(B, 1, H, W)``: forward (under ``autocast``), loss
+    ``MSE + vq_loss``, backward of ``loss · loss_scale``, ``optimizer.step()``.
+
+    ``loss_scale`` weights a process's shard of a global batch (see :func:`train_epoch`). The
+    reconstruction loss is taken in float32 whatever the autocast.
+    """
+    with autocast if autocast is not None else contextlib.nullcontext():
+        reconstruction, indices, vq_loss = model(batch)
+    recon = F.mse_loss(reconstruction.float(), batch)
+    loss = recon + vq_loss
+    optimizer.zero_grad(set_to_none=True)
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    optimizer.step()
+    return StepOutput(loss.detach(), recon.detach(), vq_loss.detach(), indices)
+
+
+# ---------------------------------------------------------------------------- one epoch
 
 
 @dataclass
@@ -321,6 +268,7 @@ def train_epoch(model, optimizer, data: Data, config: TrainConfig, epoch: int,
     order = epoch_permutation(config.seed, epoch, n, device)
     sums = torch.zeros(3, device=device)  # loss, recon, vq: summed on device, read once
     counts = new_code_counts(vqvae.config, device)  # (codebooks per position, K)
+    vocab, codebook_dims = vqvae.config.vocab_size, len(vqvae.config.codebook_axes)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=uses_bf16(config.precision, device))
     # A bar on a terminal; in a log (stderr not a terminal) the per-epoch line says enough
@@ -337,18 +285,12 @@ def train_epoch(model, optimizer, data: Data, config: TrainConfig, epoch: int,
             global_size = index.shape[0]
             index = index.tensor_split(processes.world_size)[processes.rank]
             share = index.shape[0] * processes.world_size / global_size
-        batch = data.train[index]
-        with autocast:
-            reconstruction, indices, vq_loss = model(batch)
-        recon = F.mse_loss(reconstruction.float(), batch)
-        loss = recon + vq_loss
-        optimizer.zero_grad(set_to_none=True)
-        (loss * share if share != 1.0 else loss).backward()
-        optimizer.step()
+        step_output = train_step(model, optimizer, data.train[index], autocast, share)
         with torch.no_grad():
-            sums += torch.stack([loss.detach(), recon.detach(), vq_loss.detach().float()])
-            counts += code_counts_per_codebook(indices, vqvae.config.codebook_size,
-                                               len(vqvae.config.codebook_axes), check=False)
+            sums += torch.stack([step_output.loss, step_output.recon_mse,
+                                 step_output.vq_loss.float()])
+            counts += code_counts_per_codebook(step_output.indices, vocab, codebook_dims,
+                                               check=False)
         if config.progress and processes.is_main and (step % 25 == 0 or step == per_epoch - 1):
             usage = usage_from_counts(counts)
             mean = (sums / (step + 1)).tolist()
@@ -369,7 +311,7 @@ def train_epoch(model, optimizer, data: Data, config: TrainConfig, epoch: int,
 
 def new_code_counts(config: ModelConfig, device: torch.device) -> Tensor:
     """Zero code histograms, one row per codebook of a position (depths × groups)."""
-    return torch.zeros(config.codebooks_per_position, config.codebook_size, dtype=torch.long,
+    return torch.zeros(config.codebooks_per_position, config.vocab_size, dtype=torch.long,
                        device=device)
 
 
@@ -384,7 +326,7 @@ def evaluate(model: VQVAE, images: Tensor, batch_size: int = 1000) -> dict[str, 
         batch = images[start:start + batch_size]
         reconstruction, indices, _ = model(batch)
         squared_error += (reconstruction.float() - batch).pow(2).sum().double()
-        counts += code_counts_per_codebook(indices, model.config.codebook_size,
+        counts += code_counts_per_codebook(indices, model.config.vocab_size,
                                            len(model.config.codebook_axes))
     usage = usage_from_counts(counts)
     return {"test_mse": float(squared_error) / images.numel(),
@@ -422,7 +364,7 @@ def _summary(history: list[dict], model_config: ModelConfig, train_config: Train
         "test_mse": last["test_mse"],
         "perplexity": last["perplexity"],
         "used_codes": last["used_codes"],
-        "codebook_size": model_config.codebook_size,
+        "codebook_size": model_config.vocab_size,  # values an index takes
         "num_quantizers": model_config.num_quantizers,
         "groups": model_config.groups,
         "bits_per_image": model_config.bits_per_image,
