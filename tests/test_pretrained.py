@@ -12,7 +12,8 @@ from torch import nn
 
 from vqvae.models import VQVAE, ModelConfig
 from vqvae.pretrained import CONFIG_NAME, WEIGHTS_NAME, PretrainedMixin
-from vqvae.train import TrainConfig, load_model, read_config, save_config, train
+from vqvae.rundir import load_model, read_config, save_config
+from vqvae.train import TrainConfig, train
 
 
 def _forbid_pickle(monkeypatch):

@@ -34,8 +34,8 @@ CONFIG_KEY = "model"
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:
-    # Imported here: train imports models, which imports this module.
-    from .train import atomic_write_bytes
+    # Imported here: rundir imports models, which imports this module.
+    from .rundir import atomic_write_bytes
 
     atomic_write_bytes(path, payload)
 
