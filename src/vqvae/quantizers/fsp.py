@@ -23,7 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .fsq import check_finite, check_tensor
+from .fsq import all_finite, check_finite, check_tensor
+from .narrow_linear import narrow_linear
 
 _SQRT2 = math.sqrt(2.0)
 _UNIT_UNIFORM_STD = math.sqrt(1.0 / 12.0)  # maps bin centres in [0, 1] to unit variance
@@ -69,6 +70,22 @@ class VectorNorm(nn.Module):
         self.l3_target, self.l3_weight = l3_target, l3_weight
         self.l4_target, self.l4_weight = l4_target, l4_weight
         self.eps = eps
+        weights = (l1_weight, l2_weight, l3_weight, l4_weight)
+        self.active = any(weights)  # the loss depends on the input
+        self.higher = bool(l3_weight or l4_weight)  # skewness or kurtosis weighted
+        self._constants: dict = {}
+
+    def constants(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Targets (4, 1) and weights / channels (4, 1) in ``z``'s dtype and device, made once
+        (``FSP``'s fused call weights the squared distances with them)."""
+        key = (z.dtype, z.device, z.shape[-1])
+        if key not in self._constants:
+            targets = torch.tensor([self.l1_target, self.l2_target, self.l3_target,
+                                    self.l4_target], dtype=z.dtype, device=z.device)
+            weights = torch.tensor([self.l1_weight, self.l2_weight, self.l3_weight,
+                                    self.l4_weight], dtype=z.dtype, device=z.device)
+            self._constants[key] = (targets[:, None], weights[:, None] / z.shape[-1])
+        return self._constants[key]
 
     @classmethod
     def build(cls, name: str) -> VectorNorm:
@@ -90,6 +107,116 @@ class VectorNorm(nn.Module):
                 + ((kurtosis - self.l4_target) ** 2).mean() * self.l4_weight)
         return loss, {"mean": mean, "variance": variance, "skewness": skewness,
                       "kurtosis": kurtosis}
+
+
+def _cdf_slope(act_name: str, h: Tensor, act: Tensor) -> Tensor:
+    """Derivative of the CDF activation at ``h`` (``act`` is its value), as autograd takes it of
+    the forms in ``_CDFS`` (the Laplace form's sign makes it 0 at exactly 0)."""
+    if act_name == "tanh":
+        return act * (1.0 - act) * 2.0  # (1 - tanh^2) / 2 with tanh = 2 act - 1
+    if act_name == "sigmoid":
+        return act * (1.0 - act)
+    if act_name == "normal":
+        return (h * h * -0.5).exp_().mul_(1.0 / math.sqrt(2.0 * math.pi))
+    if act_name == "laplace":
+        return h.abs().neg_().exp_().mul_(h.sign().abs_() * 0.5)
+    return (h * h + 1.0).reciprocal_().mul_(1.0 / math.pi)  # cauchy
+
+
+class _FSPCall(torch.autograd.Function):
+    """The moment loss, CDF activation, binning, perturbation and rescaling of ``FSP.forward``
+    in one autograd node: the call is dominated by per-operation overhead, and the backward of
+    the chain has a short closed form.
+
+    Forward on h (M, C): ``u = (h - mean) / std`` per channel, the loss of ``VectorNorm``, and
+    the straight-through latent ``q``. Backward: ``q`` depends on ``h`` through the activation
+    only (the bin and the noise are constants), so ``dq/dh = cdf'(h) / std_uniform``, or 1 with
+    ``need_inv_act``; the loss is a cubic in ``u`` per channel (derived in
+    ``_moment_loss_gradient``).
+    """
+
+    @staticmethod
+    def forward(ctx, h, fsp, eps, rate):
+        variance, mean = torch.var_mean(h, dim=0, unbiased=True)
+        root = variance.sqrt()
+        std = root.clamp_min(fsp.vector_norm.eps)
+        u = (h - mean) / std
+        u2 = u * u
+        skewness = (u2 * u).mean(0)
+        kurtosis = (u2 * u2).mean(0) - 3.0
+        stats = torch.stack((mean, variance, skewness, kurtosis))
+        targets, weights = fsp.vector_norm.constants(h)
+        weighted = (stats - targets) * weights  # weights already divided by C
+        loss = torch.dot((stats - targets).view(-1), weighted.view(-1))
+
+        act = fsp.act_func(h)
+        levels = fsp._levels.to(h.dtype)
+        level_indices = (act.clamp_max(1.0 - eps) * levels).floor_()
+        centres = (level_indices + 0.5) / levels
+        q_act = act + (centres - act)  # the straight-through value, rounding as z + (q - z)
+        accept_prob = None
+        if rate < 1.0:
+            proposal = act + (0.5 / levels) * (torch.rand_like(act) * 2.0 - 1.0)
+            accept = (proposal > 0.0) & (proposal < 1.0)
+            accept_prob = accept.to(h.dtype).mean()
+            perturbed = torch.where(accept, proposal, act)
+            q_act = torch.where(torch.rand_like(q_act) > rate, perturbed, q_act)
+        if fsp.need_inv_act:
+            q = fsp.inv_act_func(q_act.clamp(eps, 1.0 - eps))
+            q = h + (q - h)
+        else:
+            q = (q_act - 0.5) / _UNIT_UNIFORM_STD
+        ctx.save_for_backward(h, act, u, std, root, variance, stats, weighted)
+        ctx.fsp = fsp
+        ctx.mark_non_differentiable(level_indices, stats)
+        return q, level_indices, loss, stats, accept_prob
+
+    @staticmethod
+    def backward(ctx, grad_q, _grad_levels, grad_loss, _grad_stats, _grad_prob):
+        h, act, u, std, root, variance, stats, weighted = ctx.saved_tensors
+        fsp = ctx.fsp
+        grad_h = None
+        if grad_q is not None:
+            if fsp.need_inv_act:
+                grad_h = grad_q
+            else:
+                grad_h = grad_q * _cdf_slope(fsp.act_name, h, act).mul_(1.0 / _UNIT_UNIFORM_STD)
+        if grad_loss is not None and fsp.vector_norm.active:
+            moment = _moment_loss_gradient(grad_loss, u, std, root, variance, stats, weighted,
+                                           fsp.vector_norm)
+            grad_h = moment if grad_h is None else grad_h + moment
+        return grad_h, None, None, None
+
+
+def _moment_loss_gradient(grad_loss: Tensor, u: Tensor, std: Tensor, root: Tensor,
+                          variance: Tensor, stats: Tensor, weighted: Tensor,
+                          norm: VectorNorm) -> Tensor:
+    """d loss / d h of ``VectorNorm`` in closed form, a cubic in ``u = (h - mean) / std``.
+
+    With N rows, G_k = d loss / d stat_k = 2 w_k (stat_k - target_k) / C, M_k = mean(u^k)
+    (M_2 = var (N - 1) / (N std^2), M_3 = skewness, M_4 = kurtosis + 3), ``dmean/dh_i = 1/N``,
+    ``dvar/dh_i = 2 std u_i / (N - 1)``, ``dstd/dh_i = u_i / (N - 1)`` (0 where std is clamped)
+    and ``du_j/dh_i = (delta_ij - 1/N) / std - u_j dstd/dh_i / std``:
+
+        dskew/dh_i = 3 (u_i^2 - M_2) / (N std) - 3 M_3 dstd/dh_i / std
+        dkurt/dh_i = 4 (u_i^3 - M_3) / (N std) - 4 M_4 dstd/dh_i / std
+    """
+    n = u.shape[0]
+    g = weighted * (grad_loss * 2.0)  # (4, C): G_1..G_4
+    if not norm.higher:
+        # mean and variance only: G_1 / N + G_2 2 std u_i / (N - 1)
+        return torch.addcmul(g[0] * (1.0 / n), u, g[1] * std * (2.0 / (n - 1)))
+    g3_s = g[2] / std
+    g4_s = g[3] / std
+    m2 = variance * (n - 1) / (n * std * std)
+    m3 = stats[2]
+    m4 = stats[3] + 3.0
+    unclamped = (root >= norm.eps).to(u.dtype)
+    a0 = g[0] / n - (3.0 * g3_s * m2 + 4.0 * g4_s * m3) / n
+    a1 = 2.0 * g[1] * std / (n - 1) - (3.0 * g3_s * m3 + 4.0 * g4_s * m4) * unclamped / (n - 1)
+    a2 = 3.0 * g3_s / n
+    a3 = 4.0 * g4_s / n
+    return ((a3 * u + a2) * u + a1) * u + a0
 
 
 class FSPOutput(NamedTuple):
@@ -168,37 +295,28 @@ class FSP(nn.Module):
         check_tensor(z, self.dim, 1 if self.channel_first else -1)
         if self.channel_first:
             z = z.movedim(1, -1)
-        if not bool(torch.isfinite(z).all()):
+        if not all_finite(z):
             check_finite(z)
         shape = z.shape
         orig_dtype = z.dtype
-        h = self.project_in(z.reshape(-1, self.dim))
+        h = narrow_linear(z.reshape(-1, self.dim), self.project_in)
         if h.dtype in (torch.float16, torch.bfloat16):
             h = h.float()  # bin edges and index sums need more than 8-11 bits
         eps = eps or torch.finfo(h.dtype).eps
-        norm_loss, norm_info = self.vector_norm(h)
-
-        act = self.act_func(h)
-        q_act, level_indices = self.quantize_act_value(act, eps)
-        info: dict = {}
         rate = self.quantize_rate if self.training else 1.0
-        if rate < 1.0:
-            half_bin = 1.0 / (self._levels * 2)
-            proposal = act + half_bin * (torch.rand_like(act) * 2.0 - 1.0)
-            accept = (proposal > 0.0) & (proposal < 1.0)
-            info["p_accept_prob"] = accept.float().mean()
-            perturbed = torch.where(accept, proposal, act)
-            q_act = torch.where(torch.rand_like(q_act) > rate, perturbed, q_act)
-
-        q = self._act_to_latent(q_act, eps)
-        if self.need_inv_act:
-            q = h + (q - h).detach()
-        out = self.project_out(q.to(orig_dtype) if not self.has_projections else q
-                               .to(self.project_out.weight.dtype))
-        indices = self.level_indices_to_indices(level_indices).reshape(shape[:-1])
-        out = out.reshape(*shape[:-1], self.dim)
+        q, level_indices, norm_loss, stats, accept_prob = _FSPCall.apply(h, self, eps, rate)
+        info: dict = {}
+        if accept_prob is not None:
+            info["p_accept_prob"] = accept_prob
+        out = q.to(self.project_out.weight.dtype if self.has_projections else orig_dtype)
+        out = narrow_linear(out, self.project_out)
+        indices = self.level_indices_to_indices(level_indices).view(shape[:-1])
+        out = out.view(*shape[:-1], self.dim)
         if self.channel_first:
             out = out.movedim(-1, 1)
+        mean, variance, skewness, kurtosis = stats
         return FSPOutput(out, indices, norm_loss, {
-            "level_indices": level_indices.reshape(*shape[:-1], -1), "norm_info": norm_info,
+            "level_indices": level_indices.view(*shape[:-1], -1),
+            "norm_info": {"mean": mean, "variance": variance, "skewness": skewness,
+                          "kurtosis": kurtosis},
             **info})
