@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .fsq import all_finite, check_finite, check_tensor
+from .fsq import check_finite, check_tensor
 from .narrow_linear import narrow_linear
 
 _SQRT2 = math.sqrt(2.0)
@@ -109,18 +109,18 @@ class VectorNorm(nn.Module):
                       "kurtosis": kurtosis}
 
 
-def _cdf_slope(act_name: str, h: Tensor, act: Tensor) -> Tensor:
-    """Derivative of the CDF activation at ``h`` (``act`` is its value), as autograd takes it of
-    the forms in ``_CDFS`` (the Laplace form's sign makes it 0 at exactly 0)."""
+def _cdf_slope(act_name: str, h: Tensor, act: Tensor, scale: float) -> Tensor:
+    """``scale`` times the derivative of the CDF activation at ``h`` (``act`` is its value), as
+    autograd takes it of the forms in ``_CDFS`` (the Laplace form's sign makes it 0 at 0)."""
     if act_name == "tanh":
-        return act * (1.0 - act) * 2.0  # (1 - tanh^2) / 2 with tanh = 2 act - 1
+        return (1.0 - act).mul_(act).mul_(2.0 * scale)  # (1 - tanh^2) / 2, tanh = 2 act - 1
     if act_name == "sigmoid":
-        return act * (1.0 - act)
+        return (1.0 - act).mul_(act).mul_(scale)
     if act_name == "normal":
-        return (h * h * -0.5).exp_().mul_(1.0 / math.sqrt(2.0 * math.pi))
+        return h.square().mul_(-0.5).exp_().mul_(scale / math.sqrt(2.0 * math.pi))
     if act_name == "laplace":
-        return h.abs().neg_().exp_().mul_(h.sign().abs_() * 0.5)
-    return (h * h + 1.0).reciprocal_().mul_(1.0 / math.pi)  # cauchy
+        return h.abs().neg_().exp_().mul_(h.sign().abs_().mul_(0.5 * scale))
+    return h.square().add_(1.0).reciprocal_().mul_(scale / math.pi)  # cauchy
 
 
 class _FSPCall(torch.autograd.Function):
@@ -137,26 +137,38 @@ class _FSPCall(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, fsp, eps, rate):
-        variance, mean = torch.var_mean(h, dim=0, unbiased=True)
+        # two passes (mean, then squared deviations): var_mean's Welford reduction down the
+        # rows is several times slower for few channels
+        mean = h.mean(0)
+        centred = h - mean
+        variance = (centred * centred).sum(0).div_(max(h.shape[0] - 1, 0))
+        # a NaN/Inf anywhere makes its channel's variance NaN/Inf; the exact test runs only
+        # then (a finite batch whose variance overflows passes it)
+        if not math.isfinite(float(variance.sum())) and not bool(torch.isfinite(h).all()):
+            check_finite(h)
         root = variance.sqrt()
         std = root.clamp_min(fsp.vector_norm.eps)
-        u = (h - mean) / std
+        u = centred / std
         u2 = u * u
         skewness = (u2 * u).mean(0)
         kurtosis = (u2 * u2).mean(0) - 3.0
         stats = torch.stack((mean, variance, skewness, kurtosis))
         targets, weights = fsp.vector_norm.constants(h)
-        weighted = (stats - targets) * weights  # weights already divided by C
-        loss = torch.dot((stats - targets).view(-1), weighted.view(-1))
+        distance = stats - targets
+        weighted = distance * weights  # weights already divided by C
+        loss = torch.dot(distance.view(-1), weighted.view(-1))
 
         act = fsp.act_func(h)
-        levels = fsp._levels.to(h.dtype)
+        levels = fsp._level_values
+        if levels.dtype != h.dtype:
+            levels = levels.to(h.dtype)
         level_indices = (act.clamp_max(1.0 - eps) * levels).floor_()
         centres = (level_indices + 0.5) / levels
         q_act = act + (centres - act)  # the straight-through value, rounding as z + (q - z)
         accept_prob = None
         if rate < 1.0:
-            proposal = act + (0.5 / levels) * (torch.rand_like(act) * 2.0 - 1.0)
+            # uniform noise up to half a bin either way
+            proposal = act + (torch.rand_like(act) - 0.5) / levels
             accept = (proposal > 0.0) & (proposal < 1.0)
             accept_prob = accept.to(h.dtype).mean()
             perturbed = torch.where(accept, proposal, act)
@@ -166,29 +178,31 @@ class _FSPCall(torch.autograd.Function):
             q = h + (q - h)
         else:
             q = (q_act - 0.5) / _UNIT_UNIFORM_STD
-        ctx.save_for_backward(h, act, u, std, root, variance, stats, weighted)
+        ctx.save_for_backward(h, act, centred, std, root, variance, stats, weighted)
         ctx.fsp = fsp
+        ctx.set_materialize_grads(False)  # no zero gradients for the unused outputs
         ctx.mark_non_differentiable(level_indices, stats)
         return q, level_indices, loss, stats, accept_prob
 
     @staticmethod
     def backward(ctx, grad_q, _grad_levels, grad_loss, _grad_stats, _grad_prob):
-        h, act, u, std, root, variance, stats, weighted = ctx.saved_tensors
+        h, act, centred, std, root, variance, stats, weighted = ctx.saved_tensors
         fsp = ctx.fsp
-        grad_h = None
-        if grad_q is not None:
-            if fsp.need_inv_act:
-                grad_h = grad_q
-            else:
-                grad_h = grad_q * _cdf_slope(fsp.act_name, h, act).mul_(1.0 / _UNIT_UNIFORM_STD)
+        moment = None
         if grad_loss is not None and fsp.vector_norm.active:
-            moment = _moment_loss_gradient(grad_loss, u, std, root, variance, stats, weighted,
-                                           fsp.vector_norm)
-            grad_h = moment if grad_h is None else grad_h + moment
-        return grad_h, None, None, None
+            moment = _moment_loss_gradient(grad_loss, centred, std, root, variance, stats,
+                                           weighted, fsp.vector_norm)
+        if grad_q is None:
+            return moment, None, None, None
+        if fsp.need_inv_act:
+            return grad_q if moment is None else moment.add_(grad_q), None, None, None
+        slope = _cdf_slope(fsp.act_name, h, act, 1.0 / _UNIT_UNIFORM_STD)
+        if moment is None:
+            return slope.mul_(grad_q), None, None, None
+        return moment.addcmul_(grad_q, slope), None, None, None
 
 
-def _moment_loss_gradient(grad_loss: Tensor, u: Tensor, std: Tensor, root: Tensor,
+def _moment_loss_gradient(grad_loss: Tensor, centred: Tensor, std: Tensor, root: Tensor,
                           variance: Tensor, stats: Tensor, weighted: Tensor,
                           norm: VectorNorm) -> Tensor:
     """d loss / d h of ``VectorNorm`` in closed form, a cubic in ``u = (h - mean) / std``.
@@ -201,11 +215,13 @@ def _moment_loss_gradient(grad_loss: Tensor, u: Tensor, std: Tensor, root: Tenso
         dskew/dh_i = 3 (u_i^2 - M_2) / (N std) - 3 M_3 dstd/dh_i / std
         dkurt/dh_i = 4 (u_i^3 - M_3) / (N std) - 4 M_4 dstd/dh_i / std
     """
-    n = u.shape[0]
-    g = weighted * (grad_loss * 2.0)  # (4, C): G_1..G_4
+    n = centred.shape[0]
     if not norm.higher:
-        # mean and variance only: G_1 / N + G_2 2 std u_i / (N - 1)
-        return torch.addcmul(g[0] * (1.0 / n), u, g[1] * std * (2.0 / (n - 1)))
+        # mean and variance only: G_1 / N + G_2 2 (h_i - mean) / (N - 1), G = 2 w d / C
+        g = weighted[:2] * grad_loss
+        return torch.addcmul(g[0], centred, g[1], value=2.0 * n / (n - 1)).mul_(2.0 / n)
+    g = weighted * (grad_loss * 2.0)  # (4, C): G_1..G_4
+    u = centred / std
     g3_s = g[2] / std
     g4_s = g[3] / std
     m2 = variance * (n - 1) / (n * std * std)
@@ -246,6 +262,11 @@ class FSP(nn.Module):
                              persistent=False)
         basis = [math.prod(levels[:i]) for i in range(len(levels))]
         self.register_buffer("_basis", torch.tensor(basis, dtype=torch.int64), persistent=False)
+        # the levels as floats for the bin arithmetic; follows .double() etc. as a float buffer
+        self.register_buffer("_level_values", torch.tensor(levels, dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("_basis_values", torch.tensor(basis, dtype=torch.float32),
+                             persistent=False)
         self.codebook_size = math.prod(levels)
         self.has_projections = self.dim != self.codebook_dim
         if self.has_projections:
@@ -295,8 +316,6 @@ class FSP(nn.Module):
         check_tensor(z, self.dim, 1 if self.channel_first else -1)
         if self.channel_first:
             z = z.movedim(1, -1)
-        if not all_finite(z):
-            check_finite(z)
         shape = z.shape
         orig_dtype = z.dtype
         h = narrow_linear(z.reshape(-1, self.dim), self.project_in)
@@ -310,7 +329,11 @@ class FSP(nn.Module):
             info["p_accept_prob"] = accept_prob
         out = q.to(self.project_out.weight.dtype if self.has_projections else orig_dtype)
         out = narrow_linear(out, self.project_out)
-        indices = self.level_indices_to_indices(level_indices).view(shape[:-1])
+        if self.codebook_size <= 1 << 24:  # every partial sum exact in float32 and float64
+            indices = (level_indices @ self._basis_values.to(level_indices.dtype)).long()
+        else:
+            indices = self.level_indices_to_indices(level_indices)
+        indices = indices.view(shape[:-1])
         out = out.view(*shape[:-1], self.dim)
         if self.channel_first:
             out = out.movedim(-1, 1)
