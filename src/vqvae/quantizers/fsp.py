@@ -136,7 +136,14 @@ class _FSPCall(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, fsp, eps, rate):
+    def forward(ctx, z, fsp, eps, rate, out_dtype):
+        # z: (..., C); the flattening and the float32 cast of half inputs happen here, not as
+        # autograd nodes around this one
+        ctx.in_shape, ctx.in_dtype = z.shape, z.dtype
+        h = z.reshape(-1, z.shape[-1])
+        if h.dtype in (torch.float16, torch.bfloat16):
+            h = h.float()  # bin edges and index sums need more than 8-11 bits
+        eps = eps or torch.finfo(h.dtype).eps
         # two passes (mean, then squared deviations): var_mean's Welford reduction down the
         # rows is several times slower for few channels
         mean = h.mean(0)
@@ -144,8 +151,6 @@ class _FSPCall(torch.autograd.Function):
         variance = (centred * centred).sum(0).div_(max(h.shape[0] - 1, 0))
         # a NaN/Inf anywhere makes its channel's variance NaN/Inf; the exact test runs only
         # then (a finite batch whose variance overflows passes it)
-        if not math.isfinite(float(variance.sum())) and not bool(torch.isfinite(h).all()):
-            check_finite(h)
         root = variance.sqrt()
         std = root.clamp_min(fsp.vector_norm.eps)
         u = centred / std
@@ -157,6 +162,10 @@ class _FSPCall(torch.autograd.Function):
         distance = stats - targets
         weighted = distance * weights  # weights already divided by C
         loss = torch.dot(distance.view(-1), weighted.view(-1))
+        # a NaN/Inf anywhere makes its channel's statistics and so the loss NaN/Inf; the exact
+        # test runs only then (a finite batch whose moments overflow passes it)
+        if not math.isfinite(float(loss)) and not bool(torch.isfinite(h).all()):
+            check_finite(h)
 
         act = fsp.act_func(h)
         levels = fsp._level_values
@@ -170,7 +179,7 @@ class _FSPCall(torch.autograd.Function):
             # uniform noise up to half a bin either way
             proposal = act + (torch.rand_like(act) - 0.5) / levels
             accept = (proposal > 0.0) & (proposal < 1.0)
-            accept_prob = accept.to(h.dtype).mean()
+            accept_prob = accept.sum() / accept.numel()  # float32, as .float().mean()
             perturbed = torch.where(accept, proposal, act)
             q_act = torch.where(torch.rand_like(q_act) > rate, perturbed, q_act)
         if fsp.need_inv_act:
@@ -182,24 +191,35 @@ class _FSPCall(torch.autograd.Function):
         ctx.fsp = fsp
         ctx.set_materialize_grads(False)  # no zero gradients for the unused outputs
         ctx.mark_non_differentiable(level_indices, stats)
+        q = q.to(out_dtype).view(*z.shape[:-1], q.shape[-1])
         return q, level_indices, loss, stats, accept_prob
 
     @staticmethod
     def backward(ctx, grad_q, _grad_levels, grad_loss, _grad_stats, _grad_prob):
         h, act, centred, std, root, variance, stats, weighted = ctx.saved_tensors
         fsp = ctx.fsp
+        if grad_q is not None:
+            grad_q = grad_q.reshape(h.shape).to(h.dtype)
+        grad_h = _FSPCall._grad_h(fsp, grad_q, grad_loss, h, act, centred, std, root,
+                                  variance, stats, weighted)
+        if grad_h is not None:
+            grad_h = grad_h.to(ctx.in_dtype).view(ctx.in_shape)
+        return grad_h, None, None, None, None
+
+    @staticmethod
+    def _grad_h(fsp, grad_q, grad_loss, h, act, centred, std, root, variance, stats, weighted):
         moment = None
         if grad_loss is not None and fsp.vector_norm.active:
             moment = _moment_loss_gradient(grad_loss, centred, std, root, variance, stats,
                                            weighted, fsp.vector_norm)
         if grad_q is None:
-            return moment, None, None, None
+            return moment
         if fsp.need_inv_act:
-            return grad_q if moment is None else moment.add_(grad_q), None, None, None
+            return grad_q if moment is None else moment.add_(grad_q)
         slope = _cdf_slope(fsp.act_name, h, act, 1.0 / _UNIT_UNIFORM_STD)
         if moment is None:
-            return slope.mul_(grad_q), None, None, None
-        return moment.addcmul_(grad_q, slope), None, None, None
+            return slope.mul_(grad_q)
+        return moment.addcmul_(grad_q, slope)
 
 
 def _moment_loss_gradient(grad_loss: Tensor, centred: Tensor, std: Tensor, root: Tensor,
@@ -317,24 +337,25 @@ class FSP(nn.Module):
         if self.channel_first:
             z = z.movedim(1, -1)
         shape = z.shape
-        orig_dtype = z.dtype
-        h = narrow_linear(z.reshape(-1, self.dim), self.project_in)
-        if h.dtype in (torch.float16, torch.bfloat16):
-            h = h.float()  # bin edges and index sums need more than 8-11 bits
-        eps = eps or torch.finfo(h.dtype).eps
         rate = self.quantize_rate if self.training else 1.0
-        q, level_indices, norm_loss, stats, accept_prob = _FSPCall.apply(h, self, eps, rate)
+        if self.has_projections:
+            h = narrow_linear(z.reshape(-1, self.dim), self.project_in)
+            out_dtype = self.project_out.weight.dtype
+        else:
+            h, out_dtype = z, z.dtype
+        q, level_indices, norm_loss, stats, accept_prob = _FSPCall.apply(
+            h, self, eps, rate, out_dtype)
         info: dict = {}
         if accept_prob is not None:
             info["p_accept_prob"] = accept_prob
-        out = q.to(self.project_out.weight.dtype if self.has_projections else orig_dtype)
-        out = narrow_linear(out, self.project_out)
+        out = q
+        if self.has_projections:
+            out = narrow_linear(q, self.project_out).view(*shape[:-1], self.dim)
         if self.codebook_size <= 1 << 24:  # every partial sum exact in float32 and float64
             indices = (level_indices @ self._basis_values.to(level_indices.dtype)).long()
         else:
             indices = self.level_indices_to_indices(level_indices)
         indices = indices.view(shape[:-1])
-        out = out.view(*shape[:-1], self.dim)
         if self.channel_first:
             out = out.movedim(-1, 1)
         mean, variance, skewness, kurtosis = stats
