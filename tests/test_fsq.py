@@ -528,25 +528,39 @@ def test_model_shape_contract():
     assert torch.allclose(fsq.indices_to_codes(out.indices), out.quantized, atol=1e-6)
 
 
-def test_latent_quantize_gradients_match_autograd_on_the_paper_losses():
+@pytest.mark.parametrize("dim, num_codebooks, shape", [
+    (6, 1, (2, 6, 3, 3)),  # projections, batch of images
+    (6, 1, (1, 6, 4, 5)),  # one image
+    (2, 1, (3, 2, 7)),  # no projections
+    (4, 2, (2, 4, 5)),  # two codebooks, no projections
+    (7, 2, (2, 7, 2, 3)),  # two codebooks with projections
+    (6, 1, (2, 9, 6)),  # a channels-last sequence
+])
+def test_latent_quantize_gradients_match_autograd_on_the_paper_losses(dim, num_codebooks,
+                                                                      shape):
     torch.manual_seed(0)
-    lq = LatentQuantize([5, 4], dim=6, commitment_loss_weight=0.3,
-                        quantization_loss_weight=0.7).double()
-    x = torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(2, 6, 3, 3, dtype=torch.float64)
-    out, _, loss = lq(x)
+    lq = LatentQuantize([5, 4], dim=dim, commitment_loss_weight=0.3,
+                        quantization_loss_weight=0.7, num_codebooks=num_codebooks).double()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(*shape, dtype=torch.float64)
+    out, indices, loss = lq(x)
     ((out * weight).sum() + loss).backward()
     ours = [x.grad] + [p.grad.clone() for p in lq.parameters()]
 
     # textbook: straight-through to z, ||z - sg(q)||^2 and ||sg(z) - q||^2
     lq.zero_grad()
     x_ref = x.detach().clone().requires_grad_()
-    z = lq.project_in(x_ref.flatten(2).transpose(1, 2))
+    channel_first = shape[1] == dim
+    rows = x_ref.flatten(2).transpose(1, 2) if channel_first else x_ref
+    z = lq.project_in(rows).unflatten(-1, (num_codebooks, 2))
     values = list(lq.values_per_latent)
     nearest = [(z[..., i, None] - values[i].detach()).abs().argmin(-1) for i in range(2)]
+    ref_indices = nearest[0] + 5 * nearest[1]
+    assert torch.equal(indices.reshape(ref_indices.shape), ref_indices)
     q = torch.stack([values[i][nearest[i]] for i in range(2)], -1)
-    codes = z + (q - z).detach()
-    ref_out = lq.project_out(codes).transpose(1, 2).reshape(x.shape)
+    codes = (z + (q - z).detach()).flatten(-2)
+    ref_out = lq.project_out(codes)
+    ref_out = ref_out.transpose(1, 2).reshape(x.shape) if channel_first else ref_out
     ref_loss = 0.3 * ((z - q.detach()) ** 2).mean() + 0.7 * ((z.detach() - q) ** 2).mean()
     assert torch.allclose(loss, ref_loss)
     ((ref_out * weight).sum() + ref_loss).backward()

@@ -39,6 +39,13 @@ from .fsq import all_finite, check_finite
 from .vector_quantize import QuantizerInputError
 
 
+def _nearest_channel_major(h: Tensor, table: Tensor) -> Tensor:
+    """``nearest_value`` for ``h`` laid out (codebook_dim, M); returns (codebook_dim, M)."""
+    ordered, order = table.sort(-1)
+    midpoints = (ordered[:, 1:] + ordered[:, :-1]) * 0.5  # +inf past each channel's values
+    return order.gather(1, torch.searchsorted(midpoints, h))
+
+
 def nearest_value(h: Tensor, table: Tensor) -> Tensor:
     """Index of the nearest entry of ``table[i]`` (padded with +inf) for each ``h[:, i]``.
 
@@ -139,6 +146,96 @@ class _LatentQuantizeCall(torch.autograd.Function):
             grad_x = grad_x.view(shape)
         return (grad_x, None, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None,
                 None, None, None, None, *grad_values)
+
+
+class _LatentQuantizeChannelFirst(torch.autograd.Function):
+    """``_LatentQuantizeCall`` for channel-first input (b, dim, ...), computed in that layout:
+    the projections are (b)mm's of the weights with (dim, positions) slices, which CPU BLAS
+    runs faster than the row form and which need no transposed copies of the input, the
+    output or their gradients. The nearest-value search runs channel-major, (codebook_dim, m).
+    Returns the output, the int64 indices (b, ..., num_codebooks) and the loss; the gradients
+    are those of ``_LatentQuantizeCall``."""
+
+    @staticmethod
+    def forward(ctx, z, w_in, b_in, w_out, b_out, table_index, padding, offsets, basis,
+                codebook_dim, cw, qw, with_loss, *values):
+        batch, dim = z.shape[0], z.shape[1]
+        z3 = z.reshape(batch, dim, -1)
+        flat = torch.cat(values).to(z.dtype)
+        if w_in is None:
+            h3 = z3
+        elif b_in is None:
+            h3 = torch.matmul(w_in, z3)
+        else:
+            h3 = torch.baddbmm(b_in[:, None], w_in.expand(batch, -1, -1), z3)
+        width, spots = h3.shape[1], h3.shape[2]
+        simple = batch == 1 and width == codebook_dim
+        books = width // codebook_dim
+        # (codebook_dim, m) with m ordered (b, book, position)
+        h_cm = h3.view(codebook_dim, spots) if simple else h3.view(
+            batch, books, codebook_dim, spots).permute(2, 0, 1, 3).reshape(codebook_dim, -1)
+        h_cm = h_cm.contiguous()  # searchsorted copies a strided input anyway
+        table = flat[table_index].masked_fill_(padding, math.inf)
+        level = _nearest_channel_major(h_cm, table)
+        position = level + offsets[:, None]
+        q_cm = flat[position]
+        q3 = q_cm.view(1, codebook_dim, spots) if simple else q_cm.view(
+            codebook_dim, batch, books, spots).permute(1, 2, 0, 3).reshape(batch, width, spots)
+        diff = None
+        if with_loss:
+            diff = h3 - q3
+            flat_diff = diff.view(-1)
+            loss = torch.dot(flat_diff, flat_diff) * ((cw + qw) / flat_diff.numel())
+        else:
+            loss = z.new_zeros(())
+        if w_out is None:
+            out = q3
+        elif b_out is None:
+            out = torch.matmul(w_out, q3)
+        else:
+            out = torch.baddbmm(b_out[:, None], w_out.expand(batch, -1, -1), q3)
+        indices = (level * basis[:, None]).sum(0).view(batch, books, spots).transpose(1, 2)
+        indices = indices.reshape(batch, *z.shape[2:], books)
+        ctx.save_for_backward(z3, w_in, w_out, q3, diff, position)
+        ctx.info = (cw, qw, b_in is not None, b_out is not None, [v.shape[0] for v in values],
+                    z.shape, simple)
+        ctx.mark_non_differentiable(indices)
+        return out.view(batch, -1, *z.shape[2:]), indices, loss
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_indices, grad_loss):
+        z3, w_in, w_out, q3, diff, position = ctx.saved_tensors
+        cw, qw, in_bias, out_bias, sizes, shape, simple = ctx.info
+        batch = z3.shape[0]
+        grad_w_out = grad_b_out = grad_w_in = grad_b_in = None
+        if w_out is not None:
+            g3 = grad_out.reshape(batch, w_out.shape[0], -1).contiguous()
+            grad_h = torch.matmul(w_out.t(), g3)
+            grad_w_out = (g3 @ q3.transpose(1, 2)).sum(0)
+            grad_b_out = g3.sum((0, 2)) if out_bias else None
+        else:
+            grad_h = grad_out.reshape(q3.shape)
+        grad_values = [None] * len(sizes)
+        if diff is not None:
+            scale = grad_loss * (2.0 / diff.numel())
+            if cw:
+                grad_h = torch.addcmul(grad_h, diff, scale * cw)
+            if any(ctx.needs_input_grad[13:]):
+                codebook_dim = position.shape[0]
+                batch, width, spots = diff.shape
+                diff_cm = diff.view(codebook_dim, spots) if simple else diff.view(
+                    batch, width // codebook_dim, codebook_dim, spots).permute(2, 0, 1, 3)
+                grad_flat = diff.new_zeros(sum(sizes)).index_add_(
+                    0, position.reshape(-1), (diff_cm * (scale * -qw)).reshape(-1))
+                grad_values = list(grad_flat.split(sizes))
+        if w_in is not None:
+            grad_x = torch.matmul(w_in.t(), grad_h)
+            grad_w_in = (grad_h @ z3.transpose(1, 2)).sum(0)
+            grad_b_in = grad_h.sum((0, 2)) if in_bias else None
+        else:
+            grad_x = grad_h
+        return (grad_x.reshape(shape), grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None,
+                None, None, None, None, None, None, *grad_values)
 
 
 class LatentQuantizeOutput(NamedTuple):
@@ -312,6 +409,16 @@ class LatentQuantize(nn.Module):
         pin, pout = self.project_in, self.project_out
         projected = self.has_projections
         values = [v.to(self._levels.device) for v in self.values_per_latent]
+        if channel_first:
+            out, indices, loss = _LatentQuantizeChannelFirst.apply(
+                z, pin.weight if projected else None, pin.bias if projected else None,
+                pout.weight if projected else None, pout.bias if projected else None,
+                self._table_index, self._padding, self._offsets, self._basis,
+                self.codebook_dim, float(self.commitment_loss_weight),
+                float(self.quantization_loss_weight), self.training, *values)
+            if not self.keep_num_codebooks_dim:
+                indices = indices.squeeze(-1)
+            return LatentQuantizeOutput(out, indices, loss)
         out, level, loss = _LatentQuantizeCall.apply(
             z, channel_first, pin.weight if projected else None,
             pin.bias if projected else None, pout.weight if projected else None,
