@@ -148,6 +148,26 @@ class _LatentQuantizeCall(torch.autograd.Function):
                 None, None, None, None, *grad_values)
 
 
+def _apply_left(weight: Tensor, x3: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``bias[:, None] + weight @ x3[b]`` for each b of x3 (b, in, n): (b, out, n). One
+    image is a plain mm (``torch.matmul`` folds the batch with copies, and bmm costs more)."""
+    if x3.shape[0] == 1:
+        if bias is None:
+            return (weight @ x3[0]).unsqueeze(0)
+        return torch.addmm(bias[:, None], weight, x3[0]).unsqueeze(0)
+    weight = weight.expand(x3.shape[0], -1, -1)
+    if bias is None:
+        return torch.bmm(weight, x3)
+    return torch.baddbmm(bias[:, None], weight, x3)
+
+
+def _outer_sum(a3: Tensor, b3: Tensor) -> Tensor:
+    """``sum_b a3[b] @ b3[b].T`` (a weight gradient) for a3 (b, p, n), b3 (b, q, n)."""
+    if a3.shape[0] == 1:
+        return a3[0] @ b3[0].t()
+    return torch.bmm(a3, b3.transpose(1, 2)).sum(0)
+
+
 class _LatentQuantizeChannelFirst(torch.autograd.Function):
     """``_LatentQuantizeCall`` for channel-first input (b, dim, ...), computed in that layout:
     the projections are (b)mm's of the weights with (dim, positions) slices, which CPU BLAS
@@ -162,12 +182,7 @@ class _LatentQuantizeChannelFirst(torch.autograd.Function):
         batch, dim = z.shape[0], z.shape[1]
         z3 = z.reshape(batch, dim, -1)
         flat = torch.cat(values).to(z.dtype)
-        if w_in is None:
-            h3 = z3
-        elif b_in is None:
-            h3 = torch.matmul(w_in, z3)
-        else:
-            h3 = torch.baddbmm(b_in[:, None], w_in.expand(batch, -1, -1), z3)
+        h3 = z3 if w_in is None else _apply_left(w_in, z3, b_in)
         width, spots = h3.shape[1], h3.shape[2]
         simple = batch == 1 and width == codebook_dim
         books = width // codebook_dim
@@ -188,12 +203,7 @@ class _LatentQuantizeChannelFirst(torch.autograd.Function):
             loss = torch.dot(flat_diff, flat_diff) * ((cw + qw) / flat_diff.numel())
         else:
             loss = z.new_zeros(())
-        if w_out is None:
-            out = q3
-        elif b_out is None:
-            out = torch.matmul(w_out, q3)
-        else:
-            out = torch.baddbmm(b_out[:, None], w_out.expand(batch, -1, -1), q3)
+        out = q3 if w_out is None else _apply_left(w_out, q3, b_out)
         indices = (level * basis[:, None]).sum(0).view(batch, books, spots).transpose(1, 2)
         indices = indices.reshape(batch, *z.shape[2:], books)
         ctx.save_for_backward(z3, w_in, w_out, q3, diff, position)
@@ -210,8 +220,8 @@ class _LatentQuantizeChannelFirst(torch.autograd.Function):
         grad_w_out = grad_b_out = grad_w_in = grad_b_in = None
         if w_out is not None:
             g3 = grad_out.reshape(batch, w_out.shape[0], -1).contiguous()
-            grad_h = torch.matmul(w_out.t(), g3)
-            grad_w_out = (g3 @ q3.transpose(1, 2)).sum(0)
+            grad_h = _apply_left(w_out.t(), g3)
+            grad_w_out = _outer_sum(g3, q3)
             grad_b_out = g3.sum((0, 2)) if out_bias else None
         else:
             grad_h = grad_out.reshape(q3.shape)
@@ -229,8 +239,8 @@ class _LatentQuantizeChannelFirst(torch.autograd.Function):
                     0, position.reshape(-1), (diff_cm * (scale * -qw)).reshape(-1))
                 grad_values = list(grad_flat.split(sizes))
         if w_in is not None:
-            grad_x = torch.matmul(w_in.t(), grad_h)
-            grad_w_in = (grad_h @ z3.transpose(1, 2)).sum(0)
+            grad_x = _apply_left(w_in.t(), grad_h)
+            grad_w_in = _outer_sum(grad_h, z3)
             grad_b_in = grad_h.sum((0, 2)) if in_bias else None
         else:
             grad_x = grad_h
