@@ -571,6 +571,13 @@ def test_latent_quantize_gradients_match_autograd_on_the_paper_losses(dim, num_c
 
 def textbook_fsp(fsp: FSP, x: torch.Tensor, rate: float):
     """FSP written out with autograd: moment loss, CDF, straight-through bins, perturbation."""
+    if fsp.channel_first:
+        out, loss = textbook_fsp_rows(fsp, x.movedim(1, -1), rate)
+        return out.movedim(-1, 1), loss
+    return textbook_fsp_rows(fsp, x, rate)
+
+
+def textbook_fsp_rows(fsp: FSP, x: torch.Tensor, rate: float):
     h = fsp.project_in(x.reshape(-1, fsp.dim))
     variance, mean = torch.var_mean(h, dim=0)
     std = variance.sqrt().clamp_min(1e-8)
@@ -602,13 +609,15 @@ def textbook_fsp(fsp: FSP, x: torch.Tensor, rate: float):
     dict(vector_norm="var", dim=6, quantize_rate=1.0),
     dict(vector_norm="kurt", dim=6, need_inv_act=True, quantize_rate=0.3),
     dict(vector_norm="none", quantize_rate=0.0),
+    dict(vector_norm="kurt", dim=6, channel_first=True, quantize_rate=0.5),
 ])
 def test_fsp_fused_backward_matches_autograd_on_the_textbook_expression(act_name, options):
     torch.manual_seed(0)
     fsp = FSP([8, 5, 3], act_name=act_name, **options).double().train()
     dim = fsp.dim
-    x = (torch.randn(3, 40, dim, dtype=torch.float64) * 1.5 + 0.2).requires_grad_()
-    weight = torch.randn(3, 40, dim, dtype=torch.float64)
+    shape = (3, dim, 5, 8) if fsp.channel_first else (3, 40, dim)
+    x = (torch.randn(*shape, dtype=torch.float64) * 1.5 + 0.2).requires_grad_()
+    weight = torch.randn(*shape, dtype=torch.float64)
     torch.manual_seed(1)
     out, _, loss, info = fsp(x)
     ((out * weight).sum() + 3.0 * loss).backward()
@@ -625,7 +634,8 @@ def test_fsp_fused_backward_matches_autograd_on_the_textbook_expression(act_name
     for a, b in zip(ours, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     # the statistics are reported as the batch's own
-    h = fsp.project_in(x.detach().reshape(-1, dim)).detach().numpy()
+    rows = x.detach().movedim(1, -1) if fsp.channel_first else x.detach()
+    h = fsp.project_in(rows.reshape(-1, dim)).detach().numpy()
     np.testing.assert_allclose(info["norm_info"]["variance"].numpy(), h.var(0, ddof=1))
     z = (h - h.mean(0)) / h.std(0, ddof=1)
     np.testing.assert_allclose(info["norm_info"]["kurtosis"].numpy(), (z ** 4).mean(0) - 3)

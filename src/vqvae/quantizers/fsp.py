@@ -332,8 +332,17 @@ class FSP(nn.Module):
         codes = self.project_out(self._act_to_latent(self.indices_to_act_value(indices), eps))
         return codes.movedim(-1, 1) if self.channel_first else codes
 
+    def _project_channel_first(self, z: Tensor) -> bool:
+        """Whether to project a channel-first input in its own layout: ``W @ z[b]`` per image
+        needs no transposed copy of the wide input, its gradient or the output."""
+        return (self.channel_first and self.has_projections and z.ndim > 2
+                and z.dtype == self.project_in.weight.dtype
+                and not torch.is_autocast_enabled(z.device.type))
+
     def forward(self, z: Tensor, eps: float | None = None) -> FSPOutput:
         check_tensor(z, self.dim, 1 if self.channel_first else -1)
+        if self._project_channel_first(z):
+            return self._forward_channel_first(z, eps)
         if self.channel_first:
             z = z.movedim(1, -1)
         shape = z.shape
@@ -361,6 +370,36 @@ class FSP(nn.Module):
         mean, variance, skewness, kurtosis = stats
         return FSPOutput(out, indices, norm_loss, {
             "level_indices": level_indices.view(*shape[:-1], -1),
+            "norm_info": {"mean": mean, "variance": variance, "skewness": skewness,
+                          "kurtosis": kurtosis},
+            **info})
+
+    def _forward_channel_first(self, z: Tensor, eps: float | None) -> FSPOutput:
+        batch, positions = z.shape[0], z.shape[2:]
+        pin, pout = self.project_in, self.project_out
+        z3 = z.reshape(batch, self.dim, -1)
+        w_in = pin.weight.expand(batch, -1, -1)
+        h3 = torch.bmm(w_in, z3) if pin.bias is None else torch.baddbmm(pin.bias[:, None],
+                                                                        w_in, z3)
+        rate = self.quantize_rate if self.training else 1.0
+        # rows (b, n, codebook_dim): a transposed view; the node copies the few channels
+        q, level_indices, norm_loss, stats, accept_prob = _FSPCall.apply(
+            h3.transpose(1, 2), self, eps, rate, pout.weight.dtype)
+        info: dict = {}
+        if accept_prob is not None:
+            info["p_accept_prob"] = accept_prob
+        w_out = pout.weight.expand(batch, -1, -1)
+        q3 = q.transpose(1, 2)
+        out = torch.bmm(w_out, q3) if pout.bias is None else torch.baddbmm(pout.bias[:, None],
+                                                                          w_out, q3)
+        if self.codebook_size <= 1 << 24:
+            indices = (level_indices @ self._basis_values.to(level_indices.dtype)).long()
+        else:
+            indices = self.level_indices_to_indices(level_indices)
+        mean, variance, skewness, kurtosis = stats
+        return FSPOutput(out.view(batch, self.dim, *positions),
+                         indices.view(batch, *positions), norm_loss, {
+            "level_indices": level_indices.view(batch, *positions, -1),
             "norm_info": {"mean": mean, "variance": variance, "skewness": skewness,
                           "kurtosis": kurtosis},
             **info})
