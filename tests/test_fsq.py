@@ -649,3 +649,38 @@ def test_fsp_moment_loss_gradient_with_a_constant_channel_is_finite():
     out, _, loss, _ = fsp(x)
     (out.sum() + loss).backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fsp_half_input_gradient_is_the_float32_one_rounded(dtype):
+    fsp = FSP([8, 5, 5, 5], act_name="tanh", vector_norm="kurt", quantize_rate=1.0).train()
+    x = torch.randn(2, 50, 4).to(dtype)
+    half = x.clone().requires_grad_()
+    out, indices, loss, _ = fsp(half)
+    (out.float().sum() + loss).backward()
+    full = x.float().requires_grad_()
+    out_f, indices_f, loss_f, _ = fsp(full)
+    (out_f.sum() + loss_f).backward()
+    assert out.dtype == dtype and half.grad.dtype == dtype and loss.dtype == torch.float32
+    assert torch.equal(indices, indices_f) and torch.equal(loss, loss_f)
+    assert torch.equal(half.grad, full.grad.to(dtype))
+
+
+def test_latent_quantize_refuses_non_finite_channel_first_input_in_both_modes():
+    lq = LatentQuantize([5, 5, 8], dim=6)
+    x = torch.randn(2, 6, 4, 4)
+    x[1, 3, 2, 0] = float("inf")
+    for training in (True, False):
+        with pytest.raises(QuantizerInputError, match="non-finite"):
+            lq.train(training)(x)
+
+
+def test_latent_quantize_loss_weight_buffers_are_read_when_changed():
+    lq = LatentQuantize([5, 4], dim=2, commitment_loss_weight=0.1,
+                        quantization_loss_weight=0.1)
+    x = torch.randn(2, 2, 9)
+    loss = lq(x).loss
+    lq.commitment_loss_weight.fill_(0.5)  # in place
+    assert torch.allclose(lq(x).loss, loss * 3.0)
+    lq.quantization_loss_weight = torch.tensor(0.0)  # replaced
+    assert torch.allclose(lq(x).loss, loss * 2.5)
