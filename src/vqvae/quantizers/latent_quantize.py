@@ -179,11 +179,13 @@ class _LatentQuantizeChannelFirst(torch.autograd.Function):
     are those of ``_LatentQuantizeCall``."""
 
     @staticmethod
-    def forward(ctx, z, w_in, b_in, w_out, b_out, table_index, padding, offsets, basis,
+    def forward(ctx, z, w_in, b_in, w_out, b_out, pads, widest, offsets, basis,
                 codebook_dim, cw, qw, with_loss, *values):
         batch, dim = z.shape[0], z.shape[1]
         z3 = z.reshape(batch, dim, -1)
-        flat = torch.cat(values).to(z.dtype)
+        # each channel's values then +inf up to the widest: (codebook_dim, widest), one cat
+        table = torch.cat([part for pair in zip(values, pads, strict=True) for part in pair])
+        table = table.view(codebook_dim, widest).to(z.dtype)
         h3 = z3 if w_in is None else _apply_left(w_in, z3, b_in)
         width, spots = h3.shape[1], h3.shape[2]
         simple = batch == 1 and width == codebook_dim
@@ -192,7 +194,6 @@ class _LatentQuantizeChannelFirst(torch.autograd.Function):
         h_cm = h3.view(codebook_dim, spots) if simple else h3.view(
             batch, books, codebook_dim, spots).permute(2, 0, 1, 3).reshape(codebook_dim, -1)
         h_cm = h_cm.contiguous()  # searchsorted copies a strided input anyway
-        table = flat[table_index].masked_fill_(padding, math.inf)
         level, q_cm = _nearest_channel_major(h_cm, table)
         q3 = q_cm.view(1, codebook_dim, spots) if simple else q_cm.view(
             codebook_dim, batch, books, spots).permute(1, 2, 0, 3).reshape(batch, width, spots)
@@ -348,6 +349,17 @@ class LatentQuantize(nn.Module):
             self.__dict__["_weights"] = (float(cw), float(qw))
         return self.__dict__["_weights"]
 
+    def _table_pads(self, like: Tensor) -> tuple[Tensor, ...]:
+        """Per channel, the +inf entries that pad its values to the widest channel, in
+        ``like``'s dtype and device (made once)."""
+        cache = self.__dict__.setdefault("_pads", {})
+        key = (like.dtype, like.device)
+        if key not in cache:
+            widest = self._padding.shape[1]
+            cache[key] = tuple(torch.full((widest - int(level),), math.inf, dtype=like.dtype,
+                                          device=like.device) for level in self._levels)
+        return cache[key]
+
     # ------------------------------------------------------------------ lookups
 
     def _flat_values(self) -> Tensor:
@@ -444,7 +456,8 @@ class LatentQuantize(nn.Module):
             out, indices, loss = _LatentQuantizeChannelFirst.apply(
                 z, pin.weight if projected else None, pin.bias if projected else None,
                 pout.weight if projected else None, pout.bias if projected else None,
-                self._table_index, self._padding, self._offsets, self._basis,
+                self._table_pads(values[0]), self._padding.shape[1], self._offsets,
+                self._basis,
                 self.codebook_dim, cw, qw, self.training, *values)
             if not self.keep_num_codebooks_dim:
                 indices = indices.squeeze(-1)
