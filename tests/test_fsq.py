@@ -684,3 +684,12 @@ def test_latent_quantize_loss_weight_buffers_are_read_when_changed():
     assert torch.allclose(lq(x).loss, loss * 3.0)
     lq.quantization_loss_weight = torch.tensor(0.0)  # replaced
     assert torch.allclose(lq(x).loss, loss * 2.5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fsp_channel_first_projected_refuses_non_finite(training):
+    fsp = FSP([8, 5, 5, 5], dim=8, channel_first=True).train(training)
+    x = torch.randn(2, 8, 3, 3)
+    x[0, 5, 1, 2] = float("nan")
+    with pytest.raises(QuantizerInputError, match="non-finite"):
+        fsp(x)
