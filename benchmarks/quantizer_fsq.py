@@ -9,7 +9,11 @@ Both sides get the same weights. The cases:
     rfsq     ResidualFSQ levels [8, 5, 5, 3], 8 layers, dim 256, at (1, 1024, 256) (README)
     grfsq    GroupedResidualFSQ as rfsq in 2 groups, at (1, 1024, 256)
     latent   LatentQuantize levels [5, 5, 8], dim 16, at (1, 16, 32, 32) (README)
+    latent8  the same at (8, 16, 32, 32), a batch of feature maps
+    latent64 LatentQuantize levels [8, 8, 8, 8], dim 64, at (8, 64, 32, 32)
     fsp      FSP levels [8, 5, 5, 5], normal CDF, quantize_rate 0.5, at (1, 1024, 4) (README)
+    fsp256   FSP as fsp with projections from dim 256, at (8, 1024, 256)
+    fspimg   FSP as fsp, channel first, dim 64, at (8, 64, 32, 32), kurtosis loss
 
     python benchmarks/quantizer_fsq.py                     # CPU
     python benchmarks/quantizer_fsq.py --repeats 50 --threads 1   # adds thread CPU time
@@ -34,6 +38,7 @@ from quantizer import print_markdown, settle_allocator, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "quantizer_fsq.json"
 RESIDUAL = dict(dim=256, levels=[8, 5, 5, 3], num_quantizers=8)
+FSP_README = dict(levels=[8, 5, 5, 5], act_name="normal", quantize_rate=0.5, vector_norm="var")
 CASES: dict[str, tuple[Callable, str, dict, tuple[int, ...]]] = {
     "fsq": (FSQ, "FSQ", dict(levels=[8, 5, 5, 5], dim=256), (8, 1024, 256)),
     "rfsq": (ResidualFSQ, "ResidualFSQ", RESIDUAL, (1, 1024, 256)),
@@ -41,8 +46,14 @@ CASES: dict[str, tuple[Callable, str, dict, tuple[int, ...]]] = {
               (1, 1024, 256)),
     "latent": (LatentQuantize, "LatentQuantize", dict(levels=[5, 5, 8], dim=16),
                (1, 16, 32, 32)),
-    "fsp": (FSP, "FSP", dict(levels=[8, 5, 5, 5], act_name="normal", quantize_rate=0.5,
-                             vector_norm="var"), (1, 1024, 4)),
+    "latent8": (LatentQuantize, "LatentQuantize", dict(levels=[5, 5, 8], dim=16),
+                (8, 16, 32, 32)),
+    "latent64": (LatentQuantize, "LatentQuantize", dict(levels=[8, 8, 8, 8], dim=64),
+                 (8, 64, 32, 32)),
+    "fsp": (FSP, "FSP", FSP_README, (1, 1024, 4)),
+    "fsp256": (FSP, "FSP", dict(FSP_README, dim=256), (8, 1024, 256)),
+    "fspimg": (FSP, "FSP", dict(FSP_README, dim=64, channel_first=True, vector_norm="kurt"),
+               (8, 64, 32, 32)),
 }
 
 

@@ -528,28 +528,168 @@ def test_model_shape_contract():
     assert torch.allclose(fsq.indices_to_codes(out.indices), out.quantized, atol=1e-6)
 
 
-def test_latent_quantize_gradients_match_autograd_on_the_paper_losses():
+@pytest.mark.parametrize("dim, num_codebooks, shape", [
+    (6, 1, (2, 6, 3, 3)),  # projections, batch of images
+    (6, 1, (1, 6, 4, 5)),  # one image
+    (2, 1, (3, 2, 7)),  # no projections
+    (4, 2, (2, 4, 5)),  # two codebooks, no projections
+    (7, 2, (2, 7, 2, 3)),  # two codebooks with projections
+    (6, 1, (2, 9, 6)),  # a channels-last sequence
+])
+def test_latent_quantize_gradients_match_autograd_on_the_paper_losses(dim, num_codebooks,
+                                                                      shape):
     torch.manual_seed(0)
-    lq = LatentQuantize([5, 4], dim=6, commitment_loss_weight=0.3,
-                        quantization_loss_weight=0.7).double()
-    x = torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(2, 6, 3, 3, dtype=torch.float64)
-    out, _, loss = lq(x)
+    lq = LatentQuantize([5, 4], dim=dim, commitment_loss_weight=0.3,
+                        quantization_loss_weight=0.7, num_codebooks=num_codebooks).double()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(*shape, dtype=torch.float64)
+    out, indices, loss = lq(x)
     ((out * weight).sum() + loss).backward()
     ours = [x.grad] + [p.grad.clone() for p in lq.parameters()]
 
     # textbook: straight-through to z, ||z - sg(q)||^2 and ||sg(z) - q||^2
     lq.zero_grad()
     x_ref = x.detach().clone().requires_grad_()
-    z = lq.project_in(x_ref.flatten(2).transpose(1, 2))
+    channel_first = shape[1] == dim
+    rows = x_ref.flatten(2).transpose(1, 2) if channel_first else x_ref
+    z = lq.project_in(rows).unflatten(-1, (num_codebooks, 2))
     values = list(lq.values_per_latent)
     nearest = [(z[..., i, None] - values[i].detach()).abs().argmin(-1) for i in range(2)]
+    ref_indices = nearest[0] + 5 * nearest[1]
+    assert torch.equal(indices.reshape(ref_indices.shape), ref_indices)
     q = torch.stack([values[i][nearest[i]] for i in range(2)], -1)
-    codes = z + (q - z).detach()
-    ref_out = lq.project_out(codes).transpose(1, 2).reshape(x.shape)
+    codes = (z + (q - z).detach()).flatten(-2)
+    ref_out = lq.project_out(codes)
+    ref_out = ref_out.transpose(1, 2).reshape(x.shape) if channel_first else ref_out
     ref_loss = 0.3 * ((z - q.detach()) ** 2).mean() + 0.7 * ((z.detach() - q) ** 2).mean()
     assert torch.allclose(loss, ref_loss)
     ((ref_out * weight).sum() + ref_loss).backward()
     reference = [x_ref.grad] + [p.grad for p in lq.parameters()]
     for a, b in zip(ours, reference, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+def textbook_fsp(fsp: FSP, x: torch.Tensor, rate: float):
+    """FSP written out with autograd: moment loss, CDF, straight-through bins, perturbation."""
+    if fsp.channel_first:
+        out, loss = textbook_fsp_rows(fsp, x.movedim(1, -1), rate)
+        return out.movedim(-1, 1), loss
+    return textbook_fsp_rows(fsp, x, rate)
+
+
+def textbook_fsp_rows(fsp: FSP, x: torch.Tensor, rate: float):
+    h = fsp.project_in(x.reshape(-1, fsp.dim))
+    variance, mean = torch.var_mean(h, dim=0)
+    std = variance.sqrt().clamp_min(1e-8)
+    u = (h - mean) / std
+    norm = fsp.vector_norm
+    loss = (norm.l1_weight * ((mean - norm.l1_target) ** 2).mean()
+            + norm.l2_weight * ((variance - norm.l2_target) ** 2).mean()
+            + norm.l3_weight * (((u ** 3).mean(0) - norm.l3_target) ** 2).mean()
+            + norm.l4_weight * (((u ** 4).mean(0) - 3.0 - norm.l4_target) ** 2).mean())
+    act = fsp.act_func(h)
+    levels = torch.tensor(fsp._levels.tolist(), dtype=h.dtype)
+    eps = torch.finfo(h.dtype).eps
+    centre = ((act.clamp_max(1 - eps) * levels).floor() + 0.5) / levels
+    q_act = act + (centre - act).detach()
+    if rate < 1.0:
+        proposal = act + (torch.rand_like(act) * 2 - 1) / (2 * levels)
+        perturbed = torch.where((proposal > 0) & (proposal < 1), proposal, act)
+        q_act = torch.where(torch.rand_like(act) > rate, perturbed, q_act)
+    if fsp.need_inv_act:
+        q = h + (fsp.inv_act_func(q_act.clamp(eps, 1 - eps)) - h).detach()
+    else:
+        q = (q_act - 0.5) * 12 ** 0.5
+    return fsp.project_out(q).reshape(x.shape), loss
+
+
+@pytest.mark.parametrize("act_name", ["tanh", "sigmoid", "normal", "laplace", "cauchy"])
+@pytest.mark.parametrize("options", [
+    dict(vector_norm="kurt", quantize_rate=0.5),
+    dict(vector_norm="var", dim=6, quantize_rate=1.0),
+    dict(vector_norm="kurt", dim=6, need_inv_act=True, quantize_rate=0.3),
+    dict(vector_norm="none", quantize_rate=0.0),
+    dict(vector_norm="kurt", dim=6, channel_first=True, quantize_rate=0.5),
+])
+def test_fsp_fused_backward_matches_autograd_on_the_textbook_expression(act_name, options):
+    torch.manual_seed(0)
+    fsp = FSP([8, 5, 3], act_name=act_name, **options).double().train()
+    dim = fsp.dim
+    shape = (3, dim, 5, 8) if fsp.channel_first else (3, 40, dim)
+    x = (torch.randn(*shape, dtype=torch.float64) * 1.5 + 0.2).requires_grad_()
+    weight = torch.randn(*shape, dtype=torch.float64)
+    torch.manual_seed(1)
+    out, _, loss, info = fsp(x)
+    ((out * weight).sum() + 3.0 * loss).backward()
+    ours = [x.grad.clone()] + [p.grad.clone() for p in fsp.parameters()]
+
+    fsp.zero_grad()
+    x_ref = x.detach().clone().requires_grad_()
+    torch.manual_seed(1)
+    ref_out, ref_loss = textbook_fsp(fsp, x_ref, options["quantize_rate"])
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    ((ref_out * weight).sum() + 3.0 * ref_loss).backward()
+    reference = [x_ref.grad] + [p.grad for p in fsp.parameters()]
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # the statistics are reported as the batch's own
+    rows = x.detach().movedim(1, -1) if fsp.channel_first else x.detach()
+    h = fsp.project_in(rows.reshape(-1, dim)).detach().numpy()
+    np.testing.assert_allclose(info["norm_info"]["variance"].numpy(), h.var(0, ddof=1))
+    z = (h - h.mean(0)) / h.std(0, ddof=1)
+    np.testing.assert_allclose(info["norm_info"]["kurtosis"].numpy(), (z ** 4).mean(0) - 3)
+
+
+def test_fsp_moment_loss_gradient_with_a_constant_channel_is_finite():
+    fsp = FSP([4, 4], vector_norm="kurt").double().train()
+    x = torch.randn(1, 30, 2, dtype=torch.float64)
+    x[..., 1] = 0.7  # std clamped: no gradient through it
+    x.requires_grad_()
+    out, _, loss, _ = fsp(x)
+    (out.sum() + loss).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fsp_half_input_gradient_is_the_float32_one_rounded(dtype):
+    fsp = FSP([8, 5, 5, 5], act_name="tanh", vector_norm="kurt", quantize_rate=1.0).train()
+    x = torch.randn(2, 50, 4).to(dtype)
+    half = x.clone().requires_grad_()
+    out, indices, loss, _ = fsp(half)
+    (out.float().sum() + loss).backward()
+    full = x.float().requires_grad_()
+    out_f, indices_f, loss_f, _ = fsp(full)
+    (out_f.sum() + loss_f).backward()
+    assert out.dtype == dtype and half.grad.dtype == dtype and loss.dtype == torch.float32
+    assert torch.equal(indices, indices_f) and torch.equal(loss, loss_f)
+    assert torch.equal(half.grad, full.grad.to(dtype))
+
+
+def test_latent_quantize_refuses_non_finite_channel_first_input_in_both_modes():
+    lq = LatentQuantize([5, 5, 8], dim=6)
+    x = torch.randn(2, 6, 4, 4)
+    x[1, 3, 2, 0] = float("inf")
+    for training in (True, False):
+        with pytest.raises(QuantizerInputError, match="non-finite"):
+            lq.train(training)(x)
+
+
+def test_latent_quantize_loss_weight_buffers_are_read_when_changed():
+    lq = LatentQuantize([5, 4], dim=2, commitment_loss_weight=0.1,
+                        quantization_loss_weight=0.1)
+    x = torch.randn(2, 2, 9)
+    loss = lq(x).loss
+    lq.commitment_loss_weight.fill_(0.5)  # in place
+    assert torch.allclose(lq(x).loss, loss * 3.0)
+    lq.quantization_loss_weight = torch.tensor(0.0)  # replaced
+    assert torch.allclose(lq(x).loss, loss * 2.5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fsp_channel_first_projected_refuses_non_finite(training):
+    fsp = FSP([8, 5, 5, 5], dim=8, channel_first=True).train(training)
+    x = torch.randn(2, 8, 3, 3)
+    x[0, 5, 1, 2] = float("nan")
+    with pytest.raises(QuantizerInputError, match="non-finite"):
+        fsp(x)

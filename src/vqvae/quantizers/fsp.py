@@ -12,6 +12,13 @@ Call as in ``vector_quantize_pytorch`` 1.32:
   ``int64`` sums of integer levels. The library sums ``level * basis`` in the input's dtype and
   truncates, so a bfloat16 input gets wrong indices for codebooks past 256 codes.
 - Non-finite input raises :class:`QuantizerInputError`.
+- ``info["norm_info"]`` reports the batch statistics without autograd history (the loss is
+  differentiable; the statistics come out of the fused call). The variance is computed in two
+  passes, mean then squared deviations, so it can differ from ``torch.var_mean`` in the last
+  bits.
+
+The forward is one autograd node (``_FSPCall``) with a closed-form backward: the call is
+dominated by per-operation overhead at the README's sizes.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .fsq import check_finite, check_tensor
+from .narrow_linear import narrow_linear
 
 _SQRT2 = math.sqrt(2.0)
 _UNIT_UNIFORM_STD = math.sqrt(1.0 / 12.0)  # maps bin centres in [0, 1] to unit variance
@@ -69,6 +77,22 @@ class VectorNorm(nn.Module):
         self.l3_target, self.l3_weight = l3_target, l3_weight
         self.l4_target, self.l4_weight = l4_target, l4_weight
         self.eps = eps
+        weights = (l1_weight, l2_weight, l3_weight, l4_weight)
+        self.active = any(weights)  # the loss depends on the input
+        self.higher = bool(l3_weight or l4_weight)  # skewness or kurtosis weighted
+        self._constants: dict = {}
+
+    def constants(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Targets (4, 1) and weights / channels (4, 1) in ``z``'s dtype and device, made once
+        (``FSP``'s fused call weights the squared distances with them)."""
+        key = (z.dtype, z.device, z.shape[-1])
+        if key not in self._constants:
+            targets = torch.tensor([self.l1_target, self.l2_target, self.l3_target,
+                                    self.l4_target], dtype=z.dtype, device=z.device)
+            weights = torch.tensor([self.l1_weight, self.l2_weight, self.l3_weight,
+                                    self.l4_weight], dtype=z.dtype, device=z.device)
+            self._constants[key] = (targets[:, None], weights[:, None] / z.shape[-1])
+        return self._constants[key]
 
     @classmethod
     def build(cls, name: str) -> VectorNorm:
@@ -90,6 +114,152 @@ class VectorNorm(nn.Module):
                 + ((kurtosis - self.l4_target) ** 2).mean() * self.l4_weight)
         return loss, {"mean": mean, "variance": variance, "skewness": skewness,
                       "kurtosis": kurtosis}
+
+
+def _cdf_slope(act_name: str, h: Tensor, act: Tensor, scale: float) -> Tensor:
+    """``scale`` times the derivative of the CDF activation at ``h`` (``act`` is its value), as
+    autograd takes it of the forms in ``_CDFS`` (the Laplace form's sign makes it 0 at 0)."""
+    if act_name == "tanh":
+        return (1.0 - act).mul_(act).mul_(2.0 * scale)  # (1 - tanh^2) / 2, tanh = 2 act - 1
+    if act_name == "sigmoid":
+        return (1.0 - act).mul_(act).mul_(scale)
+    if act_name == "normal":
+        return h.square().mul_(-0.5).exp_().mul_(scale / math.sqrt(2.0 * math.pi))
+    if act_name == "laplace":
+        return h.abs().neg_().exp_().mul_(h.sign().abs_().mul_(0.5 * scale))
+    return h.square().add_(1.0).reciprocal_().mul_(scale / math.pi)  # cauchy
+
+
+class _FSPCall(torch.autograd.Function):
+    """The moment loss, CDF activation, binning, perturbation and rescaling of ``FSP.forward``
+    in one autograd node: the call is dominated by per-operation overhead, and the backward of
+    the chain has a short closed form.
+
+    Forward on h (M, C): ``u = (h - mean) / std`` per channel, the loss of ``VectorNorm``, and
+    the straight-through latent ``q``. Backward: ``q`` depends on ``h`` through the activation
+    only (the bin and the noise are constants), so ``dq/dh = cdf'(h) / std_uniform``, or 1 with
+    ``need_inv_act``; the loss is a cubic in ``u`` per channel (derived in
+    ``_moment_loss_gradient``).
+    """
+
+    @staticmethod
+    def forward(ctx, z, fsp, eps, rate, out_dtype):
+        # z: (..., C); the flattening and the float32 cast of half inputs happen here, not as
+        # autograd nodes around this one
+        ctx.in_shape, ctx.in_dtype = z.shape, z.dtype
+        h = z.reshape(-1, z.shape[-1])
+        if h.dtype in (torch.float16, torch.bfloat16):
+            h = h.float()  # bin edges and index sums need more than 8-11 bits
+        eps = eps or torch.finfo(h.dtype).eps
+        # two passes (mean, then squared deviations): var_mean's Welford reduction down the
+        # rows is several times slower for few channels
+        mean = h.mean(0)
+        centred = h - mean
+        variance = (centred * centred).sum(0).div_(max(h.shape[0] - 1, 0))
+        # a NaN/Inf anywhere makes its channel's variance NaN/Inf; the exact test runs only
+        # then (a finite batch whose variance overflows passes it)
+        root = variance.sqrt()
+        std = root.clamp_min(fsp.vector_norm.eps)
+        u = centred / std
+        u2 = u * u
+        skewness = (u2 * u).mean(0)
+        kurtosis = (u2 * u2).mean(0) - 3.0
+        stats = torch.stack((mean, variance, skewness, kurtosis))
+        targets, weights = fsp.vector_norm.constants(h)
+        distance = stats - targets
+        weighted = distance * weights  # weights already divided by C
+        loss = torch.dot(distance.view(-1), weighted.view(-1))
+        # a NaN/Inf anywhere makes its channel's statistics and so the loss NaN/Inf; the exact
+        # test runs only then (a finite batch whose moments overflow passes it)
+        if not math.isfinite(float(loss)) and not bool(torch.isfinite(h).all()):
+            check_finite(h)
+
+        act = fsp.act_func(h)
+        levels = fsp._level_values
+        if levels.dtype != h.dtype:
+            levels = levels.to(h.dtype)
+        level_indices = (act.clamp_max(1.0 - eps) * levels).floor_()
+        centres = (level_indices + 0.5) / levels
+        q_act = act + (centres - act)  # the straight-through value, rounding as z + (q - z)
+        accept_prob = None
+        if rate < 1.0:
+            # uniform noise up to half a bin either way
+            proposal = act + (torch.rand_like(act) - 0.5) / levels
+            accept = (proposal > 0.0) & (proposal < 1.0)
+            accept_prob = accept.sum() / accept.numel()  # float32, as .float().mean()
+            perturbed = torch.where(accept, proposal, act)
+            q_act = torch.where(torch.rand_like(q_act) > rate, perturbed, q_act)
+        if fsp.need_inv_act:
+            q = fsp.inv_act_func(q_act.clamp(eps, 1.0 - eps))
+            q = h + (q - h)
+        else:
+            q = (q_act - 0.5) / _UNIT_UNIFORM_STD
+        ctx.save_for_backward(h, act, centred, std, root, variance, stats, weighted)
+        ctx.fsp = fsp
+        ctx.set_materialize_grads(False)  # no zero gradients for the unused outputs
+        ctx.mark_non_differentiable(level_indices, stats)
+        q = q.to(out_dtype).view(*z.shape[:-1], q.shape[-1])
+        return q, level_indices, loss, stats, accept_prob
+
+    @staticmethod
+    def backward(ctx, grad_q, _grad_levels, grad_loss, _grad_stats, _grad_prob):
+        h, act, centred, std, root, variance, stats, weighted = ctx.saved_tensors
+        fsp = ctx.fsp
+        if grad_q is not None:
+            grad_q = grad_q.reshape(h.shape).to(h.dtype)
+        grad_h = _FSPCall._grad_h(fsp, grad_q, grad_loss, h, act, centred, std, root,
+                                  variance, stats, weighted)
+        if grad_h is not None:
+            grad_h = grad_h.to(ctx.in_dtype).view(ctx.in_shape)
+        return grad_h, None, None, None, None
+
+    @staticmethod
+    def _grad_h(fsp, grad_q, grad_loss, h, act, centred, std, root, variance, stats, weighted):
+        moment = None
+        if grad_loss is not None and fsp.vector_norm.active:
+            moment = _moment_loss_gradient(grad_loss, centred, std, root, variance, stats,
+                                           weighted, fsp.vector_norm)
+        if grad_q is None:
+            return moment
+        if fsp.need_inv_act:
+            return grad_q if moment is None else moment.add_(grad_q)
+        slope = _cdf_slope(fsp.act_name, h, act, 1.0 / _UNIT_UNIFORM_STD)
+        if moment is None:
+            return slope.mul_(grad_q)
+        return moment.addcmul_(grad_q, slope)
+
+
+def _moment_loss_gradient(grad_loss: Tensor, centred: Tensor, std: Tensor, root: Tensor,
+                          variance: Tensor, stats: Tensor, weighted: Tensor,
+                          norm: VectorNorm) -> Tensor:
+    """d loss / d h of ``VectorNorm`` in closed form, a cubic in ``u = (h - mean) / std``.
+
+    With N rows, G_k = d loss / d stat_k = 2 w_k (stat_k - target_k) / C, M_k = mean(u^k)
+    (M_2 = var (N - 1) / (N std^2), M_3 = skewness, M_4 = kurtosis + 3), ``dmean/dh_i = 1/N``,
+    ``dvar/dh_i = 2 std u_i / (N - 1)``, ``dstd/dh_i = u_i / (N - 1)`` (0 where std is clamped)
+    and ``du_j/dh_i = (delta_ij - 1/N) / std - u_j dstd/dh_i / std``:
+
+        dskew/dh_i = 3 (u_i^2 - M_2) / (N std) - 3 M_3 dstd/dh_i / std
+        dkurt/dh_i = 4 (u_i^3 - M_3) / (N std) - 4 M_4 dstd/dh_i / std
+    """
+    n = centred.shape[0]
+    if not norm.higher:
+        # mean and variance only: G_1 / N + G_2 2 (h_i - mean) / (N - 1), G = 2 w d / C
+        g = weighted[:2] * grad_loss
+        return torch.addcmul(g[0], centred, g[1], value=2.0 * n / (n - 1)).mul_(2.0 / n)
+    g = weighted * (grad_loss * 2.0)  # (4, C): G_1..G_4
+    u = centred / std
+    g3_s = g[2] / std
+    g4_s = g[3] / std
+    m2 = variance * (n - 1) / (n * std * std)
+    m3 = stats[2]
+    m4 = stats[3] + 3.0
+    unclamped = (root >= norm.eps).to(u.dtype)
+    a0 = g[0] / n - (3.0 * g3_s * m2 + 4.0 * g4_s * m3) / n
+    a1 = 2.0 * g[1] * std / (n - 1) - (3.0 * g3_s * m3 + 4.0 * g4_s * m4) * unclamped / (n - 1)
+    a2 = 3.0 * g3_s / n
+    a3 = 4.0 * g4_s / n
+    return ((a3 * u + a2) * u + a1) * u + a0
 
 
 class FSPOutput(NamedTuple):
@@ -119,6 +289,11 @@ class FSP(nn.Module):
                              persistent=False)
         basis = [math.prod(levels[:i]) for i in range(len(levels))]
         self.register_buffer("_basis", torch.tensor(basis, dtype=torch.int64), persistent=False)
+        # the levels as floats for the bin arithmetic; follows .double() etc. as a float buffer
+        self.register_buffer("_level_values", torch.tensor(levels, dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("_basis_values", torch.tensor(basis, dtype=torch.float32),
+                             persistent=False)
         self.codebook_size = math.prod(levels)
         self.has_projections = self.dim != self.codebook_dim
         if self.has_projections:
@@ -164,41 +339,74 @@ class FSP(nn.Module):
         codes = self.project_out(self._act_to_latent(self.indices_to_act_value(indices), eps))
         return codes.movedim(-1, 1) if self.channel_first else codes
 
+    def _project_channel_first(self, z: Tensor) -> bool:
+        """Whether to project a channel-first input in its own layout: ``W @ z[b]`` per image
+        needs no transposed copy of the wide input, its gradient or the output."""
+        return (self.channel_first and self.has_projections and z.ndim > 2
+                and z.dtype == self.project_in.weight.dtype
+                and not torch.is_autocast_enabled(z.device.type))
+
     def forward(self, z: Tensor, eps: float | None = None) -> FSPOutput:
         check_tensor(z, self.dim, 1 if self.channel_first else -1)
+        if self._project_channel_first(z):
+            return self._forward_channel_first(z, eps)
         if self.channel_first:
             z = z.movedim(1, -1)
-        if not bool(torch.isfinite(z).all()):
-            check_finite(z)
         shape = z.shape
-        orig_dtype = z.dtype
-        h = self.project_in(z.reshape(-1, self.dim))
-        if h.dtype in (torch.float16, torch.bfloat16):
-            h = h.float()  # bin edges and index sums need more than 8-11 bits
-        eps = eps or torch.finfo(h.dtype).eps
-        norm_loss, norm_info = self.vector_norm(h)
-
-        act = self.act_func(h)
-        q_act, level_indices = self.quantize_act_value(act, eps)
-        info: dict = {}
         rate = self.quantize_rate if self.training else 1.0
-        if rate < 1.0:
-            half_bin = 1.0 / (self._levels * 2)
-            proposal = act + half_bin * (torch.rand_like(act) * 2.0 - 1.0)
-            accept = (proposal > 0.0) & (proposal < 1.0)
-            info["p_accept_prob"] = accept.float().mean()
-            perturbed = torch.where(accept, proposal, act)
-            q_act = torch.where(torch.rand_like(q_act) > rate, perturbed, q_act)
-
-        q = self._act_to_latent(q_act, eps)
-        if self.need_inv_act:
-            q = h + (q - h).detach()
-        out = self.project_out(q.to(orig_dtype) if not self.has_projections else q
-                               .to(self.project_out.weight.dtype))
-        indices = self.level_indices_to_indices(level_indices).reshape(shape[:-1])
-        out = out.reshape(*shape[:-1], self.dim)
+        if self.has_projections:
+            h = narrow_linear(z.reshape(-1, self.dim), self.project_in)
+            out_dtype = self.project_out.weight.dtype
+        else:
+            h, out_dtype = z, z.dtype
+        q, level_indices, norm_loss, stats, accept_prob = _FSPCall.apply(
+            h, self, eps, rate, out_dtype)
+        info: dict = {}
+        if accept_prob is not None:
+            info["p_accept_prob"] = accept_prob
+        out = q
+        if self.has_projections:
+            out = narrow_linear(q, self.project_out).view(*shape[:-1], self.dim)
+        if self.codebook_size <= 1 << 24:  # every partial sum exact in float32 and float64
+            indices = (level_indices @ self._basis_values.to(level_indices.dtype)).long()
+        else:
+            indices = self.level_indices_to_indices(level_indices)
+        indices = indices.view(shape[:-1])
         if self.channel_first:
             out = out.movedim(-1, 1)
+        mean, variance, skewness, kurtosis = stats
         return FSPOutput(out, indices, norm_loss, {
-            "level_indices": level_indices.reshape(*shape[:-1], -1), "norm_info": norm_info,
+            "level_indices": level_indices.view(*shape[:-1], -1),
+            "norm_info": {"mean": mean, "variance": variance, "skewness": skewness,
+                          "kurtosis": kurtosis},
+            **info})
+
+    def _forward_channel_first(self, z: Tensor, eps: float | None) -> FSPOutput:
+        batch, positions = z.shape[0], z.shape[2:]
+        pin, pout = self.project_in, self.project_out
+        z3 = z.reshape(batch, self.dim, -1)
+        w_in = pin.weight.expand(batch, -1, -1)
+        h3 = torch.bmm(w_in, z3) if pin.bias is None else torch.baddbmm(pin.bias[:, None],
+                                                                        w_in, z3)
+        rate = self.quantize_rate if self.training else 1.0
+        # rows (b, n, codebook_dim): a transposed view; the node copies the few channels
+        q, level_indices, norm_loss, stats, accept_prob = _FSPCall.apply(
+            h3.transpose(1, 2), self, eps, rate, pout.weight.dtype)
+        info: dict = {}
+        if accept_prob is not None:
+            info["p_accept_prob"] = accept_prob
+        w_out = pout.weight.expand(batch, -1, -1)
+        q3 = q.transpose(1, 2)
+        out = torch.bmm(w_out, q3) if pout.bias is None else torch.baddbmm(pout.bias[:, None],
+                                                                          w_out, q3)
+        if self.codebook_size <= 1 << 24:
+            indices = (level_indices @ self._basis_values.to(level_indices.dtype)).long()
+        else:
+            indices = self.level_indices_to_indices(level_indices)
+        mean, variance, skewness, kurtosis = stats
+        return FSPOutput(out.view(batch, self.dim, *positions),
+                         indices.view(batch, *positions), norm_loss, {
+            "level_indices": level_indices.view(batch, *positions, -1),
+            "norm_info": {"mean": mean, "variance": variance, "skewness": skewness,
+                          "kurtosis": kurtosis},
             **info})

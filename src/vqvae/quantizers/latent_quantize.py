@@ -39,6 +39,15 @@ from .fsq import all_finite, check_finite
 from .vector_quantize import QuantizerInputError
 
 
+def _nearest_channel_major(h: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
+    """``nearest_value`` for ``h`` laid out (codebook_dim, M): the indices and the values
+    themselves, both (codebook_dim, M)."""
+    ordered, order = table.sort(-1)
+    midpoints = (ordered[:, 1:] + ordered[:, :-1]) * 0.5  # +inf past each channel's values
+    rank = torch.searchsorted(midpoints, h)
+    return order.gather(1, rank), ordered.gather(1, rank)
+
+
 def nearest_value(h: Tensor, table: Tensor) -> Tensor:
     """Index of the nearest entry of ``table[i]`` (padded with +inf) for each ``h[:, i]``.
 
@@ -141,6 +150,111 @@ class _LatentQuantizeCall(torch.autograd.Function):
                 None, None, None, None, *grad_values)
 
 
+def _apply_left(weight: Tensor, x3: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``bias[:, None] + weight @ x3[b]`` for each b of x3 (b, in, n): (b, out, n). One
+    image is a plain mm (``torch.matmul`` folds the batch with copies, and bmm costs more)."""
+    if x3.shape[0] == 1:
+        if bias is None:
+            return (weight @ x3[0]).unsqueeze(0)
+        return torch.addmm(bias[:, None], weight, x3[0]).unsqueeze(0)
+    weight = weight.expand(x3.shape[0], -1, -1)
+    if bias is None:
+        return torch.bmm(weight, x3)
+    return torch.baddbmm(bias[:, None], weight, x3)
+
+
+def _outer_sum(a3: Tensor, b3: Tensor) -> Tensor:
+    """``sum_b a3[b] @ b3[b].T`` (a weight gradient) for a3 (b, p, n), b3 (b, q, n)."""
+    if a3.shape[0] == 1:
+        return torch.mm(a3[0], b3[0].t())
+    return torch.bmm(a3, b3.transpose(1, 2)).sum(0)
+
+
+class _LatentQuantizeChannelFirst(torch.autograd.Function):
+    """``_LatentQuantizeCall`` for channel-first input (b, dim, ...), computed in that layout:
+    the projections are (b)mm's of the weights with (dim, positions) slices, which CPU BLAS
+    runs faster than the row form and which need no transposed copies of the input, the
+    output or their gradients. The nearest-value search runs channel-major, (codebook_dim, m).
+    Returns the output, the int64 indices (b, ..., num_codebooks) and the loss; the gradients
+    are those of ``_LatentQuantizeCall``."""
+
+    @staticmethod
+    def forward(ctx, z, w_in, b_in, w_out, b_out, pads, widest, offsets, basis,
+                codebook_dim, cw, qw, with_loss, *values):
+        batch, dim = z.shape[0], z.shape[1]
+        z3 = z.reshape(batch, dim, -1)
+        # each channel's values then +inf up to the widest: (codebook_dim, widest), one cat
+        table = torch.cat([part for pair in zip(values, pads, strict=True) for part in pair])
+        table = table.view(codebook_dim, widest).to(z.dtype)
+        h3 = z3 if w_in is None else _apply_left(w_in, z3, b_in)
+        width, spots = h3.shape[1], h3.shape[2]
+        simple = batch == 1 and width == codebook_dim
+        books = width // codebook_dim
+        # (codebook_dim, m) with m ordered (b, book, position)
+        h_cm = h3.view(codebook_dim, spots) if simple else h3.view(
+            batch, books, codebook_dim, spots).permute(2, 0, 1, 3).reshape(codebook_dim, -1)
+        h_cm = h_cm.contiguous()  # searchsorted copies a strided input anyway
+        level, q_cm = _nearest_channel_major(h_cm, table)
+        q3 = q_cm.view(1, codebook_dim, spots) if simple else q_cm.view(
+            codebook_dim, batch, books, spots).permute(1, 2, 0, 3).reshape(batch, width, spots)
+        diff = None
+        if with_loss:
+            diff = h3 - q3
+            flat_diff = diff.view(-1)
+            loss = torch.dot(flat_diff, flat_diff) * ((cw + qw) / flat_diff.numel())
+            # a NaN/Inf in z reaches the loss; the exact test runs only then (a finite input
+            # whose loss overflows passes it)
+            if not math.isfinite(float(loss)) and not bool(torch.isfinite(z).all()):
+                check_finite(z)
+        else:
+            loss = z.new_zeros(())
+        out = q3 if w_out is None else _apply_left(w_out, q3, b_out)
+        indices = (level * basis[:, None]).sum(0).view(batch, books, spots).transpose(1, 2)
+        indices = indices.reshape(batch, *z.shape[2:], books)
+        ctx.save_for_backward(z3, w_in, w_out, q3, diff, level, offsets)
+        ctx.info = (cw, qw, b_in is not None, b_out is not None, [v.shape[0] for v in values],
+                    z.shape, simple)
+        ctx.mark_non_differentiable(indices)
+        return out.view(batch, -1, *z.shape[2:]), indices, loss
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_indices, grad_loss):
+        z3, w_in, w_out, q3, diff, level, offsets = ctx.saved_tensors
+        cw, qw, in_bias, out_bias, sizes, shape, simple = ctx.info
+        batch = z3.shape[0]
+        grad_w_out = grad_b_out = grad_w_in = grad_b_in = None
+        if w_out is not None:
+            g3 = grad_out.reshape(batch, w_out.shape[0], -1).contiguous()
+            grad_h = _apply_left(w_out.t(), g3)
+            grad_w_out = _outer_sum(g3, q3)
+            grad_b_out = g3.sum((0, 2)) if out_bias else None
+        else:
+            grad_h = grad_out.reshape(q3.shape)
+        grad_values = [None] * len(sizes)
+        if diff is not None:
+            # one read of the loss gradient lets the scales ride along as alpha arguments
+            scale = float(grad_loss) * 2.0 / diff.numel()
+            if cw:
+                grad_h = torch.add(grad_h, diff, alpha=scale * cw)
+            if any(ctx.needs_input_grad[13:]):
+                position = level + offsets[:, None]
+                codebook_dim = position.shape[0]
+                batch, width, spots = diff.shape
+                diff_cm = diff.view(codebook_dim, spots) if simple else diff.view(
+                    batch, width // codebook_dim, codebook_dim, spots).permute(2, 0, 1, 3)
+                grad_flat = diff.new_zeros(sum(sizes)).index_add_(
+                    0, position.reshape(-1), diff_cm.reshape(-1), alpha=scale * -qw)
+                grad_values = list(grad_flat.split(sizes))
+        if w_in is not None:
+            grad_x = _apply_left(w_in.t(), grad_h)
+            grad_w_in = _outer_sum(grad_h, z3)
+            grad_b_in = grad_h.sum((0, 2)) if in_bias else None
+        else:
+            grad_x = grad_h
+        return (grad_x.reshape(shape), grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None,
+                None, None, None, None, None, None, *grad_values)
+
+
 class LatentQuantizeOutput(NamedTuple):
     quantized: Tensor  # the input's shape
     indices: Tensor  # int64, (b, ...) or (b, ..., num_codebooks)
@@ -224,6 +338,28 @@ class LatentQuantize(nn.Module):
                              (grid - self._levels // 2) / (self._levels // 2) / 2,
                              persistent=False)
 
+    def _loss_weights(self) -> tuple[float, float]:
+        """The two loss weights as floats, read from their buffers only when a buffer was
+        replaced or written to (each read is a device sync and a dispatch per call)."""
+        cw, qw = self.commitment_loss_weight, self.quantization_loss_weight
+        key = self.__dict__.get("_weights_key")
+        if (key is None or key[0] is not cw or key[1] != cw._version or key[2] is not qw
+                or key[3] != qw._version):
+            self.__dict__["_weights_key"] = (cw, cw._version, qw, qw._version)
+            self.__dict__["_weights"] = (float(cw), float(qw))
+        return self.__dict__["_weights"]
+
+    def _table_pads(self, like: Tensor) -> tuple[Tensor, ...]:
+        """Per channel, the +inf entries that pad its values to the widest channel, in
+        ``like``'s dtype and device (made once)."""
+        cache = self.__dict__.setdefault("_pads", {})
+        key = (like.dtype, like.device)
+        if key not in cache:
+            widest = self._padding.shape[1]
+            cache[key] = tuple(torch.full((widest - int(level),), math.inf, dtype=like.dtype,
+                                          device=like.device) for level in self._levels)
+        return cache[key]
+
     # ------------------------------------------------------------------ lookups
 
     def _flat_values(self) -> Tensor:
@@ -295,7 +431,9 @@ class LatentQuantize(nn.Module):
             raise QuantizerInputError(
                 f"expected dimension of {self.dim} on axis 1 (b, dim, ...) or a sequence "
                 f"(b, n, {self.dim}), got shape {tuple(z.shape)}")
-        if not all_finite(z):
+        # training on channel-first input checks inside the fused call, off the loss
+        if (not (channel_first and self.training) or self.in_place_codebook_optimizer
+                is not None) and not all_finite(z):
             check_finite(z)
 
         if self.in_place_codebook_optimizer is not None and self.training:
@@ -311,13 +449,24 @@ class LatentQuantize(nn.Module):
 
         pin, pout = self.project_in, self.project_out
         projected = self.has_projections
-        values = [v.to(self._levels.device) for v in self.values_per_latent]
+        values = (list(self.values_per_latent) if self.optimize_values else
+                  [v.to(self._levels.device) for v in self.values_per_latent])
+        cw, qw = self._loss_weights()
+        if channel_first:
+            out, indices, loss = _LatentQuantizeChannelFirst.apply(
+                z, pin.weight if projected else None, pin.bias if projected else None,
+                pout.weight if projected else None, pout.bias if projected else None,
+                self._table_pads(values[0]), self._padding.shape[1], self._offsets,
+                self._basis,
+                self.codebook_dim, cw, qw, self.training, *values)
+            if not self.keep_num_codebooks_dim:
+                indices = indices.squeeze(-1)
+            return LatentQuantizeOutput(out, indices, loss)
         out, level, loss = _LatentQuantizeCall.apply(
             z, channel_first, pin.weight if projected else None,
             pin.bias if projected else None, pout.weight if projected else None,
             pout.bias if projected else None, self._table_index, self._padding, self._offsets,
-            self.codebook_dim, float(self.commitment_loss_weight),
-            float(self.quantization_loss_weight), self.training, *values)
+            self.codebook_dim, cw, qw, self.training, *values)
         positions = (z.shape[0], *z.shape[2:]) if channel_first else z.shape[:-1]
         indices = (level * self._basis).sum(-1).view(*positions, self.num_codebooks)
         if not self.keep_num_codebooks_dim:
