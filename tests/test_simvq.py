@@ -578,3 +578,34 @@ def test_sequential_runs_the_modules_and_returns_the_quantizer_outputs():
     residual = ResidualSimVQ(dim=6, num_quantizers=2, codebook_size=8)
     outputs = Sequential(nn.Identity(), residual)(x, return_all_codes=True)
     assert len(outputs) == 4 and outputs[3].shape == (2, 2, 5, 6)
+
+
+def test_simvq_eval_reuses_the_codebook_until_the_map_changes():
+    torch.manual_seed(0)
+    vq = SimVQ(dim=16, codebook_size=32).eval()
+    x = torch.randn(2, 10, 16)
+    calls = []
+    vq.code_transform.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        first = vq(x)
+        second = vq(x)
+    assert len(calls) == 1 and torch.equal(first.quantized, second.quantized)
+    # an optimizer step changes the map in place: the next call sees the new codebook
+    optimizer = torch.optim.SGD(vq.parameters(), lr=0.5)
+    _, _, loss = vq(x)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = vq(x)
+    codes = vq.codebook.detach()
+    assert torch.allclose(after.quantized, codes[after.indices])
+    assert torch.equal(after.indices, cdist_argmin(x, codes).reshape(2, 10))
+    # so does loading other weights, and replacing the frozen codebook
+    other = SimVQ(dim=16, codebook_size=32)
+    vq.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        loaded = vq(x)
+        assert torch.equal(loaded.quantized, other.codebook[loaded.indices])
+        vq.frozen_codebook.mul_(2.0)
+        doubled = vq(x)
+        assert torch.equal(doubled.quantized, vq.codebook[doubled.indices])

@@ -270,6 +270,8 @@ class SimVQ(nn.Module):
             if linear is not None:  # gradient by _LinearCodes; the search needs no graph
                 with torch.no_grad():
                     codebook = self.codebook
+            elif not torch.is_grad_enabled() and type(self.code_transform) is nn.Linear:
+                codebook = self._cached_codebook()
             else:
                 codebook = self.codebook  # (K, dim)
         if flat.dtype != codebook.dtype:
@@ -293,6 +295,27 @@ class SimVQ(nn.Module):
             check_finite(h)
         return SimVQOutput(out.reshape(shape).to(h.dtype), indices.reshape(shape[:-1]),
                            loss.float())
+
+    def _cached_codebook(self) -> Tensor:
+        """The implicit codebook without autograd, recomputed only when the frozen codebook or
+        the linear map changed (in place, as optimizers do, or replaced, as ``.to`` and
+        ``load_state_dict`` do): evaluation calls then skip the ``(K, d₀) x (d₀, dim)``
+        matmul."""
+        linear = self.code_transform
+        parts = (self.frozen_codebook, linear.weight, linear.bias)
+        # the cache holds the tensors themselves, so `is` cannot match a new tensor that took a
+        # freed one's address
+        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in parts)
+        key += (torch.is_autocast_enabled(self.frozen_codebook.device.type),)
+        cached = self.__dict__.get("_codebook_cache")
+        if cached is not None and cached[1] == key \
+                and all(a is b for a, b in zip(cached[0], parts, strict=True)):
+            return cached[2]
+        codebook = self.codebook
+        if torch.is_inference_mode_enabled():  # an inference tensor must not leak out of it
+            return codebook
+        self.__dict__["_codebook_cache"] = (parts, key, codebook)
+        return codebook
 
     def _plain_linear(self) -> nn.Linear | None:
         """The transform when it is a plain ``nn.Linear`` (the default) and autograd is on."""
