@@ -48,9 +48,14 @@ def cross_entropy_step(layer: torch.nn.Module, x: torch.Tensor, targets: torch.T
 
 
 def alternating(calls: dict[str, Callable[[], None]], device: torch.device, repeats: int,
-                warmup: int) -> dict[str, float]:
-    """Median milliseconds of each call, the calls taking turns in a shuffled order."""
+                warmup: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall-clock and per-thread CPU milliseconds of each call, the calls taking turns
+    in a shuffled order. The CPU time (``time.thread_time``) counts only this thread's work, so
+    with one torch thread it is the whole call's cost and barely moves when other processes
+    share the machine; on a GPU or with several threads it undercounts and only wall time
+    means anything."""
     times: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
     for call in calls.values():
         for _ in range(warmup):
             call()
@@ -60,11 +65,13 @@ def alternating(calls: dict[str, Callable[[], None]], device: torch.device, repe
         order.shuffle(names)
         for name in names:
             sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             calls[name]()
             sync(device)
+            cpu[name].append(time.thread_time() - start_cpu)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return ({name: statistics.median(t) * 1e3 for name, t in times.items()},
+            {name: statistics.median(t) * 1e3 for name, t in cpu.items()})
 
 
 def cases(device: torch.device):
@@ -134,19 +141,31 @@ def run(repeats: int = 20, device: str = "cpu", warmup: int = 3,
             calls = {"ours": partial(step, ours, x), "library": partial(step, reference, x)}
         # the library's 16-codebook call takes seconds (see its row), a few turns suffice
         turns = min(repeats, 3) if "16 x" in name else repeats
-        medians = alternating(calls, dev, turns, 1 if "16 x" in name else warmup)
-        rows.append({"name": name, "shape": list(shape), "device": dev.type,
-                     "ours_ms": medians["ours"], "library_ms": medians["library"],
-                     "ratio": medians["ours"] / medians["library"], "repeats": turns})
+        medians, cpu = alternating(calls, dev, turns, 1 if "16 x" in name else warmup)
+        row = {"name": name, "shape": list(shape), "device": dev.type,
+               "ours_ms": medians["ours"], "library_ms": medians["library"],
+               "ratio": medians["ours"] / medians["library"], "repeats": turns}
+        if dev.type == "cpu" and torch.get_num_threads() == 1:
+            row.update(ours_cpu_ms=cpu["ours"], library_cpu_ms=cpu["library"],
+                       cpu_ratio=cpu["ours"] / cpu["library"])
+        rows.append(row)
         del ours, reference, calls
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    lines = [["case", "shape", "ours ms", "library ms", "ours / library"]]
+    with_cpu = all("cpu_ratio" in row for row in rows)
+    header = ["case", "shape", "ours ms", "library ms", "ours / library"]
+    if with_cpu:
+        header += ["ours CPU ms", "library CPU ms", "CPU ours / library"]
+    lines = [header]
     for row in rows:
-        lines.append([row["name"], "x".join(map(str, row["shape"])), f"{row['ours_ms']:.2f}",
-                      f"{row['library_ms']:.2f}", f"{row['ratio']:.2f}"])
+        line = [row["name"], "x".join(map(str, row["shape"])), f"{row['ours_ms']:.2f}",
+                f"{row['library_ms']:.2f}", f"{row['ratio']:.2f}"]
+        if with_cpu:
+            line += [f"{row['ours_cpu_ms']:.2f}", f"{row['library_cpu_ms']:.2f}",
+                     f"{row['cpu_ratio']:.2f}"]
+        lines.append(line)
     print_markdown(lines)
 
 
@@ -156,7 +175,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--only", help="run the cases whose name contains this text")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: torch's); with 1 the table adds "
+                             "per-thread CPU time, steadier than wall time on a shared machine")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

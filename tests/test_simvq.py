@@ -32,6 +32,109 @@ def cdist_argmin(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- SimVQ
 
 
+def check_against_float64(indices, x, codes):
+    """Our indices are nearest in float64 up to float32 rounding, and equal to the float64
+    argmin wherever the float64 gap to the runner-up exceeds that rounding."""
+    x64, c64 = x.double(), codes.double()
+    d = (c64.pow(2).sum(-1) - 2 * x64 @ c64.T)  # (N, K), less ||x||²
+    # float32 evaluates ||c||² - 2 x·c with error below this (generous) slack
+    slack = 4e-6 * (c64.pow(2).sum(-1).max() + 2 * x64.norm(dim=-1, keepdim=True)
+                    * c64.norm(dim=-1).max())
+    best, second = d.topk(2, dim=1, largest=False).values.unbind(1)
+    chosen = d.gather(1, indices.unsqueeze(1)).squeeze(1)
+    assert bool((chosen - best <= slack.squeeze(1)).all())
+    clear = (second - best) > slack.squeeze(1)
+    assert bool((indices[clear] == d.argmin(1)[clear]).all())
+    return int(clear.sum())
+
+
+def near_tie_data(seed: int, n: int = 384, k: int = 512, dim: int = 48, scale: float = 1.0,
+                  twin: float = 1e-2, shift: float = 3e-2):
+    """Codes in pairs about as close as bfloat16 resolves, and inputs near the bisecting planes
+    of pairs, so that the bfloat16 distances alone get many wrong (asserted where used)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(k // 2, dim, generator=g)
+    twins = base + twin * torch.randn(k // 2, dim, generator=g)
+    codes = torch.cat([base, twins]) * scale
+    pick = torch.randint(0, k // 2, (n,), generator=g)
+    mid = (codes[pick] + codes[pick + k // 2]) / 2
+    x = mid + shift * scale * torch.randn(n, dim, generator=g)
+    return x, codes
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_bf16_presearch_gives_the_float32_answer_on_near_ties(scale):
+    from vqvae.quantizers.bf16_presearch import nearest_code_bf16
+    from vqvae.quantizers.search import nearest_code
+
+    x, codes = near_tie_data(0, scale=scale)
+    ours = nearest_code_bf16(x, codes)
+    # the bf16 distances alone would not do: they pick another code on many rows
+    bf = (codes.bfloat16().float().pow(2).sum(-1)
+          - 2 * x.bfloat16().float() @ codes.bfloat16().float().T).argmin(1)
+    assert int((bf != cdist_argmin(x, codes)).sum()) > 10
+    assert check_against_float64(ours, x, codes) > x.shape[0] // 2
+    # and the float32 search agrees except on float32 near-ties
+    fp32 = nearest_code(x, codes, backend="torch", precision="fp32")
+    d = codes.double().pow(2).sum(-1) - 2 * x.double() @ codes.double().T
+    differ = ours != fp32
+    gap = (d.gather(1, ours[:, None]) - d.gather(1, fp32[:, None])).abs().squeeze(1)
+    assert bool((gap[differ] < 1e-5 * (1 + d.abs().max())).all())
+
+
+def test_bf16_presearch_on_ties_finer_than_float32():
+    from vqvae.quantizers.bf16_presearch import nearest_code_bf16
+
+    # twins 3e-3 apart and inputs 1e-3 off their planes: float32 itself cannot tell most apart,
+    # the answer must still be a nearest code up to float32 rounding
+    x, codes = near_tie_data(4, twin=3e-3, shift=1e-3)
+    check_against_float64(nearest_code_bf16(x, codes), x, codes)
+
+
+def test_bf16_presearch_on_random_and_skewed_codebooks():
+    from vqvae.quantizers.bf16_presearch import nearest_code_bf16
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 64, generator=g) * 5
+    codes = torch.randn(700, 64, generator=g)
+    codes[:100] *= 10  # code norms over two decades
+    codes[100:200] *= 0.1
+    codes[300] = x[7]  # an exact hit
+    codes[301] = 0.0
+    ours = nearest_code_bf16(x, codes)
+    assert int(ours[7]) == 300
+    assert check_against_float64(ours, x, codes) > 390
+
+
+def test_bf16_presearch_dispatch_and_row_blocks():
+    from vqvae.quantizers import bf16_presearch
+    from vqvae.quantizers.search import search_settings
+
+    x, codes = near_tie_data(2, n=600, k=512)
+    whole = bf16_presearch.nearest(x, codes)
+    blocks = bf16_presearch.nearest(x, codes, max_block_bytes=3 * 512 * 50)  # 12 row blocks
+    assert torch.equal(whole, blocks)
+    check_against_float64(whole, x, codes)
+    with search_settings(backend="torch"):  # an explicit backend is honoured: float32 search
+        assert not bf16_presearch.usable(x.double(), codes.double())
+        check_against_float64(bf16_presearch.nearest(x, codes), x, codes)
+    small = x[:10]
+    assert not bf16_presearch.usable(small, codes)  # too small to pay: float32 search
+
+
+def test_simvq_indices_on_near_ties_at_a_size_that_takes_the_bf16_path():
+    from vqvae.quantizers import bf16_presearch
+
+    x, codes = near_tie_data(3, n=600, k=512, dim=32)
+    vq = SimVQ(dim=32, codebook_size=512, frozen_codebook_dim=32)
+    with torch.no_grad():  # the implicit codebook equals `codes`: W = I, frozen = codes
+        vq.frozen_codebook.copy_(codes)
+        vq.code_transform.weight.copy_(torch.eye(32))
+    assert bf16_presearch.usable(x, vq.codebook) == bf16_presearch.native_bf16()
+    _, indices, _ = vq(x.unsqueeze(0))
+    check_against_float64(indices.squeeze(0), x, vq.codebook.detach())
+
+
 def test_simvq_codes_are_the_linear_map_of_the_frozen_codebook():
     torch.manual_seed(0)
     vq = SimVQ(dim=8, codebook_size=16, frozen_codebook_dim=5)
@@ -475,3 +578,34 @@ def test_sequential_runs_the_modules_and_returns_the_quantizer_outputs():
     residual = ResidualSimVQ(dim=6, num_quantizers=2, codebook_size=8)
     outputs = Sequential(nn.Identity(), residual)(x, return_all_codes=True)
     assert len(outputs) == 4 and outputs[3].shape == (2, 2, 5, 6)
+
+
+def test_simvq_eval_reuses_the_codebook_until_the_map_changes():
+    torch.manual_seed(0)
+    vq = SimVQ(dim=16, codebook_size=32).eval()
+    x = torch.randn(2, 10, 16)
+    calls = []
+    vq.code_transform.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        first = vq(x)
+        second = vq(x)
+    assert len(calls) == 1 and torch.equal(first.quantized, second.quantized)
+    # an optimizer step changes the map in place: the next call sees the new codebook
+    optimizer = torch.optim.SGD(vq.parameters(), lr=0.5)
+    _, _, loss = vq(x)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = vq(x)
+    codes = vq.codebook.detach()
+    assert torch.allclose(after.quantized, codes[after.indices])
+    assert torch.equal(after.indices, cdist_argmin(x, codes).reshape(2, 10))
+    # so does loading other weights, and replacing the frozen codebook
+    other = SimVQ(dim=16, codebook_size=32)
+    vq.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        loaded = vq(x)
+        assert torch.equal(loaded.quantized, other.codebook[loaded.indices])
+        vq.frozen_codebook.mul_(2.0)
+        doubled = vq(x)
+        assert torch.equal(doubled.quantized, vq.codebook[doubled.indices])

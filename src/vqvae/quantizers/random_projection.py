@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .search import nearest_code
+from .bf16_presearch import nearest
 from .simvq import check_finite
 from .vector_quantize import QuantizerInputError, check_input
 
@@ -45,7 +45,9 @@ class RandomProjectionQuantizer(nn.Module):
     projection straight to ``codebook_dim``, its own codebook, independent of the other heads.
 
     Search: the argmax of ``p·ĉ`` over unit codes ``ĉ`` does not depend on ``||p||``, so the
-    projection is searched as is (:func:`nearest_code`, ``||ĉ||² - 2 p·ĉ`` with ``||ĉ|| = 1``)
+    projection is searched as is (``||ĉ||² - 2 p·ĉ`` with ``||ĉ|| = 1``, by
+    :func:`vqvae.quantizers.bf16_presearch.nearest`: the float32 answer, on CPUs with native
+    bfloat16 through a bfloat16 pre-search)
     and the input's LayerNorm variance scaling is skipped on that path (it too only scales
     ``p``). The cosine similarities are formed only for the cross-entropy.
     """
@@ -97,7 +99,7 @@ class RandomProjectionQuantizer(nn.Module):
         if self.normalise:  # centring changes the direction; dividing by σ does not
             flat = flat - flat.mean(-1, keepdim=True)
         codes = self.codebook.to(flat.dtype)
-        heads = [nearest_code(flat @ self.rand_projs[h].to(flat.dtype), codes[h])
+        heads = [nearest(flat @ self.rand_projs[h].to(flat.dtype), codes[h])
                  for h in range(self.num_codebooks)]
         if self.num_codebooks == 1:
             return heads[0].reshape(lead)
