@@ -26,8 +26,13 @@ D, K = 4, 6
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_one_thread():
+    """Seeded, and one thread: the tensors are tiny and the machine is shared."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def f64(t):
