@@ -758,3 +758,39 @@ def test_stochastic_sampling_at_zero_temperature_is_argmin():
 def test_incompatible_options_are_rejected(kwargs):
     with pytest.raises((AssertionError, ValueError, TypeError)):
         make(**kwargs)
+
+
+def test_kmeans_init_on_first_training_batch():
+    vq = make(kmeans_init=True, kmeans_iters=4, decay=0.8)
+    assert not bool(vq._codebook.initted) and not vq.codebook.any()
+    x = torch.randn(4, 10, D)
+    vq(x)
+    assert bool(vq._codebook.initted)
+    # k-means' cluster sizes count every vector once; the EMA step keeps that total
+    assert float(vq._codebook.cluster_size.sum()) == pytest.approx(40, rel=1e-5)
+    hit = vq._codebook.cluster_size[0] > 0.5
+    torch.testing.assert_close(vq.codebook[hit], (vq._codebook.embed_avg[0] / vq._codebook.
+                               cluster_size[0, :, None])[hit], rtol=1e-3, atol=1e-4)
+
+
+def test_eval_calls_never_change_state():
+    """The library runs k-means in eval too; ours leaves an eval call's state alone."""
+    for kwargs in (dict(kmeans_init=True), dict(affine_param=True), dict()):
+        vq = make(**kwargs).eval()
+        before = {k: v.clone() for k, v in vq.state_dict().items()}
+        vq(torch.randn(2, 5, D))
+        after = vq.state_dict()
+        assert after.keys() == before.keys()
+        for key, value in after.items():
+            assert torch.equal(value, before[key]), (kwargs, key)
+
+
+def test_non_finite_input_raises_and_changes_nothing():
+    vq = make()
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    x = torch.randn(2, 5, D)
+    x[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="(?i)nan|finite"):
+        vq(x)
+    for key, value in vq.state_dict().items():
+        assert torch.equal(value, before[key]), key
