@@ -273,6 +273,18 @@ def test_beam_size_one_is_greedy_and_eval_beam_size():
     assert rvq(x)[1].reshape(-1, L).tolist() == ref_idx.tolist()
     with pytest.raises((AssertionError, ValueError)):
         make(eval_beam_size=2)
+    # eval_beam_size applies in eval only, the forward argument overrides both
+    beam = make(codebook_size=4, num_quantizers=2, beam_size=4).eval()
+    switch = make(codebook_size=4, num_quantizers=2, beam_size=1, eval_beam_size=4)
+    plain = make(codebook_size=4, num_quantizers=2)
+    switch.load_state_dict(beam.state_dict())
+    plain.load_state_dict(beam.state_dict())
+    x = torch.randn(3, 8, D)
+    expected = beam(x)[1]
+    assert torch.equal(switch.eval()(x)[1], expected)
+    assert torch.equal(plain.eval()(x, beam_size=4)[1], expected)
+    greedy_idx, _ = greedy(f64(x).reshape(-1, D), f64(beam.codebooks))
+    assert plain(x)[1].reshape(-1, 2).tolist() == greedy_idx.tolist()
 
 
 @pytest.mark.parametrize("frac", [0.0, 0.5, 1.0])

@@ -174,6 +174,47 @@ def test_library_checkpoint_loads(name):
     assert ours.state_dict().keys() == sd.keys()
 
 
+@pytest.mark.parametrize("name", ["ema", "heads_separate", "heads_shared", "cosine",
+                                  "projection", "affine_param", "orthogonal", "channel_first"])
+def test_training_steps_match_library(name):
+    """From the same (library-made) state, deterministic training steps agree with the library."""
+    cfg = {"dim": D, "codebook_size": K, **CHECKPOINT_CONFIGS[name]}
+    torch.manual_seed(2)
+    ref = lib.VectorQuantize(**cfg)
+    ours = VectorQuantize(**cfg)
+    ours.load_state_dict(ref.state_dict())
+    for _ in range(2):
+        x = _input(cfg)
+        q_ref, i_ref, l_ref = ref(x)
+        q, i, loss = ours(x)
+        assert torch.equal(i, i_ref)
+        torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss, l_ref, rtol=1e-5, atol=1e-6)
+    ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
+    assert ours_sd.keys() == ref_sd.keys()
+    for key, value in ref_sd.items():
+        torch.testing.assert_close(ours_sd[key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_heads_ema_statistics(separate):
+    heads, cdim = 2, 3
+    vq = make(dim=heads * cdim, heads=heads, codebook_dim=cdim, decay=0.7,
+              separate_codebook_per_head=separate)
+    codes = torch.randn(heads if separate else 1, K, cdim)
+    set_codebook(vq, codes)
+    x = torch.randn(2, 5, heads * cdim)
+    vq(x)
+    rows = f64(x).reshape(-1, heads, cdim)
+    for c in range(codes.shape[0]):
+        part = rows[:, c] if separate else rows.reshape(-1, cdim)  # shared: every head's rows
+        idx = sq_dist(part, f64(codes[c])).argmin(-1)
+        counts, sums = counts_and_sums(part, idx, K)
+        cs, ea, embed = ema_reference(np.ones(K), f64(codes[c]), counts, sums, 0.7)
+        np.testing.assert_allclose(f64(vq._codebook.cluster_size)[c], cs, rtol=1e-5)
+        np.testing.assert_allclose(f64(vq._codebook.embed)[c], embed, rtol=1e-4, atol=1e-6)
+
+
 def test_state_dict_layout():
     vq = VectorQuantize(D, K)  # positional codebook_size
     shapes = {k: tuple(v.shape) for k, v in vq.state_dict().items()}
