@@ -376,15 +376,24 @@ def test_manual_ema_update_defers_codebook():
     np.testing.assert_allclose(f64(vq.codebook), embed, rtol=1e-4, atol=1e-6)
 
 
-def test_ema_update_weight_scales_the_step():
+@pytest.mark.parametrize("as_callable", [False, True])
+def test_ema_update_weight_scales_the_step(as_callable):
     vq = make(decay=0.5)
     codes = torch.randn(K, D)
     set_codebook(vq, codes)
     w = torch.rand(K)
     x = torch.randn(2, 5, D)
-    vq(x, ema_update_weight=w)
+    seen = {}
+
+    def weight_fn(embed_sum, cluster_size):  # the batch's per-code sums (C, K, d) and counts (C, K)
+        seen["counts"] = cluster_size.clone()
+        return w[None]
+
+    vq(x, ema_update_weight=weight_fn if as_callable else w)
     xf = f64(x).reshape(-1, D)
     counts, sums = counts_and_sums(xf, sq_dist(xf, f64(codes)).argmin(-1), K)
+    if as_callable:
+        np.testing.assert_allclose(f64(seen["counts"]).reshape(K), counts)
     rate = 0.5 * f64(w)
     cs = 1 + rate * (counts - 1)
     ea = f64(codes) + rate[:, None] * (sums - f64(codes))
