@@ -510,11 +510,14 @@ def test_cross_entropy_commitment_loss():
     vq = make(commitment_use_cross_entropy_loss=True, commitment_weight=0.5)
     x = torch.randn(2, 5, D)
     codes = f64(vq.codebook)
-    _, _, loss = vq(x, freeze_codebook=True)
+    _, _, loss, parts = vq(x, freeze_codebook=True, return_loss_breakdown=True)
     logits = -np.sqrt(sq_dist(f64(x).reshape(-1, D), codes))
     lse = np.log(np.exp(logits).sum(-1))
     ce = (lse - logits.max(-1)).mean()
     assert float(loss) == pytest.approx(0.5 * ce, rel=1e-5)
+    assert float(parts.commitment) == pytest.approx(ce, rel=1e-5)
+    assert float(parts.orthogonal_reg) == float(parts.codebook_diversity) == 0.0
+    assert float(parts.inplace_optimize) == 0.0
 
 
 def test_orthogonal_regularisation_and_loss_breakdown():
@@ -806,8 +809,9 @@ def test_stochastic_sampling_at_zero_temperature_is_argmin():
     dict(sync_update_v=1.5, learnable_codebook=True, ema_update=False),
 ])
 def test_incompatible_options_are_rejected(kwargs):
-    with pytest.raises((AssertionError, ValueError, TypeError)):
+    with pytest.raises((AssertionError, ValueError, TypeError)) as err:
         make(**kwargs)
+    assert "unexpected keyword" not in str(err.value)  # known options, refused as a combination
 
 
 def test_kmeans_init_on_first_training_batch():
