@@ -78,11 +78,17 @@ def _depth_scaled(options: dict) -> dict:
 
 
 def _residual(dim: int, codebook_size: int, options: dict) -> nn.Module:
-    return ResidualVQ(dim=dim, codebook_size=codebook_size, **_depth_scaled(options))
+    # Ours returns the library's layout (losses per depth, group axis first): the adapter
+    # below reduces it as before; its gradient reaches the encoder once (straight_through_sum)
+    return LibraryResidual(ResidualVQ(dim=dim, codebook_size=codebook_size,
+                                      straight_through_sum=True, **_depth_scaled(options)),
+                           grouped=False)
 
 
 def _grouped(dim: int, codebook_size: int, options: dict) -> nn.Module:
-    return GroupedResidualVQ(dim=dim, codebook_size=codebook_size, **_depth_scaled(options))
+    return LibraryResidual(GroupedResidualVQ(dim=dim, codebook_size=codebook_size,
+                                             straight_through_sum=True,
+                                             **_depth_scaled(options)), grouped=True)
 
 
 class LibraryResidual(nn.Module):
