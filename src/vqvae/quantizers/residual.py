@@ -34,6 +34,7 @@ from .beam_search import beam_search
 from .checks import QuantizerInputError, check_finite, check_input, describe, require
 from .codebook import CodeStatistics
 from .estimators import quantize, quantize_residual
+from .implicit_codebook import CodeMLP, ConditionedCodes
 from .vector_quantize import VectorQuantize, VQOutput
 
 DROPPED = -1  # the index of a depth a training call did not use, or of a masked position
@@ -188,6 +189,8 @@ class ResidualVQ(nn.Module):
                 f"beam_score_quantizer_weights needs {num_quantizers} weights, got {len(weights)}")
         require(0.0 <= quant_grad_frac <= 1.0 or quant_grad_frac < 0,
                 f"quant_grad_frac must be <= 1, got {quant_grad_frac!r}")
+        require(not (implicit_neural_codebook and (beam_size or 1) > 1),
+                "beam search over implicit neural codebooks is not supported")
         if diveq or implicit_neural_codebook:
             # a learnable codebook trained by the output's gradient (diveq) or through the MLPs
             layer_options.update(ema_update=False, learnable_codebook=True)
@@ -212,6 +215,7 @@ class ResidualVQ(nn.Module):
         self.quant_grad_frac = float(quant_grad_frac)
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.straight_through_sum = straight_through_sum
+        self.implicit_neural_codebook = implicit_neural_codebook
 
         has_projection = self.codebook_dim != dim
         self.project_in = nn.Linear(dim, self.codebook_dim) if has_projection else nn.Identity()
@@ -223,6 +227,20 @@ class ResidualVQ(nn.Module):
             for layer in self.layers[1:]:
                 layer.book = self.layers[0].book
             self.register_load_state_dict_pre_hook(_fill_shared_layers)
+        if implicit_neural_codebook:
+            cosine = bool(layer_options.get("use_cosine_sim", False))
+            self.mlps = nn.ModuleList(
+                CodeMLP(self.codebook_dim, l2norm_output=cosine, **(mlp_kwargs or {}))
+                for _ in range(num_quantizers - 1))
+
+    def codes_at(self, depth: int, condition: Tensor | None):
+        """What depth ``depth`` searches and looks codes up in: its layer's Codebook, or with
+        an implicit neural codebook the codes its MLP makes for ``condition`` (the sum of the
+        earlier depths' codes, ``(N, codebook_dim)``)."""
+        book = self.layers[depth].book
+        if not self.implicit_neural_codebook or depth == 0:
+            return book
+        return ConditionedCodes(self.mlps[depth - 1], book.vectors(), condition)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_sizes}, "
@@ -365,6 +383,7 @@ class ResidualVQ(nn.Module):
         beam_terms = None
         with torch.no_grad():
             residual = h.detach()
+            condition = None  # Σ of the codes so far (implicit neural codebooks)
             if beam_size > 1:
                 check_finite(residual)
                 for layer in layers:
@@ -381,12 +400,15 @@ class ResidualVQ(nn.Module):
                 if beam_terms is None:
                     if training and book.kmeans_pending:
                         book.initialize(search_in)
-                    index = book.search(search_in,
-                                        temperature=self._temperature(layer,
-                                                                      sample_codebook_temp))
+                    codes_here = self.codes_at(depth, condition)
+                    index = codes_here.search(search_in,
+                                              temperature=self._temperature(
+                                                  layer, sample_codebook_temp))
+                    q = codes_here.lookup(index).to(residual.dtype)
                 else:
                     index = chosen[depth]
-                q = book.lookup(index).to(residual.dtype)
+                    q = book.lookup(index).to(residual.dtype)
+                condition = q if condition is None else condition + q
                 diff = (search_in - q).reshape(-1)
                 sq.append(torch.dot(diff, diff))
                 if depth == 0 and not bool(torch.isfinite(sq[0])):
@@ -444,7 +466,7 @@ class ResidualVQ(nn.Module):
                 out.add_(q)
             losses = torch.stack(sq) * torch.tensor(weights, device=h.device) / numel
             return out, losses.float()
-        if self.straight_through_sum and not self.diveq:
+        if self.straight_through_sum and not (self.diveq or self.implicit_neural_codebook):
             q_sum = qs[0].clone()
             for q in qs[1:]:
                 q_sum.add_(q)
@@ -467,7 +489,8 @@ class ResidualVQ(nn.Module):
         for depth, layer in enumerate(layers):
             book = layer.book
             search_in = book.prepare(residual)
-            q = book.lookup(codes[depth]).to(h.dtype) if learnable[depth] else qs[depth]
+            q = self.codes_at(depth, out).lookup(codes[depth]).to(h.dtype) if learnable[depth] \
+                else qs[depth]
             if self.diveq:
                 out_l, loss_l = q, q.new_zeros(())
             else:
@@ -508,13 +531,17 @@ class ResidualVQ(nn.Module):
         total, ce = None, residual.new_zeros(())
         for depth in range(indices.shape[-1]):
             book = self.layers[depth].book
-            codes = book.vectors()
+            codes_here = self.codes_at(depth, total)
+            codes = codes_here.codes if isinstance(codes_here, ConditionedCodes) \
+                else book.vectors()  # (N, K, d) per row, or (K, d)
             if book.use_cosine_sim:
-                logits = book.prepare(residual) @ codes.t()
+                logits = (book.prepare(residual).unsqueeze(-2) * codes).sum(-1)
+            elif codes.ndim == 3:
+                logits = -(residual.unsqueeze(1) - codes).norm(dim=-1)
             else:
                 logits = -torch.cdist(residual, codes)
             ce = ce + F.cross_entropy(logits, target[:, depth], ignore_index=-100)
-            code = book.lookup(target[:, depth].clamp(min=0))
+            code = codes_here.lookup(target[:, depth].clamp(min=0))
             residual = residual - code
             total = code if total is None else total + code
         quantized = self.project_out(total).reshape(x.shape)
@@ -564,15 +591,21 @@ class ResidualVQ(nn.Module):
                 f"axis, got shape {tuple(indices.shape)}")
         indices = indices.long()
         dropped = bool((indices < 0).any()) if indices.numel() else False
-        codes = []
+        codes, total = [], None
         for depth in range(depth_count):
             index = indices[..., depth]
             book = self.layers[depth].book
-            if dropped:
-                code = book.lookup(index.clamp(min=0))
-                codes.append(code.masked_fill((index < 0).unsqueeze(-1), 0.0))
+            if self.implicit_neural_codebook and depth > 0:
+                flat = self.codes_at(depth, total.reshape(-1, total.shape[-1])).lookup(
+                    index.reshape(-1).clamp(min=0))
+                code = flat.reshape(*index.shape, -1)
             else:
-                codes.append(book.lookup(index))
+                code = book.lookup(index.clamp(min=0) if dropped else index)
+            if dropped:
+                code = code.masked_fill((index < 0).unsqueeze(-1), 0.0)
+            codes.append(code)
+            if self.implicit_neural_codebook:
+                total = code if total is None else total + code
         return codes
 
 
