@@ -50,13 +50,13 @@ class ResidualOutput(NamedTuple):
 
 
 class _DepthLosses(torch.autograd.Function):
-    """``w_l · ||r_{l+1}||² / n`` per depth, with ``r_{l+1} = x − Σ_{j≤l} q_j`` (codes held
-    constant): the gradient to ``x`` is ``Σ_l g_l · 2 w_l / n · r_{l+1}``, from residuals the
-    search computed anyway."""
+    """``w_l · ||r_{l+1}||² / n`` per depth, with ``r_{l+1} = r_l − q_l`` (codes held
+    constant) and ``d r_l / d x = a_l · I``: the gradient to ``x`` is
+    ``Σ_l g_l · 2 w_l a_l / n · r_{l+1}``, from residuals the search computed anyway."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weights: Tensor, *residuals: Tensor):
-        ctx.save_for_backward(weights, *residuals)
+    def forward(ctx, x: Tensor, weights: Tensor, factors: Tensor, *residuals: Tensor):
+        ctx.save_for_backward(weights * factors, *residuals)
         ctx.numel = x.numel()
         sq = torch.stack([torch.dot(r.reshape(-1), r.reshape(-1)) for r in residuals])
         return sq * weights / x.numel()
@@ -64,11 +64,25 @@ class _DepthLosses(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         weights, *residuals = ctx.saved_tensors
-        scale = grad * weights * (2.0 / ctx.numel)
+        scale = (grad * weights * (2.0 / ctx.numel)).tolist()
         grad_x = residuals[0] * scale[0]
         for depth in range(1, len(residuals)):
-            grad_x = grad_x.add_(residuals[depth], alpha=float(scale[depth]))
-        return (grad_x, None, *([None] * len(residuals)))
+            grad_x = grad_x.add_(residuals[depth], alpha=scale[depth])
+        return (grad_x, None, None, *([None] * len(residuals)))
+
+
+class _ScaledStraightThrough(torch.autograd.Function):
+    """``q`` as is, passing ``scale · g`` to ``x``: the sum of ``L`` straight-through layer
+    outputs whose inputs have ``d r_l / d x = a_l · I`` (``scale = Σ_l a_l``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor, scale: float):
+        ctx.scale = scale
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale if ctx.scale != 1.0 else grad, None, None
 
 
 class ResidualVQ(nn.Module):
@@ -380,6 +394,7 @@ class ResidualVQ(nn.Module):
         qs: list[Tensor] = []  # the code vectors each depth chose
         codes: list[Tensor] = []
         sq: list[Tensor] = []  # ||s_l - q_l||² with s_l the search input of depth l
+        afters: list[Tensor] = []  # r_l - q_l, what depth l leaves
         beam_terms = None
         with torch.no_grad():
             residual = h.detach()
@@ -408,19 +423,23 @@ class ResidualVQ(nn.Module):
                 else:
                     index = chosen[depth]
                     q = book.lookup(index).to(residual.dtype)
-                condition = q if condition is None else condition + q
-                diff = (search_in - q).reshape(-1)
+                if self.implicit_neural_codebook:
+                    condition = q if condition is None else condition + q
+                next_residual = residual - q
+                # the search input's error: the next residual itself unless it was normalised
+                diff = (next_residual if search_in is residual else search_in - q).reshape(-1)
                 sq.append(torch.dot(diff, diff))
                 if depth == 0 and not bool(torch.isfinite(sq[0])):
                     check_finite(h)  # raises before any codebook update
                 residuals.append(search_in)
+                afters.append(next_residual)
                 qs.append(q)
                 codes.append(index)
-                residual = residual - q
+                residual = next_residual
             if update:
                 self._update(layers, residuals, codes)
 
-        out, losses = self._differentiable(h, layers, residuals, qs, codes, sq,
+        out, losses = self._differentiable(h, layers, residuals, afters, qs, codes, sq,
                                            eval_losses=beam_terms is not None)
         return out, torch.stack(codes, dim=-1), losses, None
 
@@ -451,7 +470,7 @@ class ResidualVQ(nn.Module):
         finally:
             book.decay = decay
 
-    def _differentiable(self, h, layers, residuals, qs, codes, sq, *, eval_losses):
+    def _differentiable(self, h, layers, residuals, afters, qs, codes, sq, *, eval_losses):
         """The output and per-depth losses, with their gradients."""
         training = self.training
         with_loss = training or eval_losses
@@ -466,16 +485,29 @@ class ResidualVQ(nn.Module):
                 out.add_(q)
             losses = torch.stack(sq) * torch.tensor(weights, device=h.device) / numel
             return out, losses.float()
-        if self.straight_through_sum and not (self.diveq or self.implicit_neural_codebook):
+        cosine = any(layer.book.use_cosine_sim for layer in layers)
+        plain = not (self.diveq or self.implicit_neural_codebook or cosine)
+        rotation = any(layer.rotation_trick for layer in layers)
+        if plain and (self.straight_through_sum or not (rotation or any(learnable))):
+            # Straight-through layers, or the whole sum passed once: the output and the
+            # commitment terms have closed-form gradients; no per-depth graph is built
+            frac = self.quant_grad_frac
+            factors = [1.0 if frac <= 0 or self.straight_through_sum else (1.0 - frac) ** depth
+                       for depth in range(len(layers))]
             q_sum = qs[0].clone()
             for q in qs[1:]:
                 q_sum.add_(q)
-            out, _ = quantize_residual(h, q_sum, None, q_sum.new_zeros(()),
-                                       commitment_weight=0.0, rotation=layers[0].rotation_trick)
-            nexts = [r - q for r, q in zip(residuals, qs, strict=True)]
+            if self.straight_through_sum and rotation:
+                out, _ = quantize_residual(h, q_sum, None, q_sum.new_zeros(()),
+                                           commitment_weight=0.0,
+                                           rotation=layers[0].rotation_trick)
+            else:
+                scale = 1.0 if self.straight_through_sum else sum(factors)
+                out = _ScaledStraightThrough.apply(h, q_sum, scale)
             commitment = torch.tensor([layer.commitment_weight if with_loss else 0.0
                                        for layer in layers], device=h.device, dtype=h.dtype)
-            losses = _DepthLosses.apply(h, commitment, *nexts)
+            losses = _DepthLosses.apply(h, commitment, torch.tensor(factors, dtype=h.dtype,
+                                                                    device=h.device), *afters)
             if any(learnable) and with_loss:
                 # each learnable code moves toward the residuals it got: cbw · mse(sg(r_l), q_l)
                 losses = losses + torch.stack([
