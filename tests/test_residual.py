@@ -519,3 +519,76 @@ def test_bad_groups_are_refused():
         GroupedResidualVQ(10, 8, 2, groups=3)
     with pytest.raises(ValueError, match="groups"):
         GroupedResidualVQ(10, 8, 2, groups=0)
+
+
+# ---------------------------------------------------------------- library-layout options
+
+
+def textbook_per_depth(x, codebooks, weights, frac, once):
+    """Per-depth losses and output with autograd on the textbook expressions: each layer
+    straight-through on its residual (``once``: the whole sum straight-through from ``x``)."""
+    residual, total, losses = x, 0.0, []
+    for codebook, w in zip(codebooks, weights, strict=True):
+        q = codebook[torch.cdist(residual.detach(), codebook).argmin(-1)]
+        losses.append(w * F.mse_loss(residual, q))
+        out = residual + (q - residual).detach()
+        total = total + (q if once else out)
+        residual = residual - (frac * out + (1 - frac) * out.detach())
+    if once:
+        total = x + (total - x).detach()
+    return total, torch.stack(losses)
+
+
+@pytest.mark.parametrize("once,frac", [(True, 0.0), (False, 0.0), (False, 0.3)])
+def test_per_depth_loss_gradients_match_textbook_autograd(once, frac):
+    """Each depth's loss has its own gradient (weighted differently here) to the input."""
+    torch.manual_seed(20)
+    rvq = ResidualVQ(5, 12, 3, commitment_weight=0.4, straight_through_sum=once,
+                     quant_grad_frac=frac).double()
+    x = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(30, 5, dtype=torch.float64)
+    depth_weights = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+    quantized, _, losses = rvq(x, freeze_codebook=True)
+    ((quantized * g).sum() + (losses.double() * depth_weights).sum()).backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, ref_losses = textbook_per_depth(x_ref, list(rvq.codebooks), [0.4] * 3, frac, once)
+    ((out * g).sum() + (ref_losses * depth_weights).sum()).backward()
+    torch.testing.assert_close(losses.double(), ref_losses.detach(), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_beam_search_in_training_updates_each_depth_from_its_chosen_codes():
+    """Training with a beam: the EMA of each depth takes the codes of the best path, and the
+    residuals along it; an eval call changes nothing."""
+    torch.manual_seed(21)
+    decay, k, d = 0.5, 4, 3
+    rvq = ResidualVQ(d, k, 2, beam_size=4, decay=decay)
+    x = torch.randn(40, d)
+    before = state(rvq)
+    rvq.eval()(x)
+    assert_state_equal(before, state(rvq))
+    books = [c.clone().double() for c in rvq.codebooks]
+    _, indices, _ = rvq.train()(x)
+    residual = x.double()
+    for depth in range(2):
+        pick = indices[:, depth]
+        counts = torch.bincount(pick, minlength=k).double()
+        sums = torch.zeros(k, d, dtype=torch.float64).index_add_(0, pick, residual)
+        expected, _ = numpy_ema(books[depth].numpy(), np.ones(k), counts.numpy(), sums.numpy(),
+                                decay, 1e-5)
+        np.testing.assert_allclose(rvq.codebooks[depth].double().numpy(), expected, rtol=1e-5,
+                                   atol=1e-6)
+        residual = residual - books[depth][pick]
+
+
+def test_masked_positions_leave_the_codebook_statistics():
+    torch.manual_seed(22)
+    x = torch.randn(2, 6, 4)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 2:] = False
+    masked = ResidualVQ(4, 8, 2)
+    kept = ResidualVQ(4, 8, 2)
+    kept.load_state_dict(masked.state_dict())
+    masked(x, mask=mask)
+    kept(x[mask].unsqueeze(0))  # only the unmasked vectors
+    assert_state_equal(state(masked), state(kept))
