@@ -77,18 +77,34 @@ def _depth_scaled(options: dict) -> dict:
     return {**options, "commitment_weight": RESIDUAL_COMMITMENT / depth}
 
 
+class _ModelResidualVQ(ResidualVQ):
+    """Ours behind the models' contract: the mean of the per-depth losses, and the gradient
+    passed once to the encoder (``straight_through_sum``). State dict keys are ResidualVQ's."""
+
+    def forward(self, x: Tensor) -> VQOutput:
+        quantized, indices, losses = super().forward(x)
+        return VQOutput(quantized, indices, losses.mean())
+
+
+class _ModelGroupedResidualVQ(GroupedResidualVQ):
+    """As :class:`_ModelResidualVQ`; codes laid out ``(..., groups, num_quantizers)``."""
+
+    def forward(self, x: Tensor) -> VQOutput:
+        quantized, indices, losses = super().forward(x)
+        return VQOutput(quantized, indices.movedim(0, -2), losses.mean())
+
+    def decode(self, indices: Tensor) -> Tensor:
+        return super().decode(indices.movedim(-2, 0))
+
+
 def _residual(dim: int, codebook_size: int, options: dict) -> nn.Module:
-    # Ours returns the library's layout (losses per depth, group axis first): the adapter
-    # below reduces it as before; its gradient reaches the encoder once (straight_through_sum)
-    return LibraryResidual(ResidualVQ(dim=dim, codebook_size=codebook_size,
-                                      straight_through_sum=True, **_depth_scaled(options)),
-                           grouped=False)
+    return _ModelResidualVQ(dim=dim, codebook_size=codebook_size, straight_through_sum=True,
+                            **_depth_scaled(options))
 
 
 def _grouped(dim: int, codebook_size: int, options: dict) -> nn.Module:
-    return LibraryResidual(GroupedResidualVQ(dim=dim, codebook_size=codebook_size,
-                                             straight_through_sum=True,
-                                             **_depth_scaled(options)), grouped=True)
+    return _ModelGroupedResidualVQ(dim=dim, codebook_size=codebook_size,
+                                   straight_through_sum=True, **_depth_scaled(options))
 
 
 class LibraryResidual(nn.Module):
