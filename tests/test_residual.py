@@ -592,3 +592,31 @@ def test_masked_positions_leave_the_codebook_statistics():
     masked(x, mask=mask)
     kept(x[mask].unsqueeze(0))  # only the unmasked vectors
     assert_state_equal(state(masked), state(kept))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_forward_path_equals_the_codebook_path(training):
+    """With layer options the stack does not apply itself, each depth calls its layer's
+    forward; for options both paths know, they give the same codes, output, losses,
+    gradient and EMA state."""
+    torch.manual_seed(23)
+    fast = ResidualVQ(4, 8, 3, commitment_weight=0.3).train(training)
+    layered = ResidualVQ(4, 8, 3, commitment_weight=0.3).train(training)
+    layered.load_state_dict(fast.state_dict())
+    layered.layer_forward = True
+    x = torch.randn(5, 7, 4)
+    results = []
+    for module in (fast, layered):
+        xi = x.clone().requires_grad_(True)
+        quantized, indices, losses = module(xi)
+        (quantized.square().sum() + losses.sum()).backward()
+        results.append((quantized.detach(), indices, losses.detach(), xi.grad))
+    for ours, other in zip(*results, strict=True):
+        torch.testing.assert_close(ours, other, rtol=1e-5, atol=1e-6)
+    assert_state_equal(state(fast), state(layered))
+    assert results[0][2].any() == training  # zero losses in eval
+
+
+def test_unknown_layer_options_reach_the_layers():
+    with pytest.raises(TypeError, match="no_such_option"):
+        ResidualVQ(4, 8, 2, no_such_option=1)

@@ -39,6 +39,16 @@ from .vector_quantize import VectorQuantize, VQOutput
 
 DROPPED = -1  # the index of a depth a training call did not use, or of a masked position
 
+#: Layer options the residual stack applies itself through the Codebook API (search, lookup,
+#: statistics, update) and the estimators. With any other layer option (orthogonal or
+#: diversity losses, affine codebooks, ...) each depth calls its layer's forward instead.
+CODEBOOK_PATH_OPTIONS = frozenset({
+    "decay", "eps", "commitment_weight", "codebook_weight", "kmeans_init", "kmeans_iters",
+    "sync_kmeans", "threshold_ema_dead_code", "dead_code_warmup_steps", "rotation_trick",
+    "stochastic_sample_codes", "sample_codebook_temp", "sync_codebook", "max_search_bytes",
+    "use_cosine_sim", "ema_update", "learnable_codebook", "route_gradients_to_input",
+})
+
 
 class ResidualOutput(NamedTuple):
     """``return_all_codes=True``: the three usual values and every depth's code vectors."""
@@ -230,6 +240,13 @@ class ResidualVQ(nn.Module):
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.straight_through_sum = straight_through_sum
         self.implicit_neural_codebook = implicit_neural_codebook
+        # whether each depth runs its layer's forward (see CODEBOOK_PATH_OPTIONS)
+        self.layer_forward = bool(set(layer_options) - CODEBOOK_PATH_OPTIONS)
+        require(not (self.layer_forward and (shared_codebook or implicit_neural_codebook or diveq
+                                             or (beam_size or 1) > 1)),
+                f"layer options {sorted(set(layer_options) - CODEBOOK_PATH_OPTIONS)} are "
+                f"not supported with shared_codebook, implicit_neural_codebook, diveq or beam "
+                f"search")
 
         has_projection = self.codebook_dim != dim
         self.project_in = nn.Linear(dim, self.codebook_dim) if has_projection else nn.Identity()
@@ -389,6 +406,8 @@ class ResidualVQ(nn.Module):
         if h.shape[0] == 0:
             empty = torch.empty(0, active, dtype=torch.long, device=h.device)
             return h.clone(), empty, h.new_zeros(active, dtype=torch.float32), None
+        if self.layer_forward and beam_size <= 1:
+            return self._forward_layers(h, layers, sample_codebook_temp, freeze_codebook)
         update = training and not freeze_codebook
         residuals: list[Tensor] = []  # r_l, what depth l quantized (no gradient)
         qs: list[Tensor] = []  # the code vectors each depth chose
@@ -442,6 +461,26 @@ class ResidualVQ(nn.Module):
         out, losses = self._differentiable(h, layers, residuals, afters, qs, codes, sq,
                                            eval_losses=beam_terms is not None)
         return out, torch.stack(codes, dim=-1), losses, None
+
+    def _forward_layers(self, h, layers, sample_codebook_temp, freeze_codebook):
+        """Each depth through its layer's forward (the layer owns its losses and updates):
+        ``r_{l+1} = r_l − frac(q̃_l)``, the output ``Σ_l q̃_l``."""
+        call = {}
+        if sample_codebook_temp is not None:
+            call["sample_codebook_temp"] = sample_codebook_temp
+        if freeze_codebook:
+            call["freeze_codebook"] = True
+        residual, out, codes, losses = h, None, [], []
+        frac = self.quant_grad_frac
+        for depth, layer in enumerate(layers):
+            q, index, loss = layer(residual, **call)[:3]
+            codes.append(index)
+            losses.append(loss.reshape(()) if self.training else loss.new_zeros(()))
+            out = q if out is None else out + q
+            if depth + 1 < len(layers):
+                residual = residual - (q.detach() if frac <= 0
+                                       else frac * q + (1 - frac) * q.detach())
+        return out, torch.stack(codes, dim=-1), torch.stack(losses).float(), None
 
     def _update(self, layers, residuals, codes) -> None:
         if not self.shared_codebook:
