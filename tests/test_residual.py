@@ -620,3 +620,21 @@ def test_layer_forward_path_equals_the_codebook_path(training):
 def test_unknown_layer_options_reach_the_layers():
     with pytest.raises(TypeError, match="no_such_option"):
         ResidualVQ(4, 8, 2, no_such_option=1)
+
+
+def test_beam_search_kmeans_runs_on_each_depths_residuals():
+    torch.manual_seed(24)
+    x = torch.randn(200, 3) * 4.0
+    beam = ResidualVQ(3, 4, 2, beam_size=2, kmeans_init=True, kmeans_iters=1)
+    torch.manual_seed(25)
+    beam(x)
+    greedy = ResidualVQ(3, 4, 2, kmeans_init=True, kmeans_iters=1)
+    torch.manual_seed(25)
+    greedy(x)
+    # the same k-means draws on the same residuals: the same starting codebooks
+    for depth in range(2):
+        assert torch.equal(beam.layers[depth].book.initialized, torch.tensor(True))
+    torch.testing.assert_close(beam.codebooks[0].norm(dim=-1).mean(),
+                               greedy.codebooks[0].norm(dim=-1).mean(), rtol=0.2, atol=0.0)
+    # the second depth starts at the scale of the first depth's residuals, not of x
+    assert beam.codebooks[1].norm(dim=-1).mean() < 0.7 * beam.codebooks[0].norm(dim=-1).mean()

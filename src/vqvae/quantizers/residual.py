@@ -420,9 +420,14 @@ class ResidualVQ(nn.Module):
             condition = None  # Σ of the codes so far (implicit neural codebooks)
             if beam_size > 1:
                 check_finite(residual)
-                for layer in layers:
-                    if training and layer.book.kmeans_pending:
-                        layer.book.initialize(layer.book.prepare(residual))
+                if training and any(layer.book.kmeans_pending for layer in layers):
+                    # k-means of each depth on the residuals the greedy search leaves it
+                    left = residual
+                    for layer in layers:
+                        book = layer.book
+                        if book.kmeans_pending:
+                            book.initialize(book.prepare(left))
+                        left = left - book.lookup(book.search(book.prepare(left))).to(left.dtype)
                 chosen, beam_terms = beam_search(
                     residual, [layer.book for layer in layers], beam_size=beam_size,
                     weights=self.beam_score_quantizer_weights[:active],
