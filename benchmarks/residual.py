@@ -9,6 +9,7 @@ ours is off by default), no k-means and no dead-code restarts. The cases:
     rvq     ResidualVQ, 4 layers
     rqvae   ResidualVQ, 4 layers, one shared codebook, stochastic sampling (temperature 0.1)
     grvq    GroupedResidualVQ, 2 groups of 4 layers
+    beam    ResidualVQ, 4 layers, beam search with a beam of 4 paths
 
 One VectorQuantize layer of ours is timed beside them as a yardstick: a 4-layer stack cannot
 cost much less than four of it.
@@ -43,6 +44,7 @@ CASES = {
     "rvq": dict(),
     "rqvae": dict(shared_codebook=True, stochastic_sample_codes=True, sample_codebook_temp=0.1),
     "grvq": dict(groups=2),
+    "beam": dict(beam_size=4),
 }
 
 

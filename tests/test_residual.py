@@ -55,16 +55,17 @@ def reference_forward(x: torch.Tensor, codebooks: list[torch.Tensor], commitment
 @pytest.mark.parametrize("num_quantizers", [1, 3])
 def test_matches_numpy_residual_quantization(num_quantizers):
     torch.manual_seed(0)
-    rvq = ResidualVQ(6, 16, num_quantizers, commitment_weight=0.7).double().eval()
+    rvq = ResidualVQ(6, 16, num_quantizers, commitment_weight=0.7).double()
     x = torch.randn(3, 40, 6, dtype=torch.float64)
-    quantized, indices, loss = rvq(x)
+    quantized, indices, loss = rvq(x, freeze_codebook=True)  # training: losses (L,), per depth
     codebooks = [c.numpy() for c in rvq.codebooks]
     expected_indices, total, _, mses = numpy_residual(x.reshape(-1, 6).numpy(), codebooks)
     assert indices.shape == (3, 40, num_quantizers) and indices.dtype == torch.int64
     np.testing.assert_array_equal(indices.reshape(-1, num_quantizers).numpy(), expected_indices)
     np.testing.assert_allclose(quantized.reshape(-1, 6).numpy(), total, rtol=1e-12, atol=1e-12)
-    # the loss is the mean over layers of each layer's commitment loss
-    assert loss.item() == pytest.approx(0.7 * np.mean(mses), rel=1e-6)
+    # each depth's loss is that layer's commitment loss
+    np.testing.assert_allclose(loss.numpy(), 0.7 * np.asarray(mses), rtol=1e-6)
+    assert not rvq.eval()(x).loss.any()  # zero in eval, as the library
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(commitment_weight=0.3),
@@ -72,10 +73,12 @@ def test_matches_numpy_residual_quantization(num_quantizers):
                                     dict(decay=None, shared_codebook=True)])
 def test_gradients_match_textbook_autograd(kwargs):
     torch.manual_seed(1)
-    rvq = ResidualVQ(5, 12, 3, **kwargs).double().eval()
+    # straight_through_sum: the output's gradient reaches x once (the models' setting)
+    rvq = ResidualVQ(5, 12, 3, straight_through_sum=True, **kwargs).double()
     x = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)
     g = torch.randn(30, 5, dtype=torch.float64)
-    quantized, _, loss = rvq(x)
+    quantized, _, losses = rvq(x, freeze_codebook=True)
+    loss = losses.mean()
     ((quantized * g).sum() + 3.0 * loss).backward()
 
     reference = copy.deepcopy(rvq)
@@ -94,7 +97,8 @@ def test_gradients_match_textbook_autograd(kwargs):
 
 def test_rotation_trick_rotates_onto_the_whole_sum():
     torch.manual_seed(2)
-    rvq = ResidualVQ(5, 12, 3, rotation_trick=True, commitment_weight=0.0).double().eval()
+    rvq = ResidualVQ(5, 12, 3, rotation_trick=True, commitment_weight=0.0,
+                     straight_through_sum=True).double().eval()
     x = torch.randn(20, 5, dtype=torch.float64, requires_grad=True)
     g = torch.randn(20, 5, dtype=torch.float64)
     quantized, indices, _ = rvq(x)
@@ -180,10 +184,10 @@ def test_grouped_decode_equals_quantized_in_eval():
     grvq.train()(torch.randn(64, 8))
     x = torch.randn(5, 7, 8)
     quantized, indices, _ = grvq.eval()(x)
-    assert indices.shape == (5, 7, 2, 3)
+    assert indices.shape == (2, 5, 7, 3)  # (groups, ..., num_quantizers), as the library
     assert torch.equal(grvq.decode(indices), quantized)
     assert torch.equal(grvq.partial_reconstructions(indices)[..., -1, :], quantized)
-    assert grvq.layer_codes(indices).shape == (5, 7, 2, 3, 4)
+    assert grvq.layer_codes(indices).shape == (2, 5, 7, 3, 4)
 
 
 # ---------------------------------------------------------------- shared codebook (RQ-VAE)
@@ -206,9 +210,11 @@ def test_shared_codebook_is_one_tensor_updated_once_from_all_depths():
     torch.manual_seed(6)
     k, d, depths, decay, eps = 16, 4, 3, 0.7, 1e-5
     rvq = ResidualVQ(d, k, depths, shared_codebook=True, decay=decay, eps=eps).double()
-    pointers = {codebook.data_ptr() for codebook in rvq.codebooks}
+    pointers = {layer.codebook.data_ptr() for layer in rvq.layers}
     assert len(pointers) == 1
-    assert [key for key in rvq.state_dict() if key.endswith("codebook")] == ["layers.0.codebook"]
+    # every layer holds the one codebook, under its own keys (the library's layout)
+    assert [key for key in rvq.state_dict() if key.endswith("codebook")] == \
+        [f"layers.{depth}.codebook" for depth in range(depths)]
 
     codebook = rvq.codebooks[0].numpy().copy()
     cluster_size = rvq.layers[0].cluster_size.numpy().copy()
@@ -219,25 +225,26 @@ def test_shared_codebook_is_one_tensor_updated_once_from_all_depths():
     indices, _, residuals, _ = numpy_residual(x.numpy(), [codebook] * depths)
     counts = sum(np.bincount(indices[:, depth], minlength=k) for depth in range(depths))
     sums = sum(np.eye(k)[indices[:, depth]].T @ residuals[depth] for depth in range(depths))
-    # ... and it is updated once, from the statistics of all depths together
-    expected, expected_size = numpy_ema(codebook, cluster_size, counts, sums, decay, eps)
-    np.testing.assert_allclose(rvq.layers[0].cluster_size.numpy(), expected_size, rtol=1e-12)
-    np.testing.assert_allclose(rvq.codebooks[0].numpy(), expected, rtol=1e-10, atol=1e-12)
-    # one update per depth (the wrong way) would have given something else
-    wrong, wrong_size = codebook, cluster_size
+    # ... and, as the library, the statistics take one EMA step per depth (the codes, the
+    # smoothed ratio of the EMA sums and sizes, come out the same as recomputed per step)
+    expected, expected_size = codebook, cluster_size
     for depth in range(depths):
         one_hot = np.eye(k)[indices[:, depth]]
-        wrong, wrong_size = numpy_ema(wrong, wrong_size, one_hot.sum(0),
-                                      one_hot.T @ residuals[depth], decay, eps)
-    assert not np.allclose(wrong, expected)
-    assert {codebook.data_ptr() for codebook in rvq.codebooks} == pointers  # still shared
+        expected, expected_size = numpy_ema(expected, expected_size, one_hot.sum(0),
+                                            one_hot.T @ residuals[depth], decay, eps)
+    np.testing.assert_allclose(rvq.layers[0].cluster_size.numpy(), expected_size, rtol=1e-12)
+    np.testing.assert_allclose(rvq.codebooks[0].numpy(), expected, rtol=1e-10, atol=1e-12)
+    # one step from the statistics of all depths together would have given something else
+    summed, _ = numpy_ema(codebook, cluster_size, counts, sums, decay, eps)
+    assert not np.allclose(summed, expected)
+    assert {layer.codebook.data_ptr() for layer in rvq.layers} == pointers  # still shared
 
 
 def test_shared_codebook_dead_codes_restart_from_every_depth():
     torch.manual_seed(7)
     rvq = ResidualVQ(4, 8, 2, shared_codebook=True, threshold_ema_dead_code=1.0)
     with torch.no_grad():
-        rvq.codebooks[0][3] += 100.0  # far away: no vector picks it
+        rvq.layers[0].codebook[3] += 100.0  # far away: no vector picks it
         rvq.layers[0].cluster_size.fill_(50.0)
         rvq.layers[0].cluster_size[3] = 0.5
     x = torch.randn(300, 4)
@@ -298,7 +305,7 @@ def test_stochastic_sampling_frequencies_match_softmax_of_minus_distance():
     rvq = ResidualVQ(2, 5, 2, shared_codebook=True, stochastic_sample_codes=True,
                      sample_codebook_temp=1.0).double()
     with torch.no_grad():
-        rvq.codebooks[0].copy_(codes)
+        rvq.layers[0].codebook.copy_(codes)
     torch.manual_seed(9)
     indices = rvq.train()(x.expand(n, 2).clone()).indices
 
@@ -336,8 +343,8 @@ def test_grouped_equals_concatenated_residual_vqs(training):
     torch.manual_seed(11)  # the same random draws (k-means++ seeds), in the same order
     outs = [rvq(x[..., 4 * g:4 * (g + 1)]) for g, rvq in enumerate(singles)]
     assert torch.equal(quantized, torch.cat([o.quantized for o in outs], dim=-1))
-    assert torch.equal(indices, torch.stack([o.indices for o in outs], dim=-2))
-    assert loss.item() == pytest.approx(np.mean([o.loss.item() for o in outs]), rel=1e-6)
+    assert torch.equal(indices, torch.stack([o.indices for o in outs]))  # (groups, ..., L)
+    torch.testing.assert_close(loss, torch.stack([o.loss for o in outs]))  # (groups, L)
     for g, rvq in enumerate(singles):
         assert_state_equal(state(grvq.rvqs[g]), state(rvq))
 
@@ -359,11 +366,12 @@ def test_quantize_dropout_uses_between_min_and_all_layers(min_layers):
         assert torch.equal(active, torch.arange(5) < n)  # the first n, never a gap
         assert torch.all(indices[:, n:] == -1)
         assert torch.equal(rvq.decode(indices), quantized.detach())  # -1 adds nothing
-        # the loss is the mean over the n layers used (commitment + codebook term: 2 · mse)
+        # one loss per depth, zero for those skipped (commitment + codebook term: 2 · mse);
         # layer l's mse is that of the residual it leaves, x - (q_1 + ... + q_l)
         partial = rvq.partial_reconstructions(indices[:, :n]).detach()  # (40, n, 6)
         mses = (x[:, None] - partial).pow(2).mean(dim=(0, 2))  # (n,)
-        assert loss.item() == pytest.approx(2 * mses.mean().item(), rel=1e-5)
+        torch.testing.assert_close(loss[:n], 2 * mses, rtol=1e-5, atol=1e-7)
+        assert not loss[n:].any()
         used.append(n)
     assert min(used) == min_layers and max(used) == 5
     assert set(used) == set(range(min_layers, 6))
@@ -377,7 +385,7 @@ def test_quantize_dropout_leaves_dropped_layers_untouched_and_groups_agree():
     for _ in range(20):
         before = state(grvq)
         _, indices, _ = grvq.train()(x)
-        counts = (indices >= 0).all(dim=0).sum(-1)  # (groups,) layers used per group
+        counts = (indices >= 0).all(dim=1).sum(-1)  # (groups,) layers used per group
         assert counts[0] == counts[1] >= 1
         n = int(counts[0])
         after = state(grvq)
@@ -439,18 +447,18 @@ def test_state_dict_round_trip_and_layouts_do_not_mix():
     clone.load_state_dict(rvq.state_dict())
     x = torch.randn(20, 4)
     assert torch.equal(clone.eval()(x).indices, rvq.eval()(x).indices)
-    with pytest.raises(RuntimeError):  # per-layer codebooks do not load into a shared one
-        ResidualVQ(4, 16, 3, shared_codebook=True).load_state_dict(rvq.state_dict())
+    with pytest.raises(RuntimeError):  # nor does another depth
+        ResidualVQ(4, 16, 2, kmeans_init=True).load_state_dict(rvq.state_dict())
 
 
 @pytest.mark.parametrize("shape", [(0, 6), (2, 0, 6)])
 def test_empty_batch_gives_empty_outputs(shape):
-    for module, code_shape in ((ResidualVQ(6, 4, 3, kmeans_init=True), (3,)),
-                               (GroupedResidualVQ(6, 4, 3, groups=3), (3, 3))):
+    for module, code_shape in ((ResidualVQ(6, 4, 3, kmeans_init=True), shape[:-1] + (3,)),
+                               (GroupedResidualVQ(6, 4, 3, groups=3), (3,) + shape[:-1] + (3,))):
         before = state(module)
         quantized, indices, loss = module(torch.randn(shape))
-        assert quantized.shape == shape and indices.shape == shape[:-1] + code_shape
-        assert indices.dtype == torch.int64 and loss.item() == 0.0
+        assert quantized.shape == shape and indices.shape == code_shape
+        assert indices.dtype == torch.int64 and not loss.any()
         assert_state_equal(before, state(module))
 
 
@@ -496,8 +504,8 @@ def test_decode_refuses_bad_indices():
     (dict(num_quantizers=0), "num_quantizers"),
     (dict(quantize_dropout=True, quantize_dropout_min_layers=4), "quantize_dropout_min_layers"),
     (dict(quantize_dropout_min_layers=0), "quantize_dropout_min_layers"),
-    (dict(use_cosine_sim=True), "use_cosine_sim"),
-    (dict(beam_size=4), r"unknown option\(s\) \['beam_size'\]"),
+    (dict(heads=2), "heads"),
+    (dict(eval_beam_size=4), "eval_beam_size"),
     (dict(decay=1.0), "decay"),
 ])
 def test_bad_options_are_refused(kwargs, match):
@@ -511,3 +519,122 @@ def test_bad_groups_are_refused():
         GroupedResidualVQ(10, 8, 2, groups=3)
     with pytest.raises(ValueError, match="groups"):
         GroupedResidualVQ(10, 8, 2, groups=0)
+
+
+# ---------------------------------------------------------------- library-layout options
+
+
+def textbook_per_depth(x, codebooks, weights, frac, once):
+    """Per-depth losses and output with autograd on the textbook expressions: each layer
+    straight-through on its residual (``once``: the whole sum straight-through from ``x``)."""
+    residual, total, losses = x, 0.0, []
+    for codebook, w in zip(codebooks, weights, strict=True):
+        q = codebook[torch.cdist(residual.detach(), codebook).argmin(-1)]
+        losses.append(w * F.mse_loss(residual, q))
+        out = residual + (q - residual).detach()
+        total = total + (q if once else out)
+        residual = residual - (frac * out + (1 - frac) * out.detach())
+    if once:
+        total = x + (total - x).detach()
+    return total, torch.stack(losses)
+
+
+@pytest.mark.parametrize("once,frac", [(True, 0.0), (False, 0.0), (False, 0.3)])
+def test_per_depth_loss_gradients_match_textbook_autograd(once, frac):
+    """Each depth's loss has its own gradient (weighted differently here) to the input."""
+    torch.manual_seed(20)
+    rvq = ResidualVQ(5, 12, 3, commitment_weight=0.4, straight_through_sum=once,
+                     quant_grad_frac=frac).double()
+    x = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(30, 5, dtype=torch.float64)
+    depth_weights = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+    quantized, _, losses = rvq(x, freeze_codebook=True)
+    ((quantized * g).sum() + (losses.double() * depth_weights).sum()).backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, ref_losses = textbook_per_depth(x_ref, list(rvq.codebooks), [0.4] * 3, frac, once)
+    ((out * g).sum() + (ref_losses * depth_weights).sum()).backward()
+    torch.testing.assert_close(losses.double(), ref_losses.detach(), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_beam_search_in_training_updates_each_depth_from_its_chosen_codes():
+    """Training with a beam: the EMA of each depth takes the codes of the best path, and the
+    residuals along it; an eval call changes nothing."""
+    torch.manual_seed(21)
+    decay, k, d = 0.5, 4, 3
+    rvq = ResidualVQ(d, k, 2, beam_size=4, decay=decay)
+    x = torch.randn(40, d)
+    before = state(rvq)
+    rvq.eval()(x)
+    assert_state_equal(before, state(rvq))
+    books = [c.clone().double() for c in rvq.codebooks]
+    _, indices, _ = rvq.train()(x)
+    residual = x.double()
+    for depth in range(2):
+        pick = indices[:, depth]
+        counts = torch.bincount(pick, minlength=k).double()
+        sums = torch.zeros(k, d, dtype=torch.float64).index_add_(0, pick, residual)
+        expected, _ = numpy_ema(books[depth].numpy(), np.ones(k), counts.numpy(), sums.numpy(),
+                                decay, 1e-5)
+        np.testing.assert_allclose(rvq.codebooks[depth].double().numpy(), expected, rtol=1e-5,
+                                   atol=1e-6)
+        residual = residual - books[depth][pick]
+
+
+def test_masked_positions_leave_the_codebook_statistics():
+    torch.manual_seed(22)
+    x = torch.randn(2, 6, 4)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 2:] = False
+    masked = ResidualVQ(4, 8, 2)
+    kept = ResidualVQ(4, 8, 2)
+    kept.load_state_dict(masked.state_dict())
+    masked(x, mask=mask)
+    kept(x[mask].unsqueeze(0))  # only the unmasked vectors
+    assert_state_equal(state(masked), state(kept))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_forward_path_equals_the_codebook_path(training):
+    """With layer options the stack does not apply itself, each depth calls its layer's
+    forward; for options both paths know, they give the same codes, output, losses,
+    gradient and EMA state."""
+    torch.manual_seed(23)
+    fast = ResidualVQ(4, 8, 3, commitment_weight=0.3).train(training)
+    layered = ResidualVQ(4, 8, 3, commitment_weight=0.3).train(training)
+    layered.load_state_dict(fast.state_dict())
+    layered.layer_forward = True
+    x = torch.randn(5, 7, 4)
+    results = []
+    for module in (fast, layered):
+        xi = x.clone().requires_grad_(True)
+        quantized, indices, losses = module(xi)
+        (quantized.square().sum() + losses.sum()).backward()
+        results.append((quantized.detach(), indices, losses.detach(), xi.grad))
+    for ours, other in zip(*results, strict=True):
+        torch.testing.assert_close(ours, other, rtol=1e-5, atol=1e-6)
+    assert_state_equal(state(fast), state(layered))
+    assert results[0][2].any() == training  # zero losses in eval
+
+
+def test_unknown_layer_options_reach_the_layers():
+    with pytest.raises(TypeError, match="no_such_option"):
+        ResidualVQ(4, 8, 2, no_such_option=1)
+
+
+def test_beam_search_kmeans_runs_on_each_depths_residuals():
+    torch.manual_seed(24)
+    x = torch.randn(200, 3) * 4.0
+    beam = ResidualVQ(3, 4, 2, beam_size=2, kmeans_init=True, kmeans_iters=1)
+    torch.manual_seed(25)
+    beam(x)
+    greedy = ResidualVQ(3, 4, 2, kmeans_init=True, kmeans_iters=1)
+    torch.manual_seed(25)
+    greedy(x)
+    # the same k-means draws on the same residuals: the same starting codebooks
+    for depth in range(2):
+        assert torch.equal(beam.layers[depth].book.initialized, torch.tensor(True))
+    torch.testing.assert_close(beam.codebooks[0].norm(dim=-1).mean(),
+                               greedy.codebooks[0].norm(dim=-1).mean(), rtol=0.2, atol=0.0)
+    # the second depth starts at the scale of the first depth's residuals, not of x
+    assert beam.codebooks[1].norm(dim=-1).mean() < 0.7 * beam.codebooks[0].norm(dim=-1).mean()

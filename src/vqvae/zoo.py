@@ -69,9 +69,30 @@ def _ours(dim: int, codebook_size: int, options: dict) -> nn.Module:
     return VectorQuantize(dim=dim, codebook_size=codebook_size, **options)
 
 
+class _ModelResidualVQ(ResidualVQ):
+    """Ours behind the models' contract: the mean of the per-depth losses, and the gradient
+    passed once to the encoder (``straight_through_sum``). State dict keys are ResidualVQ's."""
+
+    def forward(self, x: Tensor) -> VQOutput:
+        quantized, indices, losses = super().forward(x)
+        return VQOutput(quantized, indices, losses.mean())
+
+
+class _ModelGroupedResidualVQ(GroupedResidualVQ):
+    """As :class:`_ModelResidualVQ`; codes laid out ``(..., groups, num_quantizers)``."""
+
+    def forward(self, x: Tensor) -> VQOutput:
+        quantized, indices, losses = super().forward(x)
+        return VQOutput(quantized, indices.movedim(0, -2), losses.mean())
+
+    def decode(self, indices: Tensor) -> Tensor:
+        return super().decode(indices.movedim(-2, 0))
+
+
 @register("rvq", help="our ResidualVQ", defaults=RESIDUAL_DEFAULTS, layout=RESIDUAL)
 def _residual(dim: int, codebook_size: int, options: dict) -> nn.Module:
-    return ResidualVQ(dim=dim, codebook_size=codebook_size, **_depth_scaled(options))
+    return _ModelResidualVQ(dim=dim, codebook_size=codebook_size, straight_through_sum=True,
+                            **_depth_scaled(options))
 
 
 # Temperature for this model's latent scale: on a trained 4-layer MLP model the nearest code is
@@ -85,7 +106,8 @@ register("rqvae", help="ResidualVQ with a shared codebook and stochastic code sa
 
 @register("grvq", help="our GroupedResidualVQ", defaults=RESIDUAL_DEFAULTS, layout=GROUPED)
 def _grouped(dim: int, codebook_size: int, options: dict) -> nn.Module:
-    return GroupedResidualVQ(dim=dim, codebook_size=codebook_size, **_depth_scaled(options))
+    return _ModelGroupedResidualVQ(dim=dim, codebook_size=codebook_size,
+                                   straight_through_sum=True, **_depth_scaled(options))
 
 
 @register("naive", help="the course's own layer (Exercise 2)")
