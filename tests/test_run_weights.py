@@ -178,3 +178,28 @@ def test_prior_config_from_dict_names_unknown_keys():
     assert PriorConfig.from_dict(values) == PriorConfig(vocab_size=8, code_shape=(4,))
     with pytest.raises(ValueError, match="unknown prior config keys: \\['width'\\]"):
         PriorConfig.from_dict({**values, "width": 3})
+
+
+def test_a_run_recorded_before_an_option_default_existed_still_takes_its_weights(tmp_path):
+    """config.json without an option the quantizer now defaults: the same model once read back,
+    so the weights are saved beside it and the file stays as the run wrote it."""
+    from vqvae.rundir import atomic_write_json
+
+    values = {"model": MODEL.to_dict(), "train": {"epochs": 1}}
+    dropped = sorted(values["model"]["quantizer_options"])[0]
+    del values["model"]["quantizer_options"][dropped]
+    atomic_write_json(tmp_path / "config.json", values)
+    before = (tmp_path / "config.json").read_bytes()
+    torch.manual_seed(0)
+    model = VQVAE(MODEL)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").read_bytes() == before
+    loaded = load_model(tmp_path)
+    assert loaded.config == MODEL
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    # a config that rebuilds another model is still refused
+    values["model"]["codebook_size"] = 16
+    atomic_write_json(tmp_path / "config.json", values)
+    with pytest.raises(ValueError, match="describes another model"):
+        model.save_pretrained(tmp_path)

@@ -109,16 +109,27 @@ class PretrainedMixin:
                 raise ValueError(f"{config_path} is not a JSON object; save into an empty "
                                  f"directory or a run directory")
             existing = values.get(CONFIG_KEY)
-            if existing is not None and existing != model_config:
+            if existing is not None and not self._describes_this_model(existing):
                 raise ValueError(f"{config_path} describes another model "
                                  f"({existing!r}, this one is {model_config!r}); save into an "
                                  f"empty directory or that model's own")
-        if values.get(CONFIG_KEY) != model_config:
+        if values.get(CONFIG_KEY) is None:
             values[CONFIG_KEY] = model_config
             _atomic_write(config_path, (json.dumps(values, indent=2) + "\n").encode())
         payload = save(plain_tensors(self.state_dict()), metadata={"format": "pt"})
         _atomic_write(directory / self.weights_name, payload)
         return directory
+
+    def _describes_this_model(self, values: Any) -> bool:
+        """Whether a stored config rebuilds this model's: equal as written, or once read back
+        through the config class (a run recorded before an option with a default was added
+        still describes the model it trained)."""
+        if values == self.config.to_dict():
+            return True
+        try:
+            return self._config_type().from_dict(values).to_dict() == self.config.to_dict()
+        except (TypeError, ValueError, KeyError):
+            return False
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
