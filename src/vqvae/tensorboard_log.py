@@ -70,8 +70,9 @@ class _Writer:
 
 @torch.no_grad()
 def code_indices(model, images: Tensor, batch_size: int = 1000) -> Tensor:
-    """Every code index the model gives ``images``, flat, int64, on the CPU."""
-    return torch.cat([model(images[i:i + batch_size]).indices.reshape(-1).cpu()
+    """Every code index the model gives ``images``, flat, int64, on the CPU (the encoder and
+    quantizer only: the decoder is not needed for codes)."""
+    return torch.cat([model.encode(images[i:i + batch_size]).reshape(-1).cpu()
                       for i in range(0, images.shape[0], batch_size)])
 
 
