@@ -71,9 +71,11 @@ class _Writer:
 @torch.no_grad()
 def code_indices(model, images: Tensor, batch_size: int = 1000) -> Tensor:
     """Every code index the model gives ``images``, flat, int64, on the CPU (the encoder and
-    quantizer only: the decoder is not needed for codes)."""
-    return torch.cat([model.encode(images[i:i + batch_size]).reshape(-1).cpu()
-                      for i in range(0, images.shape[0], batch_size)])
+    quantizer only: the decoder is not needed for codes). Indexes the quantizer's output by
+    position, ``quantized, indices, loss``, the registry's contract: some quantizers return a
+    plain tuple."""
+    return torch.cat([model.quantizer(model.encoder(images[i:i + batch_size]))[1]
+                      .reshape(-1).cpu() for i in range(0, images.shape[0], batch_size)])
 
 
 @torch.no_grad()
