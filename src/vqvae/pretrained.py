@@ -71,6 +71,10 @@ class PretrainedMixin:
     """
 
     config_class: type | None = None
+    #: File names inside the directory: a second model kept beside a run's own (the prior)
+    #: takes other names, so both fit in one run directory.
+    weights_name: str = WEIGHTS_NAME
+    config_name: str = CONFIG_NAME
 
     @classmethod
     def _config_type(cls) -> type:
@@ -85,7 +89,8 @@ class PretrainedMixin:
         return config_type
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` into ``directory``; returns it.
+        """Write ``model.safetensors`` and ``config.json`` (``weights_name``, ``config_name``)
+        into ``directory``; returns it.
 
         An existing ``config.json`` (a run directory's) keeps its other keys and is left
         untouched when it already describes this model; one that describes another model is an
@@ -96,7 +101,7 @@ class PretrainedMixin:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         model_config = self.config.to_dict()
-        config_path = directory / CONFIG_NAME
+        config_path = directory / self.config_name
         values: dict[str, Any] = {}
         if config_path.is_file():
             values = json.loads(config_path.read_text())
@@ -104,16 +109,27 @@ class PretrainedMixin:
                 raise ValueError(f"{config_path} is not a JSON object; save into an empty "
                                  f"directory or a run directory")
             existing = values.get(CONFIG_KEY)
-            if existing is not None and existing != model_config:
+            if existing is not None and not self._describes_this_model(existing):
                 raise ValueError(f"{config_path} describes another model "
                                  f"({existing!r}, this one is {model_config!r}); save into an "
                                  f"empty directory or that model's own")
-        if values.get(CONFIG_KEY) != model_config:
+        if values.get(CONFIG_KEY) is None:
             values[CONFIG_KEY] = model_config
             _atomic_write(config_path, (json.dumps(values, indent=2) + "\n").encode())
         payload = save(plain_tensors(self.state_dict()), metadata={"format": "pt"})
-        _atomic_write(directory / WEIGHTS_NAME, payload)
+        _atomic_write(directory / self.weights_name, payload)
         return directory
+
+    def _describes_this_model(self, values: Any) -> bool:
+        """Whether a stored config rebuilds this model's: equal as written, or once read back
+        through the config class (a run recorded before an option with a default was added
+        still describes the model it trained)."""
+        if values == self.config.to_dict():
+            return True
+        try:
+            return self._config_type().from_dict(values).to_dict() == self.config.to_dict()
+        except (TypeError, ValueError, KeyError):
+            return False
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
@@ -125,7 +141,7 @@ class PretrainedMixin:
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        config_path, weights_path = directory / cls.config_name, directory / cls.weights_name
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(

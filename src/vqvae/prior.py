@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .pretrained import PretrainedMixin
 from .rundir import atomic_torch_save, resolve_device, uses_bf16
 from .schedule import warmup_cosine
 
@@ -101,6 +102,13 @@ class PriorConfig:
         values["code_shape"] = list(self.code_shape)
         return values
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PriorConfig:
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown prior config keys: {sorted(unknown)}")
+        return cls(**values)
+
 
 class KVCache:
     """Keys and values of every layer for the positions seen so far: ``(B, heads, T, head_dim)``
@@ -159,12 +167,19 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class CodePrior(nn.Module):
+class CodePrior(PretrainedMixin, nn.Module):
     """Causal Transformer over flat code sequences, conditioned on a class token.
 
     Input position 0 holds the class token (label or null); position ``i > 0`` holds code
     ``i - 1``. The output at position ``i`` is the distribution of code ``i``.
+
+    ``save_pretrained(dir)`` / ``from_pretrained(dir)`` write and read ``prior.safetensors`` and
+    ``prior_config.json``: names of their own, so the prior sits beside its VQ-VAE's
+    ``model.safetensors`` and ``config.json`` in a run directory.
     """
+
+    weights_name = "prior.safetensors"
+    config_name = "prior_config.json"
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -394,8 +409,11 @@ def evaluate_nll(prior: CodePrior, tokens: Tensor, labels: Tensor | None = None,
 def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: PriorConfig,
                 train_config: PriorTrainConfig | None = None, *,
                 val_tokens: Tensor | None = None, val_labels: Tensor | None = None,
-                checkpoint: Path | None = None) -> PriorRun:
+                checkpoint: Path | None = None, on_epoch_end=None) -> PriorRun:
     """Train a :class:`CodePrior` on flat ``train_tokens`` ``(N, L)``.
+
+    ``on_epoch_end(epoch, entry)`` is called after each epoch (and its checkpoint) with that
+    epoch's history entry.
 
     With ``checkpoint``, the prior (its config, weights and history) is saved there atomically
     after every epoch. ``val_tokens`` add the held-out NLL after the last epoch (after every
@@ -483,6 +501,8 @@ def train_prior(train_tokens: Tensor, train_labels: Tensor | None, config: Prior
                 "prior": prior.state_dict(), "prior_config": config.to_dict(),
                 "train_config": json.dumps(dataclasses.asdict(train_config)),
                 "history": json.dumps(history)})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, entry)
     metrics: dict[str, Any] = {
         "train_seconds": time.perf_counter() - start_time,
         # CPU time of this process while training: on a shared machine, wall time says more

@@ -1,7 +1,8 @@
 """A run directory and the files around it: where things are, how they are written and read.
 
-A run directory holds ``config.json``, ``checkpoint.pt`` and ``metrics.json`` (written by
-:mod:`vqvae.train`), and whatever later commands add (the prior's files, the judge's report).
+A run directory holds ``config.json``, ``checkpoint.pt`` (everything a resumed run needs),
+``model.safetensors`` (the weights alone) and ``metrics.json`` (written by :mod:`vqvae.train`),
+and whatever later commands add (the prior's files, the judge's report).
 Every file is written atomically (a reader sees the old content or all of the new, never a
 part), checksums are SHA-256 of file contents, and per-user caches live under
 ``$XDG_CACHE_HOME/vqvae/`` (``~/.cache/vqvae/`` without it).
@@ -29,6 +30,8 @@ if TYPE_CHECKING:  # the model and training modules import this one
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS = "metrics.json"
+#: The trained weights alone (safetensors), written beside the checkpoint after every epoch
+WEIGHTS = "model.safetensors"
 
 # ---------------------------------------------------------------------------- writing
 
@@ -156,10 +159,21 @@ def load_checkpoint(run_dir: str | os.PathLike, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def weights_file(run_dir: str | os.PathLike) -> Path:
+    """The file a run's trained weights are read from: ``model.safetensors`` when the run has
+    one, else ``checkpoint.pt`` (runs written before the weights had a file of their own)."""
+    run_dir = Path(run_dir)
+    return run_dir / WEIGHTS if (run_dir / WEIGHTS).is_file() else run_dir / CHECKPOINT
+
+
 def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> VQVAE:
-    """The trained model of a run directory, in eval mode."""
+    """The trained model of a run directory, in eval mode: from ``model.safetensors`` and
+    ``config.json`` (JSON and safetensors only, no unpickling) when the run has them, else from
+    ``checkpoint.pt``."""
     from .models import VQVAE, ModelConfig
 
+    if (Path(run_dir) / WEIGHTS).is_file():
+        return VQVAE.from_pretrained(run_dir, device=device)
     checkpoint = load_checkpoint(run_dir, map_location=device)
     model = VQVAE(ModelConfig.from_dict(checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])

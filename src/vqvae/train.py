@@ -382,7 +382,9 @@ def train(train_config: TrainConfig, model_config: ModelConfig, *,
 
     Started by ``torchrun``, every process trains its shard of each batch under
     DistributedDataParallel and only rank 0 writes the run directory.
-    ``on_epoch_end(epoch, metrics)`` is called on rank 0 after each epoch's checkpoint is written.
+    ``on_epoch_end(epoch, metrics)`` is called on rank 0 after each epoch's checkpoint and
+    ``model.safetensors`` are written (with ``run=`` the :class:`Run` so far, model in eval mode,
+    when it takes that keyword).
     """
     processes, device = start_processes(train_config)
     try:
@@ -443,6 +445,8 @@ def _train(train_config, model_config, resume_from, on_epoch_end, processes, dev
             "history": json.dumps(history),
             "rng": _rng_state(device),
         })
+        # The weights alone, for every command that only needs the model (no pickle there)
+        model.save_pretrained(run_dir)
         metrics = _summary(history, model_config, train_config)
         atomic_write_json(run_dir / METRICS, metrics)
         if train_config.progress:
@@ -451,12 +455,26 @@ def _train(train_config, model_config, resume_from, on_epoch_end, processes, dev
                   f"  test MSE {last['test_mse']:.5f}  perplexity {last['perplexity']:.1f}"
                   f"  codes {last['used_codes']}  {last['seconds']:.1f} s", flush=True)
         if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
+            _call_epoch_end(on_epoch_end, epoch, metrics,
+                            Run(run_dir, model, metrics, data, processes))
     metrics = _summary(history, model_config, train_config) if processes.is_main else {}
     return Run(run_dir, model.eval(), metrics, data, processes)
 
 
-def resume(run_dir: str | Path, **overrides) -> Run:
+def _call_epoch_end(callback, epoch: int, metrics: dict, run: Run) -> None:
+    """``callback(epoch, metrics)``, with ``run=`` (model, data, directory) too when the
+    callback takes it: loggers that draw images or histograms need the model."""
+    try:
+        takes_run = "run" in inspect.signature(callback).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+        takes_run = False
+    if takes_run:
+        callback(epoch, metrics, run=run)
+    else:
+        callback(epoch, metrics)
+
+
+def resume(run_dir: str | Path, *, on_epoch_end=None, **overrides) -> Run:
     """Continue the run in ``run_dir`` from its last checkpoint, with the settings it started with.
 
     ``overrides`` may change settings that do not affect the result (``progress``, ``data_dir``).
@@ -468,4 +486,4 @@ def resume(run_dir: str | Path, **overrides) -> Run:
         raise ValueError(f"a resumed run keeps its settings; cannot change "
                          f"{sorted(set(overrides) - allowed)}")
     train_config = dataclasses.replace(train_config, **overrides)
-    return train(train_config, model_config, resume_from=run_dir)
+    return train(train_config, model_config, resume_from=run_dir, on_epoch_end=on_epoch_end)

@@ -180,18 +180,40 @@ def configs(args: argparse.Namespace, out_dir: str):
 
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    file_train, file_model = config_file_values(args)
     given = {k: v for k, v in vars(args).items() if v is not None}
-    model_kwargs = {k: v for k, v in given.items() if k in model_fields}
+    model_kwargs = {**file_model, **{k: v for k, v in given.items() if k in model_fields}}
+    if model_kwargs.get("quantizer") != file_model.get("quantizer"):
+        # the file's options belong to its own quantizer, not the one the flag asks for
+        model_kwargs.pop("quantizer_options", None)
     if args.quantizer_option:
-        model_kwargs["quantizer_options"] = dict(args.quantizer_option)
-    train_kwargs = {k: v for k, v in given.items() if k in train_fields}
-    train_kwargs.update(out_dir=out_dir, progress=not args.no_progress)
+        model_kwargs["quantizer_options"] = {**model_kwargs.get("quantizer_options", {}),
+                                             **dict(args.quantizer_option)}
+    train_kwargs = {**file_train, **{k: v for k, v in given.items() if k in train_fields}}
+    train_kwargs.update(out_dir=out_dir,
+                        progress=not args.no_progress and file_train.get("progress", True))
     try:
         train_config, model_config = TrainConfig(**train_kwargs), ModelConfig(**model_kwargs)
         VQVAE(model_config)  # the quantizer checks its options when it is built
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
     return train_config, model_config
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help="read the settings from a JSON file laid out like a run's "
+                             "config.json ({\"train\": {...}, \"model\": {...}}); flags "
+                             "given on the command line override it")
+
+
+def config_file_values(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The ``train`` and ``model`` settings of ``--config FILE`` (empty without one)."""
+    if not getattr(args, "config", None):
+        return {}, {}
+    from .config_file import read_config_file
+
+    return read_config_file(args.config)
 
 
 # ---------------------------------------------------------------------------- run directories

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .common import (
     UsageError,
+    add_config_option,
     add_training_options,
     check_new_run_dir,
     configs,
@@ -29,6 +30,7 @@ def add_parser(sub) -> None:
                         f"(default: {DEFAULT_QUANTIZERS})")
     add_training_options(p, quantizer=False)
     p.add_argument("--out-dir", metavar="DIR", help="(default: runs/compare-TIME)")
+    add_config_option(p)  # its model's quantizer and options give way to --quantizers
     p.set_defaults(func=run)
 
 

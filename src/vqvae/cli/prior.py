@@ -15,6 +15,7 @@ from .common import (
     positive_int,
     set_threads,
 )
+from .train import add_tensorboard_option, tensorboard_logger
 
 
 def add_parser(sub) -> None:
@@ -44,15 +45,18 @@ def add_parser(sub) -> None:
                         "bf16 (default: auto)")
     p.add_argument("--data-dir", metavar="DIR", help="where the dataset is")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_tensorboard_option(p, "RUN_DIR/tb/prior")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..prior import PriorTrainConfig
+    from ..tensorboard_log import PRIOR_TB_DIR
     from ..workflow import train_run_prior, write_prior_figures
 
     set_threads(args)
     model = load_run_model(args.run_dir, "cpu")
+    logger = tensorboard_logger(args, Path(args.run_dir) / PRIOR_TB_DIR, "Prior")
     try:
         train_config = PriorTrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                                         lr=args.lr, seed=args.seed, precision=args.precision,
@@ -66,9 +70,12 @@ def run(args: argparse.Namespace) -> int:
           f"{model.config.code_shape} of {args.run_dir} for {args.epochs} epochs")
     try:
         result = train_run_prior(args.run_dir, overrides, train_config, data_dir=args.data_dir,
-                                 conditional=not args.unconditional)
+                                 conditional=not args.unconditional, on_epoch_end=logger)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    finally:
+        if logger is not None:
+            logger.close()
     figures = write_prior_figures(args.run_dir, model, result.prior, seed=args.seed,
                                   guidance_scale=DEFAULT_GUIDANCE if not args.unconditional
                                   else 1.0)
@@ -83,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     print("images:")
     for path in figures.values():
         print(f"  {path}")
-    print(f"checkpoint: {Path(args.run_dir) / 'prior.pt'}, metrics: "
+    print(f"checkpoint: {Path(args.run_dir) / 'prior.pt'}, weights: "
+          f"{Path(args.run_dir) / 'prior.safetensors'}, metrics: "
           f"{Path(args.run_dir) / 'prior_metrics.json'}")
     return 0

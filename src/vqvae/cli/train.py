@@ -8,8 +8,10 @@ from pathlib import Path
 from .common import (
     TRAINING_OPTIONS,
     UsageError,
+    add_config_option,
     add_training_options,
     check_new_run_dir,
+    config_file_values,
     configs,
     default_out_dir,
     is_main_process,
@@ -19,13 +21,35 @@ from .common import (
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a VQ-VAE and write its run directory",
                        description="Train the course's MLP VQ-VAE. The run directory gets "
-                                   "config.json, metrics.json, checkpoint.pt, "
+                                   "config.json, metrics.json, checkpoint.pt, model.safetensors, "
                                    "reconstructions.png, samples_random.png and curves.png.")
     add_training_options(p, quantizer=True)
     p.add_argument("--out-dir", metavar="DIR", help="run directory (default: runs/train-TIME)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its last checkpoint")
+    add_config_option(p)
+    add_tensorboard_option(p, "RUN_DIR/tb")
     p.set_defaults(func=run)
+
+
+def add_tensorboard_option(parser: argparse.ArgumentParser, where: str) -> None:
+    parser.add_argument("--tensorboard", action="store_true",
+                        help=f"also log every epoch to TensorBoard event files in {where} "
+                             "(needs the tensorboard package: pip install 'vqvae[tensorboard]')")
+
+
+def tensorboard_logger(args: argparse.Namespace, log_dir: Path, logger_class: str = "Training"):
+    """The ``on_epoch_end`` logger ``--tensorboard`` asks for (``None`` without it); a missing
+    tensorboard package is a :class:`UsageError` before any training starts."""
+    if not getattr(args, "tensorboard", False):
+        return None
+    from .. import tensorboard_log
+
+    try:
+        tensorboard_log.check_available()
+    except ImportError as error:
+        raise UsageError(str(error)) from None
+    return getattr(tensorboard_log, f"{logger_class}Logger")(log_dir)
 
 
 def print_metrics(metrics: dict, run_dir: Path, figures: dict) -> None:
@@ -49,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from ..workflow import write_run_figures
 
     if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k in TRAINING_OPTIONS
+        given = [f"--{k.replace('_', '-')}" for k in TRAINING_OPTIONS + ("config",)
                  if getattr(args, k, None) is not None]
         if given or args.out_dir:
             raise UsageError(f"--resume continues a run with the settings it started with; "
@@ -57,19 +81,25 @@ def run(args: argparse.Namespace) -> int:
         overrides = {"progress": not args.no_progress}
         if args.data_dir:
             overrides["data_dir"] = args.data_dir
+        logger = tensorboard_logger(args, Path(args.resume) / "tb")
         try:
-            result = resume(args.resume, **overrides)
+            result = resume(args.resume, on_epoch_end=logger, **overrides)
         except FileNotFoundError as error:
             raise UsageError(str(error)) from None
     else:
-        train_config, model_config = configs(args, args.out_dir or default_out_dir("train"))
+        out_dir = args.out_dir or config_file_values(args)[0].get("out_dir") \
+            or default_out_dir("train")
+        train_config, model_config = configs(args, out_dir)
+        logger = tensorboard_logger(args, Path(train_config.out_dir) / "tb")
         if is_main_process():
             check_new_run_dir(Path(train_config.out_dir))
             print(f"training the {model_config.model} VQ-VAE ({model_config.quantizer} "
                   f"quantizer, {model_config.bits_per_image:g} bits per image) on "
                   f"{train_config.dataset} for {train_config.epochs} epochs -> "
                   f"{train_config.out_dir}")
-        result = train(train_config, model_config)
+        result = train(train_config, model_config, on_epoch_end=logger)
+    if logger is not None:
+        logger.close()
     if result.processes.is_main:
         figures = write_run_figures(result)
         print_metrics(result.metrics, result.run_dir, figures)

@@ -1,7 +1,9 @@
 """A run's prior: its codes encoded once, the prior trained over them, the figures it makes.
 
-Files written into the run directory: ``prior_codes.pt`` (the codes, keyed by the checkpoint's
-SHA-256), ``prior.pt``, ``prior_metrics.json`` and the ``samples_*.png`` figures.
+Files written into the run directory: ``prior_codes.pt`` (the codes, keyed by the SHA-256 of
+the weights they came from), ``prior.pt`` (after every epoch), ``prior.safetensors`` and
+``prior_config.json`` (the trained prior's weights alone, read without pickle),
+``prior_metrics.json`` and the ``samples_*.png`` figures.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ from ..prior import (
     train_prior,
 )
 from ..rundir import (
-    CHECKPOINT,
     atomic_torch_save,
     atomic_write_json,
     load_model,
     read_config,
     sha256_file,
+    weights_file,
 )
 from . import runs
 
@@ -51,11 +53,12 @@ def encode_images(model, images: Tensor, batch_size: int = 1000) -> Tensor:
 def run_codes(run_dir: str | Path, model=None, data_dir=None, progress: bool = True) -> dict:
     """The codes of a run's training and test sets, with their labels, encoded once.
 
-    Cached in ``RUN_DIR/prior_codes.pt`` with the SHA-256 of the checkpoint they came from; a
-    changed checkpoint (a resumed run) makes them be encoded again.
+    Cached in ``RUN_DIR/prior_codes.pt`` with the SHA-256 of the weights they came from
+    (``model.safetensors``, or ``checkpoint.pt`` in older runs); changed weights (a resumed run)
+    make them be encoded again.
     """
     run_dir = Path(run_dir)
-    checkpoint_sha256 = sha256_file(run_dir / CHECKPOINT)
+    checkpoint_sha256 = sha256_file(weights_file(run_dir))
     path = run_dir / PRIOR_CODES
     if path.is_file():
         cached = torch.load(path, map_location="cpu", weights_only=True)
@@ -79,10 +82,14 @@ def run_codes(run_dir: str | Path, model=None, data_dir=None, progress: bool = T
 
 def train_run_prior(run_dir: str | Path, config_overrides: dict | None = None,
                     train_config: PriorTrainConfig | None = None, data_dir=None,
-                    conditional: bool = True) -> PriorRun:
-    """Train a prior over the codes of a run; writes ``prior.pt`` and ``prior_metrics.json``
-    into the run directory. The test set's codes are the held-out set."""
+                    conditional: bool = True, on_epoch_end=None) -> PriorRun:
+    """Train a prior over the codes of a run; writes ``prior.pt``, ``prior.safetensors``,
+    ``prior_config.json`` and ``prior_metrics.json`` into the run directory. The test set's
+    codes are the held-out set. ``on_epoch_end`` goes to :func:`~vqvae.prior.train_prior`."""
     run_dir = Path(run_dir)
+    # An earlier prior's weights must not outlive the prior.pt this training overwrites
+    for name in (CodePrior.weights_name, CodePrior.config_name):
+        (run_dir / name).unlink(missing_ok=True)
     model = load_model(run_dir)
     train_config = train_config or PriorTrainConfig()
     codes = run_codes(run_dir, model, data_dir, progress=train_config.progress)
@@ -94,14 +101,20 @@ def train_run_prior(run_dir: str | Path, config_overrides: dict | None = None,
     run = train_prior(train_tokens, codes["train_labels"] if conditional else None, config,
                       train_config, val_tokens=test_tokens,
                       val_labels=codes["test_labels"] if conditional else None,
-                      checkpoint=run_dir / PRIOR_CHECKPOINT)
+                      checkpoint=run_dir / PRIOR_CHECKPOINT, on_epoch_end=on_epoch_end)
+    run.prior.save_pretrained(run_dir)
     run.metrics["dataset"] = codes["dataset"]
     atomic_write_json(run_dir / PRIOR_METRICS, run.metrics)
     return run
 
 
 def load_run_prior(run_dir: str | Path, device: str | torch.device = "cpu") -> CodePrior:
-    return load_prior(Path(run_dir) / PRIOR_CHECKPOINT, device)
+    """A run's prior, in eval mode: from ``prior.safetensors`` (no unpickling) when the run has
+    it, else from ``prior.pt``."""
+    run_dir = Path(run_dir)
+    if (run_dir / CodePrior.weights_name).is_file():
+        return CodePrior.from_pretrained(run_dir, device=device)
+    return load_prior(run_dir / PRIOR_CHECKPOINT, device)
 
 
 def write_prior_figures(run_dir: str | Path, model, prior: CodePrior, seed: int = 0,
