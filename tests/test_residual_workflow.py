@@ -70,6 +70,18 @@ def test_model_encode_decode_round_trip(name, extra):
         model.decode(codes[..., :1])
 
 
+@pytest.mark.parametrize("name", ["lucidrains", "naive"])
+def test_encode_reads_codes_of_layers_that_return_plain_tuples(name):
+    torch.manual_seed(0)
+    model = VQVAE(ModelConfig(quantizer=name, codebook_size=32)).eval()
+    images = torch.rand(4, 1, 28, 28)
+    codes = model.encode(images)
+    assert codes.shape == (4, *model.config.code_shape) and codes.dtype == torch.int64
+    # (q - x).detach() + x rounds, so the forward pass is the decoded codes to within rounding.
+    torch.testing.assert_close(model.decode(codes), model(images).reconstruction,
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name,extra", [("lucidrains-rvq", {}),
                                         ("lucidrains-grvq", {"groups": 2})])
 def test_library_adapter_reduces_losses_and_lays_out_codes_like_ours(name, extra):

@@ -275,7 +275,8 @@ class VQVAE(PretrainedMixin, nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self.quantizer(self.encoder(images)).indices
+            # By position: the library's layers return a plain tuple, not our VQOutput.
+            return self.quantizer(self.encoder(images))[1]
         finally:
             self.train(was_training)
 
