@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .fsq import all_finite, check_finite
+from .tracing import tracing
 from .vector_quantize import QuantizerInputError
 
 
@@ -204,7 +205,8 @@ class _LatentQuantizeChannelFirst(torch.autograd.Function):
             loss = torch.dot(flat_diff, flat_diff) * ((cw + qw) / flat_diff.numel())
             # a NaN/Inf in z reaches the loss; the exact test runs only then (a finite input
             # whose loss overflows passes it)
-            if not math.isfinite(float(loss)) and not bool(torch.isfinite(z).all()):
+            if not tracing() and not math.isfinite(float(loss)) \
+                    and not bool(torch.isfinite(z).all()):
                 check_finite(z)
         else:
             loss = z.new_zeros(())
@@ -433,7 +435,7 @@ class LatentQuantize(nn.Module):
                 f"(b, n, {self.dim}), got shape {tuple(z.shape)}")
         # training on channel-first input checks inside the fused call, off the loss
         if (not (channel_first and self.training) or self.in_place_codebook_optimizer
-                is not None) and not all_finite(z):
+                is not None) and not tracing() and not all_finite(z):
             check_finite(z)
 
         if self.in_place_codebook_optimizer is not None and self.training:

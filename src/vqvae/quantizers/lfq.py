@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import lfq_entropy
+from .tracing import spread_nonfinite, tracing
 from .vector_quantize import QuantizerInputError
 
 
@@ -78,6 +79,8 @@ def check_finite(x: Tensor, name: str = "input") -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise QuantizerInputError(f"{name} must be a floating-point tensor, got "
                                   f"{getattr(x, 'dtype', type(x).__name__)}")
+    if tracing():  # see .tracing: no host check inside a graph
+        return
     # one reduction decides the common case: a sum is finite only if every term is; a
     # non-finite sum (a NaN/inf, or finite values overflowing) gets the exact elementwise test
     if torch.isfinite(x.sum(dtype=torch.float32)):
@@ -236,6 +239,8 @@ class LFQ(nn.Module):
                 return_loss_breakdown: bool = False, mask: Tensor | None = None):
         if self.check_input:
             check_finite(x)
+            if tracing():  # sign() would map Inf to a valid code: make it NaN instead
+                x = spread_nonfinite(x)
         if x.ndim < 3:
             raise QuantizerInputError(f"LFQ expects (batch, seq, dim) or channel-first maps, "
                                       f"got shape {tuple(x.shape)}")
