@@ -92,7 +92,10 @@ class VectorNorm(nn.Module):
                                     self.l4_target], dtype=z.dtype, device=z.device)
             weights = torch.tensor([self.l1_weight, self.l2_weight, self.l3_weight,
                                     self.l4_weight], dtype=z.dtype, device=z.device)
-            self._constants[key] = (targets[:, None], weights[:, None] / z.shape[-1])
+            made = (targets[:, None], weights[:, None] / z.shape[-1])
+            if tracing():  # a graph must not store its tensors on the module
+                return made
+            self._constants[key] = made
         return self._constants[key]
 
     @classmethod

@@ -131,7 +131,7 @@ class _LatentQuantizeCall(torch.autograd.Function):
         grad_values = [None] * len(sizes)
         if diff is not None:
             scale = grad_loss * (2.0 / diff.numel())
-            if cw:
+            if isinstance(cw, Tensor) or cw:  # a tensor weight (traced call) always adds
                 grad_h = torch.addcmul(grad_codes, diff.view(codes.shape), scale * cw)
             if any(ctx.needs_input_grad[12:]):
                 grad_flat = diff.new_zeros(sum(sizes)).index_add_(
@@ -453,7 +453,10 @@ class LatentQuantize(nn.Module):
         projected = self.has_projections
         values = (list(self.values_per_latent) if self.optimize_values else
                   [v.to(self._levels.device) for v in self.values_per_latent])
-        cw, qw = self._loss_weights()
+        if tracing():  # the weights as 0-d tensors: float(buffer) cannot be read inside a graph
+            cw, qw = self.commitment_loss_weight, self.quantization_loss_weight
+        else:
+            cw, qw = self._loss_weights()
         if channel_first:
             out, indices, loss = _LatentQuantizeChannelFirst.apply(
                 z, pin.weight if projected else None, pin.bias if projected else None,
