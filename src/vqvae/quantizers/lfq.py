@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import lfq_entropy
-from .tracing import spread_nonfinite, tracing
+from .tracing import tracing
 from .vector_quantize import QuantizerInputError
 
 
@@ -239,8 +239,6 @@ class LFQ(nn.Module):
                 return_loss_breakdown: bool = False, mask: Tensor | None = None):
         if self.check_input:
             check_finite(x)
-            if tracing():  # sign() would map Inf to a valid code: make it NaN instead
-                x = spread_nonfinite(x)
         if x.ndim < 3:
             raise QuantizerInputError(f"LFQ expects (batch, seq, dim) or channel-first maps, "
                                       f"got shape {tuple(x.shape)}")
@@ -276,6 +274,10 @@ class LFQ(nn.Module):
                 x = x.float()
             positive = x > 0
             quantized = positive.to(x.dtype) * (2 * self.code_magnitude) - self.code_magnitude
+            if tracing() and self.check_input:
+                # no host check in a graph (see .tracing): a NaN/Inf entry, which the sign
+                # would turn into a valid code, makes its code NaN instead
+                quantized = quantized + (x - x)
             indices = (positive.long() * self.mask).sum(-1)  # (B, N, C)
 
             if self.training:
