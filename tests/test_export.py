@@ -226,3 +226,47 @@ def test_cli_export_matches_encode_and_decode(tmp_path):
     pngs = np.stack([np.asarray(Image.open(tmp_path / "png" / f"{i:05d}.png"))
                      for i in range(100)])
     assert np.abs(decoded[:, 0] * 255 - pngs).max() <= 0.5 + 1e-3
+
+
+class Contract(torch.nn.Module):
+    """FSQ or LFQ behind the registry's contract ``quantized, indices, loss = q(x)`` and
+    ``decode``; the gain spreads the tiny model's small outputs over many codes."""
+
+    def __init__(self, quantizer, gain: float = 20.0):
+        super().__init__()
+        self.quantizer, self.gain = quantizer, gain
+
+    def forward(self, x):
+        out = self.quantizer(x * self.gain)
+        return VQOutput(out[0], out[1], x.new_zeros(()))
+
+    def decode(self, indices):
+        return self.quantizer.indices_to_codes(indices)
+
+
+@pytest.mark.parametrize("family", [
+    "fsq", pytest.param("lfq", marks=pytest.mark.slow)])
+def test_other_families_export_as_they_are(tmp_path, family):
+    """Quantizers without a registered twin are traced as they are: their eval forward and
+    decode must hold no host-side check while exporting."""
+    from vqvae.quantizers.fsq import FSQ
+    from vqvae.quantizers.lfq import LFQ
+
+    model = tiny_model("mlp", "ours")
+    torch.manual_seed(0)
+    model.quantizer = Contract(FSQ(levels=[5, 4, 3], dim=4) if family == "fsq"
+                               else LFQ(dim=4, codebook_size=16))
+    model.eval()
+    assert isinstance(quantizer_program(model.quantizer), DirectProgram)
+    paths = export_model(model, tmp_path, "onnx")
+    encode = ort.InferenceSession(str(paths["encode"]))
+    decode = ort.InferenceSession(str(paths["decode"]))
+    x = images(8)
+    (codes,) = encode.run(None, {"images": x.numpy()})
+    expected = model.encode(x)
+    np.testing.assert_array_equal(codes, expected.numpy())
+    assert len(np.unique(codes)) >= 3
+    (decoded,) = decode.run(None, {"codes": codes})
+    with torch.no_grad():
+        reference = model.decoder(model.quantizer.decode(expected)).numpy()
+    assert np.abs(decoded - reference).max() <= TOLERANCE
