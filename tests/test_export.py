@@ -270,3 +270,31 @@ def test_other_families_export_as_they_are(tmp_path, family):
     with torch.no_grad():
         reference = model.decoder(model.quantizer.decode(expected)).numpy()
     assert np.abs(decoded - reference).max() <= TOLERANCE
+
+
+def test_search_takes_the_plain_path_while_exporting():
+    """nearest_code under torch.export: no C-kernel op in the graph (ONNX has none), and the
+    same indices as the eager search and a float64 brute force."""
+    from vqvae.quantizers.search import nearest_code
+
+    class Search(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.codes = torch.nn.Parameter(torch.randn(300, 8, generator=torch.Generator()
+                                                        .manual_seed(0)))
+
+        def forward(self, x):
+            return nearest_code(x, self.codes)
+
+    module = Search()
+    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+    program = torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("n")},))
+    # every graph, the nested ones too (no_grad becomes a higher-order op with its own graph)
+    targets = {str(node.target) for graph in program.graph_module.modules()
+               if isinstance(graph, torch.fx.GraphModule)
+               for node in graph.graph.nodes if node.op == "call_function"}
+    assert not any("vqvae" in target for target in targets), targets
+    y = torch.randn(70, 8, generator=torch.Generator().manual_seed(2))
+    brute = torch.cdist(y.double(), module.codes.detach().double()).argmin(-1)
+    assert torch.equal(program.module()(y), brute)
+    assert torch.equal(module(y), brute)
