@@ -36,7 +36,17 @@ MAKERS = {
     "LatentQuantize": lambda: LatentQuantize(levels=[5, 4, 3], dim=8),
     # quantize_rate=1: every entry is rounded, no noise, so both runs draw nothing at random
     "FSP": lambda: FSP(levels=[5, 4, 3], dim=8, quantize_rate=1.0),
+    # channel-first feature maps (b, dim, h, w) take other paths through the same modules
+    "FSQ-map": lambda: FSQ(levels=[5, 4, 3], dim=8),
+    "LFQ-map": lambda: LFQ(dim=8, codebook_size=16, entropy_loss_weight=0.1),
+    "LatentQuantize-map": lambda: LatentQuantize(levels=[5, 4, 3], dim=8),
+    "FSP-map": lambda: FSP(levels=[5, 4, 3], dim=8, quantize_rate=1.0, channel_first=True),
 }
+
+
+def batch(name: str, seed: int) -> torch.Tensor:
+    shape = (2, 8, 3, 3) if name.endswith("-map") else (4, 6, 8)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def objective(out) -> torch.Tensor:
@@ -70,7 +80,7 @@ def test_compiled_training_equals_eager(name):
     optimisers = [torch.optim.SGD(m.parameters(), lr=0.1) if list(m.parameters()) else None
                   for m in (eager, compiled_module)]
     for step in range(STEPS):
-        x = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(step))
+        x = batch(name, step)
         outs = []
         for module, optimiser in zip((eager, compiled), optimisers, strict=True):
             xi = x.clone().requires_grad_()
@@ -94,7 +104,7 @@ def test_compiled_eval_equals_eager(name):
     compiled = torch.compile(copy.deepcopy(eager), fullgraph=True, backend=BACKEND)
     with torch.no_grad():
         for seed in range(2):
-            x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(seed))
+            x = batch(name, 10 + seed)
             assert_same(eager(x), compiled(x))
 
 

@@ -234,18 +234,27 @@ class _LatentQuantizeChannelFirst(torch.autograd.Function):
             grad_h = grad_out.reshape(q3.shape)
         grad_values = [None] * len(sizes)
         if diff is not None:
-            # one read of the loss gradient lets the scales ride along as alpha arguments
-            scale = float(grad_loss) * 2.0 / diff.numel()
-            if cw:
-                grad_h = torch.add(grad_h, diff, alpha=scale * cw)
+            traced = isinstance(cw, Tensor)  # weights are tensors in a traced call
+            if traced:  # no host read in a graph: the scales stay tensors
+                scale = grad_loss * (2.0 / diff.numel())
+                grad_h = torch.addcmul(grad_h, diff, scale * cw)
+            else:
+                # one read of the loss gradient lets the scales ride along as alpha arguments
+                scale = float(grad_loss) * 2.0 / diff.numel()
+                if cw:
+                    grad_h = torch.add(grad_h, diff, alpha=scale * cw)
             if any(ctx.needs_input_grad[13:]):
                 position = level + offsets[:, None]
                 codebook_dim = position.shape[0]
                 batch, width, spots = diff.shape
                 diff_cm = diff.view(codebook_dim, spots) if simple else diff.view(
                     batch, width // codebook_dim, codebook_dim, spots).permute(2, 0, 1, 3)
-                grad_flat = diff.new_zeros(sum(sizes)).index_add_(
-                    0, position.reshape(-1), diff_cm.reshape(-1), alpha=scale * -qw)
+                if traced:
+                    grad_flat = diff.new_zeros(sum(sizes)).index_add_(
+                        0, position.reshape(-1), diff_cm.reshape(-1) * (scale * -qw))
+                else:
+                    grad_flat = diff.new_zeros(sum(sizes)).index_add_(
+                        0, position.reshape(-1), diff_cm.reshape(-1), alpha=scale * -qw)
                 grad_values = list(grad_flat.split(sizes))
         if w_in is not None:
             grad_x = _apply_left(w_in.t(), grad_h)
