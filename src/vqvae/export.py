@@ -132,8 +132,18 @@ class ResidualProgram(QuantizerProgram):
     """:class:`ResidualVQ`: each depth takes the nearest code to what the depths before it
     left; decode sums the depths' codes in depth order, as the quantizer does."""
 
+    #: Settings of :class:`ResidualVQ` whose eval search this twin does not reproduce
+    UNSUPPORTED = ("implicit_neural_codebook", "diveq", "layer_forward")
+
     def __init__(self, rvq: ResidualVQ):
         super().__init__()
+        unsupported = [name for name in self.UNSUPPORTED if getattr(rvq, name, False)]
+        if (getattr(rvq, "eval_beam_size", None) or 1) > 1:
+            unsupported.append("eval_beam_size")
+        if unsupported:
+            raise NotImplementedError(
+                f"exporting a ResidualVQ with {', '.join(unsupported)} is not supported: the "
+                "exported search is the plain nearest code per depth")
         self.rvq = rvq
 
     def encode(self, z: Tensor) -> Tensor:
