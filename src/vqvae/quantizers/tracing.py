@@ -11,10 +11,15 @@ What is guaranteed where:
 
 - eager calls: non-finite input raises :class:`~.checks.QuantizerInputError` before anything
   is computed from it (as documented by each quantizer);
-- compiled or exported calls: no error is raised; non-finite input entries give NaN outputs
-  (and a NaN loss where there is one). The quantizers using this module (FSQ, LFQ, FSP,
-  LatentQuantize and their residual/grouped forms) hold no state that a forward call changes,
-  so nothing is corrupted either way; a training loop sees the NaN loss.
+- compiled or exported calls: no error is raised. FSQ, ResidualFSQ, GroupedResidualFSQ, LFQ,
+  ResidualLFQ and GroupedResidualLFQ give NaN quantized values for the positions whose input
+  held a NaN or Inf (their indices are then meaningless). LatentQuantize and FSP give a
+  non-finite loss (LatentQuantize in training, FSP always), but their quantized values for
+  such entries can look valid, an eval-mode LatentQuantize reports nothing at all: check the
+  input (or call eagerly) where that matters.
+- in every case no state changes: these quantizers hold no buffer that a forward call
+  writes, so a bad batch corrupts nothing; parameters change only by the optimiser, which a
+  training loop can skip on a non-finite loss.
 """
 
 from __future__ import annotations
