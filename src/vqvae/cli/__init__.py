@@ -2,7 +2,7 @@
 
 Each command builds its parser next to its handler, in a module of this package:
 ``train``, ``compare``, ``codes`` (reconstruct, encode, decode), ``sample``, ``prior``,
-``judge``, ``demo``; what they share is in ``common``.
+``judge``, ``demo``, ``export``; what they share is in ``common``.
 
 Misuse (bad options, a directory that is not a run) exits with status 2 and a message; a
 failure while working (data that fails verification, a diverged run) exits with status 1.
@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import codes, compare, demo, judge, prior, sample, train
+from . import codes, compare, demo, export, judge, prior, sample, train
 from .common import DEFAULT_GUIDANCE, DEFAULT_THREADS, UsageError
 
 __all__ = ["DEFAULT_GUIDANCE", "DEFAULT_THREADS", "UsageError", "build_parser", "main"]
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     codes.add_decode(sub)
     judge.add_parser(sub)
     demo.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .fsq import check_finite, check_tensor
 from .narrow_linear import narrow_linear
+from .tracing import tracing
 
 _SQRT2 = math.sqrt(2.0)
 _UNIT_UNIFORM_STD = math.sqrt(1.0 / 12.0)  # maps bin centres in [0, 1] to unit variance
@@ -91,7 +92,10 @@ class VectorNorm(nn.Module):
                                     self.l4_target], dtype=z.dtype, device=z.device)
             weights = torch.tensor([self.l1_weight, self.l2_weight, self.l3_weight,
                                     self.l4_weight], dtype=z.dtype, device=z.device)
-            self._constants[key] = (targets[:, None], weights[:, None] / z.shape[-1])
+            made = (targets[:, None], weights[:, None] / z.shape[-1])
+            if tracing():  # a graph must not store its tensors on the module
+                return made
+            self._constants[key] = made
         return self._constants[key]
 
     @classmethod
@@ -171,7 +175,8 @@ class _FSPCall(torch.autograd.Function):
         loss = torch.dot(distance.view(-1), weighted.view(-1))
         # a NaN/Inf anywhere makes its channel's statistics and so the loss NaN/Inf; the exact
         # test runs only then (a finite batch whose moments overflow passes it)
-        if not math.isfinite(float(loss)) and not bool(torch.isfinite(h).all()):
+        if not tracing() and not math.isfinite(float(loss)) \
+                and not bool(torch.isfinite(h).all()):
             check_finite(h)
 
         act = fsp.act_func(h)

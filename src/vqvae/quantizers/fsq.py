@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .tracing import spread_nonfinite, tracing
 from .vector_quantize import QuantizerInputError
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -120,7 +121,9 @@ class _ProjectedFSQ(torch.autograd.Function):
     def forward(ctx, x, w_in, b_in, w_out, b_out, shift, scale, bias, centre, step, slope,
                 symmetric, hard_clamp):
         h = x @ w_in.t() if b_in is None else torch.addmm(b_in, x, w_in.t())
-        if not all_finite(h):  # tanh would map Inf to a valid code
+        if tracing():  # no host check in a graph: Inf becomes NaN instead of a valid code
+            h = spread_nonfinite(h)
+        elif not all_finite(h):  # tanh would map Inf to a valid code
             check_finite(x)
         u = h + shift
         t = u.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(u)
@@ -400,7 +403,9 @@ class FSQ(nn.Module):
         h = self.project_in(z)
         # a non-finite input entry makes every projected entry it feeds non-finite, so the
         # small projected tensor is the cheap place to look
-        if not all_finite(h):
+        if tracing():  # see .tracing: no host check inside a graph
+            h = spread_nonfinite(h)
+        elif not all_finite(h):
             check_finite(z)
         orig_dtype = h.dtype
         math_dtype = orig_dtype

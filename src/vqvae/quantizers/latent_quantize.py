@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .fsq import all_finite, check_finite
+from .tracing import tracing
 from .vector_quantize import QuantizerInputError
 
 
@@ -130,7 +131,7 @@ class _LatentQuantizeCall(torch.autograd.Function):
         grad_values = [None] * len(sizes)
         if diff is not None:
             scale = grad_loss * (2.0 / diff.numel())
-            if cw:
+            if isinstance(cw, Tensor) or cw:  # a tensor weight (traced call) always adds
                 grad_h = torch.addcmul(grad_codes, diff.view(codes.shape), scale * cw)
             if any(ctx.needs_input_grad[12:]):
                 grad_flat = diff.new_zeros(sum(sizes)).index_add_(
@@ -204,7 +205,8 @@ class _LatentQuantizeChannelFirst(torch.autograd.Function):
             loss = torch.dot(flat_diff, flat_diff) * ((cw + qw) / flat_diff.numel())
             # a NaN/Inf in z reaches the loss; the exact test runs only then (a finite input
             # whose loss overflows passes it)
-            if not math.isfinite(float(loss)) and not bool(torch.isfinite(z).all()):
+            if not tracing() and not math.isfinite(float(loss)) \
+                    and not bool(torch.isfinite(z).all()):
                 check_finite(z)
         else:
             loss = z.new_zeros(())
@@ -232,18 +234,27 @@ class _LatentQuantizeChannelFirst(torch.autograd.Function):
             grad_h = grad_out.reshape(q3.shape)
         grad_values = [None] * len(sizes)
         if diff is not None:
-            # one read of the loss gradient lets the scales ride along as alpha arguments
-            scale = float(grad_loss) * 2.0 / diff.numel()
-            if cw:
-                grad_h = torch.add(grad_h, diff, alpha=scale * cw)
+            traced = isinstance(cw, Tensor)  # weights are tensors in a traced call
+            if traced:  # no host read in a graph: the scales stay tensors
+                scale = grad_loss * (2.0 / diff.numel())
+                grad_h = torch.addcmul(grad_h, diff, scale * cw)
+            else:
+                # one read of the loss gradient lets the scales ride along as alpha arguments
+                scale = float(grad_loss) * 2.0 / diff.numel()
+                if cw:
+                    grad_h = torch.add(grad_h, diff, alpha=scale * cw)
             if any(ctx.needs_input_grad[13:]):
                 position = level + offsets[:, None]
                 codebook_dim = position.shape[0]
                 batch, width, spots = diff.shape
                 diff_cm = diff.view(codebook_dim, spots) if simple else diff.view(
                     batch, width // codebook_dim, codebook_dim, spots).permute(2, 0, 1, 3)
-                grad_flat = diff.new_zeros(sum(sizes)).index_add_(
-                    0, position.reshape(-1), diff_cm.reshape(-1), alpha=scale * -qw)
+                if traced:
+                    grad_flat = diff.new_zeros(sum(sizes)).index_add_(
+                        0, position.reshape(-1), diff_cm.reshape(-1) * (scale * -qw))
+                else:
+                    grad_flat = diff.new_zeros(sum(sizes)).index_add_(
+                        0, position.reshape(-1), diff_cm.reshape(-1), alpha=scale * -qw)
                 grad_values = list(grad_flat.split(sizes))
         if w_in is not None:
             grad_x = _apply_left(w_in.t(), grad_h)
@@ -433,7 +444,7 @@ class LatentQuantize(nn.Module):
                 f"(b, n, {self.dim}), got shape {tuple(z.shape)}")
         # training on channel-first input checks inside the fused call, off the loss
         if (not (channel_first and self.training) or self.in_place_codebook_optimizer
-                is not None) and not all_finite(z):
+                is not None) and not tracing() and not all_finite(z):
             check_finite(z)
 
         if self.in_place_codebook_optimizer is not None and self.training:
@@ -451,7 +462,10 @@ class LatentQuantize(nn.Module):
         projected = self.has_projections
         values = (list(self.values_per_latent) if self.optimize_values else
                   [v.to(self._levels.device) for v in self.values_per_latent])
-        cw, qw = self._loss_weights()
+        if tracing():  # the weights as 0-d tensors: float(buffer) cannot be read inside a graph
+            cw, qw = self.commitment_loss_weight, self.quantization_loss_weight
+        else:
+            cw, qw = self._loss_weights()
         if channel_first:
             out, indices, loss = _LatentQuantizeChannelFirst.apply(
                 z, pin.weight if projected else None, pin.bias if projected else None,

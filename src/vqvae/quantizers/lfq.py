@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import lfq_entropy
+from .tracing import tracing
 from .vector_quantize import QuantizerInputError
 
 
@@ -78,6 +79,8 @@ def check_finite(x: Tensor, name: str = "input") -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise QuantizerInputError(f"{name} must be a floating-point tensor, got "
                                   f"{getattr(x, 'dtype', type(x).__name__)}")
+    if tracing():  # see .tracing: no host check inside a graph
+        return
     # one reduction decides the common case: a sum is finite only if every term is; a
     # non-finite sum (a NaN/inf, or finite values overflowing) gets the exact elementwise test
     if torch.isfinite(x.sum(dtype=torch.float32)):
@@ -203,6 +206,8 @@ class LFQ(nn.Module):
     def _check_indices(self, indices: Tensor) -> None:
         if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.is_complex():
             raise QuantizerInputError("indices must be an integer tensor")
+        if tracing():  # a range check reads values back to the host (see .tracing)
+            return
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
             raise QuantizerInputError(f"indices must lie in [0, {self.codebook_size}), got "
                                       f"[{int(indices.min())}, {int(indices.max())}]")
@@ -271,6 +276,10 @@ class LFQ(nn.Module):
                 x = x.float()
             positive = x > 0
             quantized = positive.to(x.dtype) * (2 * self.code_magnitude) - self.code_magnitude
+            if tracing() and self.check_input:
+                # no host check in a graph (see .tracing): a NaN/Inf entry, which the sign
+                # would turn into a valid code, makes its code NaN instead
+                quantized = quantized + (x - x)
             indices = (positive.long() * self.mask).sum(-1)  # (B, N, C)
 
             if self.training:

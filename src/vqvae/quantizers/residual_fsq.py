@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .fsq import FSQ, all_finite, check_finite, check_tensor
 from .narrow_linear import narrow_linear
+from .tracing import spread_nonfinite, tracing
 from .vector_quantize import QuantizerInputError
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -195,7 +196,9 @@ class ResidualFSQ(nn.Module):
             spatial = x.shape[2:]
             x = x.flatten(2).transpose(1, 2)
         h = narrow_linear(x, self.project_in)
-        if not all_finite(h):
+        if tracing():  # see .tracing: no host check inside a graph
+            h = spread_nonfinite(h)
+        elif not all_finite(h):
             check_finite(x)
         if self.soft_clamp_input_value is not None:
             clamp = self.soft_clamp_input_value.to(h.dtype)

@@ -236,6 +236,10 @@ def nearest_code(
     """
     global _triton_broken
     _check_shapes(x, codebook)
+    if torch.compiler.is_exporting():
+        # A traced program (vqvae.export): the plain addmm search, which every runtime has
+        x, codebook = _float_inputs(x, codebook)
+        return _plain_argmin(code_distances(x, codebook, codebook.pow(2).sum(-1)))
     precision = _resolve("precision", precision)
     backend = _resolve("backend", backend)
     if torch.is_autocast_enabled(x.device.type):

@@ -1,0 +1,39 @@
+"""What the quantizers do differently while ``torch.compile`` or ``torch.export`` traces them.
+
+Their non-finite input check reads a value back to the host (``float(x.sum())``,
+``bool(isfinite(x).all())``) and raises from Python; a single graph (``fullgraph=True``, an
+exported program) cannot hold either. While tracing, the check is therefore left out, and
+:func:`spread_nonfinite` makes sure what it guarded against cannot pass silently: an Inf that a
+bounded activation (tanh, a clamp, a sign) would turn into a valid-looking code becomes NaN, so
+the output and the loss come out NaN instead.
+
+What is guaranteed where:
+
+- eager calls: non-finite input raises :class:`~.checks.QuantizerInputError` before anything
+  is computed from it (as documented by each quantizer);
+- compiled or exported calls: no error is raised. FSQ, ResidualFSQ, GroupedResidualFSQ, LFQ,
+  ResidualLFQ and GroupedResidualLFQ give NaN quantized values for the positions whose input
+  held a NaN or Inf (their indices are then meaningless). LatentQuantize and FSP give a
+  non-finite loss (LatentQuantize in training, FSP always), but their quantized values for
+  such entries can look valid, an eval-mode LatentQuantize reports nothing at all: check the
+  input (or call eagerly) where that matters.
+- in every case no state changes: these quantizers hold no buffer that a forward call
+  writes, so a bad batch corrupts nothing; parameters change only by the optimiser, which a
+  training loop can skip on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def tracing() -> bool:
+    """Whether this call is being traced by ``torch.compile`` or ``torch.export``."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def spread_nonfinite(x: Tensor) -> Tensor:
+    """``x`` with each ±Inf entry turned into NaN; finite entries keep their value (``x - x``
+    is 0 for them and NaN for ±Inf and NaN). One elementwise op, fused by the compiler."""
+    return x + (x - x)
