@@ -38,7 +38,9 @@ from .rundir import (
     METRICS,
     atomic_torch_save,
     atomic_write_json,
+    check_writable_dir,
     load_checkpoint,
+    lock_run_dir,
     read_config,
     resolve_device,
     save_config,
@@ -227,10 +229,22 @@ def train_step(model, optimizer, batch: Tensor, autocast=None,
     ``loss_scale`` weights a process's shard of a global batch (see :func:`train_epoch`). The
     reconstruction loss is taken in float32 whatever the autocast.
     """
+    # The quantizer updates its buffers (EMA codebook statistics) inside forward: keep a copy,
+    # so that a step refused below leaves the model as it was
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     with autocast if autocast is not None else contextlib.nullcontext():
         reconstruction, indices, vq_loss = model(batch)
     recon = F.mse_loss(reconstruction.float(), batch)
     loss = recon + vq_loss
+    if not bool(torch.isfinite(loss)):
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        raise FloatingPointError(
+            f"non-finite loss ({float(loss)}: reconstruction {float(recon)}, quantizer "
+            f"{float(vq_loss)}) on a batch whose largest magnitude is "
+            f"{float(batch.detach().abs().max()):.3g}; nothing was updated. Check the inputs "
+            "(scaled to [0, 1]?) and lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
     (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     optimizer.step()
@@ -393,6 +407,20 @@ def train(train_config: TrainConfig, model_config: ModelConfig, *,
 
 def _train(train_config, model_config, resume_from, on_epoch_end, processes, device) -> Run:
     run_dir = Path(resume_from or train_config.out_dir)
+    if not processes.is_main:
+        return _train_in(run_dir, train_config, model_config, resume_from, on_epoch_end,
+                         processes, device)
+    check_writable_dir(run_dir)  # before the data is loaded
+    with lock_run_dir(run_dir):
+        if resume_from is not None and not (run_dir / CHECKPOINT).is_file():
+            print(f"note: {run_dir} has no checkpoint yet (the run ended before its first "
+                  "epoch did): starting it from scratch with its settings", flush=True)
+        return _train_in(run_dir, train_config, model_config, resume_from, on_epoch_end,
+                         processes, device)
+
+
+def _train_in(run_dir, train_config, model_config, resume_from, on_epoch_end, processes,
+              device) -> Run:
     data = load_data(train_config, device)
 
     torch.manual_seed(train_config.seed)
@@ -401,7 +429,7 @@ def _train(train_config, model_config, resume_from, on_epoch_end, processes, dev
     if train_config.compile:
         compile_networks(model)
     history: list[dict] = []
-    if resume_from is not None:
+    if resume_from is not None and (run_dir / CHECKPOINT).is_file():
         checkpoint = load_checkpoint(run_dir, map_location=device)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
