@@ -179,7 +179,7 @@ class RunFileError(Exception):
 
 def _not_a_run(run_dir: Path) -> FileNotFoundError:
     if not run_dir.exists():
-        return FileNotFoundError(f"{run_dir} does not exist")
+        return FileNotFoundError(f"{run_dir} not found: the directory does not exist")
     if not run_dir.is_dir():
         return FileNotFoundError(f"{run_dir} is not a directory")
     return FileNotFoundError(f"{run_dir / CONFIG} not found: {run_dir} is not a run directory")
