@@ -204,12 +204,33 @@ def read_config(run_dir: str | os.PathLike) -> tuple[TrainConfig, ModelConfig]:
         if not isinstance(values, dict) or not isinstance(values.get("train"), dict) \
                 or not isinstance(values.get("model"), dict):
             raise ValueError("expected an object with 'train' and 'model' objects")
+        _check_fields("train", values["train"], TrainConfig)
+        _check_fields("model", values["model"], ModelConfig)
         train_config = TrainConfig(**values["train"])
         model_config = ModelConfig.from_dict(values["model"])
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
         raise RunFileError(f"{path} is damaged or not written by vqvae train "
                            f"({type(error).__name__}: {error})") from None
     return train_config, model_config
+
+
+def _check_fields(section: str, values: dict, cls) -> None:
+    """``ValueError`` for a key ``cls`` lacks, or a value whose type differs from the field's
+    default (an int is taken for a float; ``None`` defaults take anything)."""
+    defaults = cls()
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"unknown key {section}.{key}")
+        default = getattr(defaults, key)
+        if default is None or value is None and key.endswith("subset"):
+            continue
+        expected = float if type(default) is float else type(default)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) \
+            if expected is float else type(value) is expected
+        if not ok:
+            raise ValueError(f"{section}.{key} should be of type {expected.__name__}, "
+                             f"got {value!r}")
 
 
 #: What a checkpoint written by :mod:`vqvae.train` holds.

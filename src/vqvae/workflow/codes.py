@@ -4,6 +4,7 @@ PNG files in and out."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def read_png_images(paths: Sequence[Path], size: int = 28, invert: bool = False,
     images = []
     for path in paths:
         try:
-            array = read_image(Path(path), size, channels, limit)
+            with warnings.catch_warnings():  # the size is refused below, with its reason
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                array = read_image(Path(path), size, channels, limit)
         except UnreadableImage as error:
             raise ValueError(f"{path}: not a usable image ({error})") from None
         array = np.moveaxis(array, -1, 0).astype(np.float32) / 255.0
@@ -110,7 +113,7 @@ def _integer_codes(values, path: Path) -> Tensor:
     array = np.asarray(values)
     if array.dtype.kind not in "iu" and not (array.size == 0 and array.dtype.kind == "f"):
         raise ValueError(f"{path}: codes must be integers, got {array.dtype} values"
-                         + (f" such as {array.flat[0]!r}" if array.size else ""))
+                         + (f" such as {array.flat[0].item()!r}" if array.size else ""))
     return torch.from_numpy(array.astype(np.int64))
 
 
