@@ -85,19 +85,19 @@ def test_resume_from_a_damaged_checkpoint_is_a_one_line_fault(run_copy, tmp_path
     assert code == 1 and "checkpoint.pt" in one_line(err)
 
 
-@pytest.mark.parametrize("config", [
-    '{"train": {"epochs": "ten"}, "model": {}}',
-    '{"train": {"no_such_key": 1}, "model": {}}',
-    '{"train": {}}',
-    '[1, 2]',
-    '{"train": {}, "model": {"codebook_size": "big"}}',
-    '{"train": ',
+@pytest.mark.parametrize("config, words", [
+    ('{"train": {"epochs": "ten"}, "model": {}}', "train.epochs should be of type int"),
+    ('{"train": {"no_such_key": 1}, "model": {}}', "unknown key train.no_such_key"),
+    ('{"train": {}}', "'model'"),
+    ('[1, 2]', "'train'"),
+    ('{"train": {}, "model": {"codebook_size": "big"}}', "model.codebook_size"),
+    ('{"train": ', "JSON"),
 ])
-def test_resume_with_a_bad_config_names_the_file(tmp_path, capsys, config):
+def test_resume_with_a_bad_config_names_the_file(tmp_path, capsys, config, words):
     (tmp_path / CONFIG).write_text(config)
     code, err = cli(["train", "--resume", tmp_path, "--no-progress"], capsys)
     line = one_line(err)
-    assert code == 1 and "config.json" in line, line
+    assert code == 1 and "config.json" in line and words in line, line
 
 
 @requires_mnist
