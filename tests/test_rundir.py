@@ -50,6 +50,11 @@ def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
 def test_reading_a_directory_that_is_not_a_run_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a run directory"):
         rundir.read_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a run directory"):
+        rundir.load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        rundir.load_model(tmp_path / "missing")
+    rundir.save_config(tmp_path, TrainConfig(), ModelConfig())
     with pytest.raises(FileNotFoundError, match="has not finished an epoch"):
         rundir.load_model(tmp_path)
 

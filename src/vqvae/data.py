@@ -227,6 +227,37 @@ def _find_file(directory: Path, stem: str) -> Path | None:
     return None
 
 
+def _what_is(path: Path) -> str | None:
+    """What stands at ``path`` when it is not a regular file a dataset can be read from."""
+    import stat
+
+    if not os.path.lexists(path) or path.is_file():
+        return None
+    if path.is_symlink() and not path.exists():
+        return f"a dangling symbolic link (to {os.readlink(path)})"
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _check_not_special(spec: DatasetSpec, data_dir) -> None:
+    """A directory, dangling link or FIFO where an IDX file should be is named, rather than
+    being passed over and reported later as a failed download."""
+    for directory in candidate_dirs(spec, data_dir):
+        for stem in spec.sha256:
+            for name in (stem + ".gz", stem):
+                what = _what_is(directory / name)
+                if what is not None:
+                    raise DatasetError(f"{directory / name} is {what}, not an IDX file of "
+                                       f"{spec.name}; remove it or point --data-dir at the "
+                                       "four files")
+
+
 def load_verified(path: Path, expected_sha256: str) -> np.ndarray:
     raw = read_file_bytes(path)
     digest = sha256_bytes(raw)
@@ -413,6 +444,7 @@ def _load_idx(name: str | DatasetSpec, split: str, data_dir, download_missing: b
                            "label i being classes[i])")
     directory = find_dataset_dir(spec, data_dir)
     if directory is None:
+        _check_not_special(spec, data_dir)
         looked = "\n".join(f"  {d}" for d in candidate_dirs(spec, data_dir))
         if not download_missing:
             raise DatasetError(f"{name} not found; looked in:\n{looked}")

@@ -36,9 +36,12 @@ from .quantizers.metrics import code_counts_per_codebook, usage_from_counts
 from .rundir import (
     CHECKPOINT,
     METRICS,
+    WEIGHTS,
     atomic_torch_save,
     atomic_write_json,
+    check_writable_dir,
     load_checkpoint,
+    lock_run_dir,
     read_config,
     resolve_device,
     save_config,
@@ -227,10 +230,22 @@ def train_step(model, optimizer, batch: Tensor, autocast=None,
     ``loss_scale`` weights a process's shard of a global batch (see :func:`train_epoch`). The
     reconstruction loss is taken in float32 whatever the autocast.
     """
+    # The quantizer updates its buffers (EMA codebook statistics) inside forward: keep a copy,
+    # so that a step refused below leaves the model as it was
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     with autocast if autocast is not None else contextlib.nullcontext():
         reconstruction, indices, vq_loss = model(batch)
     recon = F.mse_loss(reconstruction.float(), batch)
     loss = recon + vq_loss
+    if not bool(torch.isfinite(loss)):
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        raise FloatingPointError(
+            f"non-finite loss ({float(loss)}: reconstruction {float(recon)}, quantizer "
+            f"{float(vq_loss)}) on a batch whose largest magnitude is "
+            f"{float(batch.detach().abs().max()):.3g}; nothing was updated. Check the inputs "
+            "(scaled to [0, 1]?) and lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
     (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     optimizer.step()
@@ -395,6 +410,20 @@ def train(train_config: TrainConfig, model_config: ModelConfig, *,
 
 def _train(train_config, model_config, resume_from, on_epoch_end, processes, device) -> Run:
     run_dir = Path(resume_from or train_config.out_dir)
+    if not processes.is_main:
+        return _train_in(run_dir, train_config, model_config, resume_from, on_epoch_end,
+                         processes, device)
+    check_writable_dir(run_dir)  # before the data is loaded
+    with lock_run_dir(run_dir):
+        if resume_from is not None and not (run_dir / CHECKPOINT).is_file():
+            print(f"note: {run_dir} has no checkpoint yet (the run ended before its first "
+                  "epoch did): starting it from scratch with its settings", flush=True)
+        return _train_in(run_dir, train_config, model_config, resume_from, on_epoch_end,
+                         processes, device)
+
+
+def _train_in(run_dir, train_config, model_config, resume_from, on_epoch_end, processes,
+              device) -> Run:
     data = load_data(train_config, device)
 
     torch.manual_seed(train_config.seed)
@@ -403,7 +432,7 @@ def _train(train_config, model_config, resume_from, on_epoch_end, processes, dev
     if train_config.compile:
         compile_networks(model)
     history: list[dict] = []
-    if resume_from is not None:
+    if resume_from is not None and (run_dir / CHECKPOINT).is_file():
         checkpoint = load_checkpoint(run_dir, map_location=device)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -480,6 +509,12 @@ def resume(run_dir: str | Path, *, on_epoch_end=None, **overrides) -> Run:
     ``overrides`` may change settings that do not affect the result (``progress``, ``data_dir``).
     """
     run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT).is_file() and (run_dir / WEIGHTS).is_file():
+        # Epochs were finished (their weights are there), so starting again from scratch would
+        # throw them away: the checkpoint was removed or lost, not never written.
+        raise FileNotFoundError(f"{run_dir / CHECKPOINT} not found, but {WEIGHTS} is: the run "
+                                "finished epochs and its checkpoint is gone, so it cannot be "
+                                "resumed (its weights still load for encode, sample, ...)")
     train_config, model_config = read_config(run_dir)
     allowed = {"progress", "data_dir"}
     if set(overrides) - allowed:

@@ -20,8 +20,15 @@ from .common import DEFAULT_GUIDANCE, DEFAULT_THREADS, UsageError
 __all__ = ["DEFAULT_GUIDANCE", "DEFAULT_THREADS", "UsageError", "build_parser", "main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vqvae",
         description="Vector Quantized VAEs: train on MNIST / Fashion-MNIST, compare quantizers, "
                     "turn images into discrete codes and back.",
@@ -48,17 +55,40 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     from ..data import DatasetError
+    from ..rundir import RunFileError, RunLocked
+    from .checks import check_data_dir, check_device, check_finite_options
 
     try:
+        check_finite_options(args)
+        check_data_dir(args)
+        check_device(args)
         return args.func(args)
     except UsageError as error:
-        parser.exit(2, f"vqvae {args.command}: error: {error}\n")
-    except (DatasetError, FloatingPointError) as error:
-        parser.exit(1, f"vqvae {args.command}: error: {error}\n")
+        parser.exit(2, f"vqvae {args.command}: error: {_one_line(error)}\n")
+    except (DatasetError, FloatingPointError, RunFileError, RunLocked) as error:
+        parser.exit(1, f"vqvae {args.command}: error: {_one_line(error)}\n")
+    except OSError as error:
+        parser.exit(1, f"vqvae {args.command}: error: {describe_os_error(error)}\n")
     except KeyboardInterrupt:
         parser.exit(130, "\ninterrupted; a run can be continued with 'vqvae train --resume "
                          "RUN_DIR'\n")
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """The message on one line: a multi-line message keeps its lines, joined."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def describe_os_error(error: OSError) -> str:
+    """An operating-system error as one line; a full disk says so in words."""
+    import errno
+
+    where = f"{error.filename}: " if error.filename else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"disk full: {where}{error.strerror or error} (files already written, such as "
+                "the last checkpoint, are intact; free some space and resume)")
+    return f"{where}{error.strerror or error}"
 
 
 if __name__ == "__main__":

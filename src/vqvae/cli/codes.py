@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .checks import IMAGE_SUFFIXES, check_input_files, check_out_dir, check_out_file
 from .common import UsageError, add_image_sources, add_run_dir, load_run_model, source_images
 
 
@@ -46,10 +47,10 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     from .. import plots
     from ..workflow import reconstruct
 
+    out = check_out_file(args.out or Path(args.run_dir) / "reconstruct.png", IMAGE_SUFFIXES[:1])
     model = load_run_model(args.run_dir, args.device)
     images, _ = source_images(args, model)
     device = next(model.parameters()).device
-    out = Path(args.out or Path(args.run_dir) / "reconstruct.png")
     plots.image_rows([images, reconstruct(model, images.to(device))],
                      ["input", "reconstruction"], out)
     print(f"wrote {out}")
@@ -59,6 +60,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 def run_encode(args: argparse.Namespace) -> int:
     from ..workflow import save_codes
 
+    check_out_file(args.out)
     model = load_run_model(args.run_dir, args.device)
     images, sources = source_images(args, model)
     codes = model.encode(images.to(next(model.parameters()).device))
@@ -72,13 +74,18 @@ def run_decode(args: argparse.Namespace) -> int:
     from .. import plots
     from ..workflow import load_codes, write_png_images
 
+    check_input_files([args.codes], "CODES")
+    out = Path(args.out)
+    if out.suffix:
+        check_out_file(out, IMAGE_SUFFIXES[:1])
+    else:
+        check_out_dir(out)
     model = load_run_model(args.run_dir, args.device)
     try:
         codes, _ = load_codes(Path(args.codes), model.config)
     except (OSError, ValueError) as error:
         raise UsageError(str(error)) from None
     images = model.decode(codes.to(next(model.parameters()).device))
-    out = Path(args.out)
     if out.suffix.lower() == ".png":
         plots.image_grid(images, out, columns=min(len(images), 10))
         print(f"wrote {out}")

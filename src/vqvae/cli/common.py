@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -43,8 +44,8 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
     return value
 
 
@@ -110,6 +111,7 @@ def add_training_options(parser: argparse.ArgumentParser, *, quantizer: bool) ->
     from ..data import DATASETS
     from ..models import MODELS, ModelConfig
     from ..train import TrainConfig
+    from .checks import seed
 
     model, train = ModelConfig(), TrainConfig()
     group = parser.add_argument_group("model")
@@ -147,7 +149,7 @@ def add_training_options(parser: argparse.ArgumentParser, *, quantizer: bool) ->
     group.add_argument("--lr-schedule", choices=("cosine", "constant"),
                        help=f"cosine: {train.warmup_fraction * 100:.0f}%% warm-up, then cosine "
                             f"decay to zero (default: {train.lr_schedule})")
-    group.add_argument("--seed", type=int, help=f"random seed (default: {train.seed})")
+    group.add_argument("--seed", type=seed, help=f"random seed (default: {train.seed})")
     group.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                        help="bf16 runs encoder and decoder under autocast (the quantizer's "
@@ -192,8 +194,17 @@ def configs(args: argparse.Namespace, out_dir: str):
     train_kwargs = {**file_train, **{k: v for k, v in given.items() if k in train_fields}}
     train_kwargs.update(out_dir=out_dir,
                         progress=not args.no_progress and file_train.get("progress", True))
+    from .checks import check_memory, check_quantizer_options
+
+    if args.quantizer_option:
+        check_quantizer_options(model_kwargs.get("quantizer") or ModelConfig.quantizer,
+                                model_kwargs["quantizer_options"])
     try:
         train_config, model_config = TrainConfig(**train_kwargs), ModelConfig(**model_kwargs)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    check_memory(model_config, train_config)  # before the model is built
+    try:
         VQVAE(model_config)  # the quantizer checks its options when it is built
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
@@ -234,11 +245,20 @@ def is_main_process() -> bool:
 
 
 def check_new_run_dir(path: Path) -> None:
-    from ..rundir import CHECKPOINT, CONFIG
+    """``path`` can take a new run: writable, not in use by a training (else
+    :class:`~vqvae.rundir.RunLocked`, naming its pid), holding no run."""
+    from ..rundir import CHECKPOINT, CONFIG, LOCK, lock_run_dir
+    from .checks import check_out_dir
 
+    check_out_dir(path)
+    if (path / LOCK).exists():
+        with lock_run_dir(path):  # RunLocked while another training holds it
+            pass
     if (path / CONFIG).exists() or (path / CHECKPOINT).exists():
-        raise UsageError(f"{path} already holds a run; continue it with --resume {path}, or "
-                         "choose another --out-dir")
+        started = "" if (path / CHECKPOINT).exists() else \
+            " (it ended before its first checkpoint; --resume starts it again from scratch)"
+        raise UsageError(f"{path} already holds a run{started}; continue it with --resume "
+                         f"{path}, or choose another --out-dir")
 
 
 def add_run_dir(parser: argparse.ArgumentParser, device: bool = True) -> None:
@@ -264,7 +284,7 @@ def load_run_model(run_dir: str, device: str):
 
     try:
         return load_model(run_dir, resolve_device(device))
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
 
 
@@ -275,8 +295,15 @@ def source_images(args, model):
     from ..workflow import read_png_images
 
     if args.images:
-        return read_png_images(args.images, model.config.image_size, invert=args.invert), \
-            [str(p) for p in args.images]
+        from .checks import check_input_files
+
+        check_input_files(args.images, "--images")
+        try:
+            images = read_png_images(args.images, model.config.image_size, invert=args.invert,
+                                     channels=model.config.channels_in)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        return images, [str(p) for p in args.images]
     train_config, _ = read_config(Path(args.run_dir))
     test = load_dataset(train_config.dataset, "test", args.data_dir or train_config.data_dir,
                         progress=False)

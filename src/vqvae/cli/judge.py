@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .checks import check_input_files, check_out_file, seed
 from .common import (
     DEFAULT_GUIDANCE,
     UsageError,
@@ -31,7 +32,7 @@ def add_parser(sub) -> None:
                    help="also score these (N, 28, 28) arrays in [0, 1]")
     p.add_argument("--num", type=positive_int, default=10_000,
                    help="images per set (default: 10000)")
-    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--seed", type=seed, default=0, help="(default: 0)")
     p.add_argument("--dataset", choices=("mnist", "fashion-mnist"),
                    help="the judge's dataset (default: the run's, or mnist)")
     p.add_argument("--data-dir", metavar="DIR", help="where the dataset is")
@@ -75,6 +76,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.run_dir is None and not args.images:
         raise UsageError("give a RUN_DIR, or --images FILE.npy to score")
+    # What can be checked is checked before the judge is trained (minutes on a CPU)
+    check_input_files(args.images or [], "--images")
+    if args.out:
+        check_out_file(args.out)
+    elif args.run_dir is not None:
+        from .checks import check_out_dir
+
+        check_out_dir(args.run_dir)
     set_threads(args)
     dataset = _dataset(args)
     try:

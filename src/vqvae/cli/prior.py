@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .checks import check_out_dir, probability, seed
 from .common import (
     DEFAULT_GUIDANCE,
     UsageError,
@@ -34,11 +35,12 @@ def add_parser(sub) -> None:
     p.add_argument("--dim", type=positive_int, default=128, help="width (default: 128)")
     p.add_argument("--depth", type=positive_int, default=2, help="layers (default: 2)")
     p.add_argument("--heads", type=positive_int, default=4, help="(default: 4)")
-    p.add_argument("--dropout", type=float, default=0.0, help="(default: 0)")
+    p.add_argument("--dropout", type=probability, default=0.0,
+                   help="a rate in [0, 1) (default: 0)")
     p.add_argument("--unconditional", action="store_true", help="ignore the labels")
     p.add_argument("--train-subset", type=positive_int, metavar="N",
                    help="train on the first N training code sequences only")
-    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--seed", type=seed, default=0, help="(default: 0)")
     add_threads_option(p)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="bf16 autocast for training; auto uses it where the CPU has native "
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     set_threads(args)
     model = load_run_model(args.run_dir, "cpu")
+    check_out_dir(args.run_dir)  # the prior and its figures go there
     logger = tensorboard_logger(args, Path(args.run_dir) / PRIOR_TB_DIR, "Prior")
     try:
         train_config = PriorTrainConfig(epochs=args.epochs, batch_size=args.batch_size,

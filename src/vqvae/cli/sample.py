@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from .checks import IMAGE_SUFFIXES, check_out_file, seed
 from .common import (
     DEFAULT_GUIDANCE,
     UsageError,
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
                                    "'vqvae prior').")
     add_run_dir(p)
     p.add_argument("--num", type=positive_int, default=64, help="images (default: 64)")
-    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--seed", type=seed, default=0, help="(default: 0)")
     p.add_argument("--out", metavar="FILE",
                    help="a .png grid, or .npy for an (N, 28, 28) array in [0, 1] "
                         "(default: RUN_DIR/samples_random.png, or samples_prior.png)")
@@ -50,14 +51,28 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _load_run_prior(run_dir: str, device: str):
-    from ..rundir import resolve_device
+def _load_run_prior(run_dir: str, device: str, model_config):
+    """The run's prior, checked to be one for this model's codes."""
+    from ..rundir import RunFileError, resolve_device
     from ..workflow import load_run_prior
 
+    path = Path(run_dir) / "prior.pt"
     try:
-        return load_run_prior(run_dir, resolve_device(device))
+        prior = load_run_prior(run_dir, resolve_device(device))
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
+    except Exception as error:  # torch reports a damaged file with many exception types
+        raise RunFileError(f"{path} is damaged or not a prior ({type(error).__name__}); train "
+                           "it again with 'vqvae prior'") from None
+    config = prior.config
+    if config.vocab_size != model_config.vocab_size or \
+            tuple(config.code_shape) != tuple(model_config.code_shape):
+        raise UsageError(
+            f"{path} was trained for codes of shape {tuple(config.code_shape)} from a codebook "
+            f"of {config.vocab_size}, but the run's model has codes of shape "
+            f"{tuple(model_config.code_shape)} from a codebook of {model_config.vocab_size}; "
+            "train the prior again with 'vqvae prior'")
+    return prior
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.prior and (args.digit is not None or args.temperature is not None
                            or args.top_k is not None or args.guidance is not None):
         raise UsageError("--digit, --temperature, --top-k and --guidance need --prior")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_out_file(out, (*IMAGE_SUFFIXES, ".npy"))
     set_threads(args)
     model = load_run_model(args.run_dir, args.device)
     device = next(model.parameters()).device
@@ -73,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prior:
         from ..prior import sample_images
 
-        prior = _load_run_prior(args.run_dir, args.device)
+        prior = _load_run_prior(args.run_dir, args.device, model.config)
         guidance = args.guidance or DEFAULT_GUIDANCE
         try:
             images = sample_images(model, prior, args.num, args.digit, args.seed,
@@ -89,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         images = model.decode(random_codes(model.config, args.num, args.seed).to(device))
         what, default_name = "uniformly random codes", "samples_random.png"
     seconds = time.perf_counter() - start
-    out = save_images(images, Path(args.out or Path(args.run_dir) / default_name),
+    out = save_images(images, out or Path(args.run_dir) / default_name,
                       columns=min(args.num, 8), title=f"Decoded from {what}")
     print(f"sampled {args.num} images from {what} in {seconds:.1f} s; wrote {out}")
     return 0

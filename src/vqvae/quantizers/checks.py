@@ -56,3 +56,36 @@ def describe(value: object) -> str:
     if isinstance(value, Tensor):
         return f"a tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
     return f"a {type(value).__name__}"
+
+
+# ---------------------------------------------------------------------------- constructor arguments
+
+
+def _is_number(value: object) -> bool:
+    """An ``int`` or ``float`` that is not a ``bool`` (``True`` is an ``int`` to Python)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """:class:`QuantizerInputError` unless ``value`` is an ``int`` >= 1 (a ``bool`` is not)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise QuantizerInputError(f"{name} must be a positive int, got {value!r} "
+                                  f"({type(value).__name__})")
+
+
+def check_optional_probability(name: str, value: object) -> None:
+    """:class:`QuantizerInputError` unless ``value`` is ``None`` or a finite number in [0, 1)."""
+    if value is None:
+        return
+    if not _is_number(value) or not 0 <= value < 1:
+        raise QuantizerInputError(f"{name} must be None or a number in [0, 1), got {value!r} "
+                                  f"({type(value).__name__})")
+
+
+def check_not_meta(what: str) -> None:
+    """:class:`QuantizerInputError` when modules would be built on the ``meta`` device: a
+    quantizer's codebook is drawn and updated from values, which ``meta`` tensors do not hold."""
+    if torch.empty(0).device.type == "meta":
+        raise QuantizerInputError(
+            f"{what} cannot be built on the 'meta' device (the default device is meta): its "
+            "codebook needs real values; build it on 'cpu' or 'cuda'")

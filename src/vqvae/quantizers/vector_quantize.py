@@ -15,7 +15,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .checks import QuantizerInputError, check_finite, check_input, describe, require
+from .checks import (
+    QuantizerInputError,
+    check_finite,
+    check_input,
+    check_not_meta,
+    check_optional_probability,
+    check_positive_int,
+    describe,
+    require,
+)
 from .codebook import Codebook
 from .estimators import quantize
 from .search import DEFAULT_BLOCK_BYTES
@@ -126,9 +135,10 @@ class VectorQuantize(nn.Module):
         max_search_bytes: int = DEFAULT_BLOCK_BYTES,
     ):
         super().__init__()
-        require(isinstance(dim, int) and dim >= 1, f"dim must be a positive int, got {dim!r}")
-        require(isinstance(codebook_size, int) and codebook_size >= 1,
-                f"codebook_size must be a positive int, got {codebook_size!r}")
+        check_not_meta("VectorQuantize")
+        check_positive_int("dim", dim)
+        check_positive_int("codebook_size", codebook_size)
+        check_optional_probability("decay", decay)
         require(codebook_dim is None or (isinstance(codebook_dim, int) and codebook_dim >= 1),
                 f"codebook_dim must be None or a positive int, got {codebook_dim!r}")
         require(commitment_weight >= 0 and codebook_weight >= 0,

@@ -4,6 +4,7 @@ PNG files in and out."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,25 +16,32 @@ from ..models import ModelConfig
 from ..rundir import atomic_write_text
 
 
-def read_png_images(paths: Sequence[Path], size: int = 28, invert: bool = False) -> Tensor:
-    """Grayscale PNGs as ``(N, 1, size, size)`` floats in [0, 1] (resized when needed).
+def read_png_images(paths: Sequence[Path], size: int = 28, invert: bool = False,
+                    channels: int = 1, max_pixels: int | None = None) -> Tensor:
+    """PNG/JPEG files as ``(N, channels, size, size)`` floats in [0, 1]: shorter side resized,
+    centre-cropped (:func:`vqvae.image_folder.read_image`).
 
-    MNIST digits are light on dark; pass ``invert=True`` for dark-on-light drawings.
+    A file whose header announces more than ``max_pixels`` pixels (Pillow's
+    ``MAX_IMAGE_PIXELS`` unless told) is refused before it is decoded. A file that cannot be
+    used is a ``ValueError`` naming it and saying why. MNIST digits are light on dark; pass
+    ``invert=True`` for dark-on-light drawings.
     """
     from PIL import Image
 
+    from ..image_folder import UnreadableImage, read_image
+
+    limit = max_pixels or Image.MAX_IMAGE_PIXELS or 89_478_485
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                gray = image.convert("L")
-                if gray.size != (size, size):
-                    gray = gray.resize((size, size), Image.Resampling.BILINEAR)
-                array = np.asarray(gray, dtype=np.float32) / 255.0
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{path}: not a readable image ({error})") from error
+            with warnings.catch_warnings():  # the size is refused below, with its reason
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                array = read_image(Path(path), size, channels, limit)
+        except UnreadableImage as error:
+            raise ValueError(f"{path}: not a usable image ({error})") from None
+        array = np.moveaxis(array, -1, 0).astype(np.float32) / 255.0
         images.append(1.0 - array if invert else array)
-    return torch.from_numpy(np.stack(images)).unsqueeze(1)
+    return torch.from_numpy(np.stack(images))
 
 
 def write_png_images(images: Tensor, directory: Path, names: Sequence[str]) -> list[Path]:
@@ -70,12 +78,19 @@ def load_codes(path: Path, config: ModelConfig) -> tuple[Tensor, list[str]]:
     ``config``."""
     path = Path(path)
     if path.suffix == ".npy":
-        codes, sources = torch.from_numpy(np.load(path)).long(), []
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            raise ValueError(f"{path}: not a readable .npy array ({error})") from None
+        codes, sources = _integer_codes(array, path), []
     else:
         try:
             payload = json.loads(path.read_text())
-            codes, sources = torch.tensor(payload["codes"], dtype=torch.long), payload["sources"]
+            codes, sources = _integer_codes(payload["codes"], path), payload["sources"]
         except (OSError, ValueError, KeyError, TypeError) as error:
+            if "integer" in str(error):
+                raise
+
             raise ValueError(f"{path}: not a codes file written by 'vqvae encode' "
                              f"({error})") from error
         if payload.get("codebook_size") != config.vocab_size:
@@ -92,6 +107,16 @@ def load_codes(path: Path, config: ModelConfig) -> tuple[Tensor, list[str]]:
     return codes, sources
 
 
+def _integer_codes(values, path: Path) -> Tensor:
+    """``values`` (a nested list or an array) as int64, refusing floats and booleans rather
+    than rounding them: ``1.7`` is not a code."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "iu" and not (array.size == 0 and array.dtype.kind == "f"):
+        raise ValueError(f"{path}: codes must be integers, got {array.dtype} values"
+                         + (f" such as {array.flat[0].item()!r}" if array.size else ""))
+    return torch.from_numpy(array.astype(np.int64))
+
+
 def save_images(images: Tensor, out: Path, columns: int = 8, title: str | None = None) -> Path:
     """``out`` ending in ``.npy``: an ``(N, H, W)`` float32 array in [0, 1]; otherwise an image
     grid of ``columns`` columns."""
@@ -102,4 +127,20 @@ def save_images(images: Tensor, out: Path, columns: int = 8, title: str | None =
         out.parent.mkdir(parents=True, exist_ok=True)
         np.save(out, images[:, 0].float().cpu().numpy())
         return out
-    return plots.image_grid(images, out, columns=columns, title=title)
+    if out.suffix.lower() in ("", ".png"):
+        return plots.image_grid(images, out, columns=columns, title=title)
+    # Another image format: the grid drawn as PNG, written in the format the suffix names
+    import tempfile
+
+    from PIL import Image
+
+    from ..rundir import atomic_file
+
+    with tempfile.TemporaryDirectory() as scratch:
+        drawn = plots.image_grid(images, Path(scratch) / "grid.png", columns=columns,
+                                 title=title)
+        with Image.open(drawn) as image:
+            image = image.convert("RGB")
+            with atomic_file(out) as tmp:
+                image.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
+    return out

@@ -61,8 +61,11 @@ def run_codes(run_dir: str | Path, model=None, data_dir=None, progress: bool = T
     checkpoint_sha256 = sha256_file(weights_file(run_dir))
     path = run_dir / PRIOR_CODES
     if path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("checkpoint_sha256") == checkpoint_sha256:
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged cache (torch uses many exception types): encode again
+            cached = {}
+        if isinstance(cached, dict) and cached.get("checkpoint_sha256") == checkpoint_sha256:
             return {k: v.long() if isinstance(v, Tensor) else v for k, v in cached.items()}
     model = model if model is not None else load_model(run_dir)
     train_config, _ = read_config(run_dir)
