@@ -305,12 +305,15 @@ def source_images(args, model):
         return read_png_images(args.images, model.config.image_size, invert=args.invert), \
             [str(p) for p in args.images]
     train_config, _ = read_config(Path(args.run_dir))
+    from ..workflow.prior_run import dataset_image_size
+
     test = load_dataset(train_config.dataset, "test", args.data_dir or train_config.data_dir,
-                        progress=False)
+                        progress=False,
+                        image_size=dataset_image_size(train_config.dataset, model))
     indices = args.indices or list(range(10))
     if max(indices) >= len(test):
         raise UsageError(f"test-set index {max(indices)} out of range (0-{len(test) - 1})")
-    images = test.as_float()[indices].unsqueeze(1)
+    images = test.as_batch()[indices]
     return images, [f"{train_config.dataset}-test[{i}]" for i in indices]
 
 

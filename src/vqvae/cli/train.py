@@ -18,7 +18,9 @@ from .common import (
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a VQ-VAE and write its run directory",
-                       description="Train the course's MLP VQ-VAE. The run directory gets "
+                       description="Train a VQ-VAE (the course's MLP, or the conv model for "
+                                   "any image size and colour: --model conv, --dataset "
+                                   "images:DIR --image-size 32). The run directory gets "
                                    "config.json, metrics.json, checkpoint.pt, "
                                    "reconstructions.png, samples_random.png and curves.png.")
     add_training_options(p, quantizer=True)

@@ -42,10 +42,18 @@ PRIOR_CODES = "prior_codes.pt"
 
 @torch.no_grad()
 def encode_images(model, images: Tensor, batch_size: int = 1000) -> Tensor:
-    """Codes ``(N, *code_shape)`` of images ``(N, 1, H, W)``, in batches."""
+    """Codes ``(N, *code_shape)`` of images ``(N, C, H, W)``, in batches."""
     device = next(model.parameters()).device
     return torch.cat([model.encode(images[i:i + batch_size].to(device)).cpu()
                       for i in range(0, images.shape[0], batch_size)])
+
+
+def dataset_image_size(dataset: str, model) -> int | None:
+    """The ``image_size`` to load ``dataset`` with for ``model``: a folder is resized to the
+    model's images, the other datasets have their own size."""
+    from ..data import IMAGES_PREFIX
+
+    return model.config.image_size if dataset.startswith(IMAGES_PREFIX) else None
 
 
 def run_codes(run_dir: str | Path, model=None, data_dir=None, progress: bool = True) -> dict:
@@ -59,7 +67,7 @@ def run_codes(run_dir: str | Path, model=None, data_dir=None, progress: bool = T
     path = run_dir / PRIOR_CODES
     if path.is_file():
         cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("checkpoint_sha256") == checkpoint_sha256:
+        if cached.get("checkpoint_sha256") == checkpoint_sha256 and "num_classes" in cached:
             return {k: v.long() if isinstance(v, Tensor) else v for k, v in cached.items()}
     model = model if model is not None else load_model(run_dir)
     train_config, _ = read_config(run_dir)
@@ -67,9 +75,13 @@ def run_codes(run_dir: str | Path, model=None, data_dir=None, progress: bool = T
     codes: dict[str, Any] = {"checkpoint_sha256": checkpoint_sha256,
                              "dataset": train_config.dataset}
     for split in ("train", "test"):
-        dataset = load_dataset(train_config.dataset, split, data_dir, progress=progress)
-        codes[f"{split}_codes"] = encode_images(model, dataset.as_float().unsqueeze(1))
-        codes[f"{split}_labels"] = dataset.labels.clone()
+        dataset = load_dataset(train_config.dataset, split, data_dir, progress=progress,
+                               image_size=dataset_image_size(train_config.dataset, model))
+        codes[f"{split}_codes"] = encode_images(model, dataset.as_batch())
+        # None for images without labels (a folder without class subfolders)
+        codes[f"{split}_labels"] = None if dataset.labels is None else dataset.labels.clone()
+        codes["num_classes"] = dataset.num_classes if dataset.labels is not None else 0
+        codes["classes"] = list(dataset.classes)
     # int16 on disk when the codes fit (a quarter of the size); int64 in memory
     small = model.config.vocab_size <= torch.iinfo(torch.int16).max
     atomic_torch_save(path, {k: v.to(torch.int16) if small and k.endswith("_codes") else v
@@ -81,14 +93,19 @@ def train_run_prior(run_dir: str | Path, config_overrides: dict | None = None,
                     train_config: PriorTrainConfig | None = None, data_dir=None,
                     conditional: bool = True) -> PriorRun:
     """Train a prior over the codes of a run; writes ``prior.pt`` and ``prior_metrics.json``
-    into the run directory. The test set's codes are the held-out set."""
+    into the run directory. The test set's codes are the held-out set. The prior is
+    conditioned on the dataset's ``num_classes`` labels when ``conditional`` and the images have
+    labels; otherwise it is unconditional."""
     run_dir = Path(run_dir)
     model = load_model(run_dir)
     train_config = train_config or PriorTrainConfig()
     codes = run_codes(run_dir, model, data_dir, progress=train_config.progress)
+    # Conditioned on the dataset's classes; images without labels train an unconditional prior
+    conditional = conditional and codes["train_labels"] is not None and codes["num_classes"] > 0
     shape = model.config.code_shape
     config = PriorConfig(vocab_size=model.config.vocab_size, code_shape=shape,
-                         num_classes=10 if conditional else 0, **(config_overrides or {}))
+                         num_classes=codes["num_classes"] if conditional else 0,
+                         **(config_overrides or {}))
     train_tokens = flatten_codes(codes["train_codes"], shape)
     test_tokens = flatten_codes(codes["test_codes"], shape)
     run = train_prior(train_tokens, codes["train_labels"] if conditional else None, config,
@@ -112,6 +129,8 @@ def write_prior_figures(run_dir: str | Path, model, prior: CodePrior, seed: int 
     codes, the null label and the guided sampler, a row each) and ``samples_by_digit.png`` (a
     row per class, when the prior is conditional)."""
     run_dir = Path(run_dir)
+    if not prior.config.num_classes:
+        guidance_scale = 1.0  # a prior without labels has no class to guide toward
     device = next(model.parameters()).device
     count = runs.SAMPLE_COUNT  # read at call time: tests make it smaller
     random_images = model.decode(runs.random_codes(model.config, count, seed).to(device))
