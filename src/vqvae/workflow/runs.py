@@ -56,7 +56,8 @@ def write_run_figures(run: Run) -> dict[str, Path]:
 # ---------------------------------------------------------------------------- compare
 
 COMPARISON_FIELDS = ("quantizer", "test_mse", "test_psnr", "test_ssim", "perplexity",
-                     "used_codes", "codebook_size", "num_quantizers", "groups", "bits_per_image", "seconds_per_epoch")
+                     "used_codes", "codebook_size", "num_quantizers", "groups", "bits_per_image",
+                     "seconds_per_epoch")
 
 
 def compare(quantizers: Sequence[str], train_config: TrainConfig, model_config: ModelConfig,
