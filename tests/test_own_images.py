@@ -169,6 +169,9 @@ def test_own_images_end_to_end(tmp_path, capsys, one_thread):
     from vqvae.workflow import load_run_prior
 
     assert load_run_prior(run).config.num_classes == 2
+    from vqvae.workflow.prior_run import class_names
+
+    assert class_names(run, 2) == ["disc", "square"]  # the subfolders label the figure's rows
     assert np.isfinite(prior_metrics["val_nll"])
     assert main(["sample", str(run), "--prior", "--num", "4",
                  "--out", str(tmp_path / "p.png")]) == 0

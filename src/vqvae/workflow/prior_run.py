@@ -117,6 +117,17 @@ def train_run_prior(run_dir: str | Path, config_overrides: dict | None = None,
     return run
 
 
+def class_names(run_dir: Path, num_classes: int) -> list[str]:
+    """The names of the classes the run's codes were labelled with (a folder's subfolders),
+    from its codes file; the class numbers when it has none."""
+    path = Path(run_dir) / PRIOR_CODES
+    if path.is_file():
+        classes = torch.load(path, map_location="cpu", weights_only=True).get("classes")
+        if classes and len(classes) == num_classes:
+            return [str(c) for c in classes]
+    return [str(d) for d in range(num_classes)]
+
+
 def load_run_prior(run_dir: str | Path, device: str | torch.device = "cpu") -> CodePrior:
     return load_prior(Path(run_dir) / PRIOR_CHECKPOINT, device)
 
@@ -158,7 +169,7 @@ def write_prior_figures(run_dir: str | Path, model, prior: CodePrior, seed: int 
                               guidance_scale=guidance_scale, **sampling)
                 for d in range(prior.config.num_classes)]
         paths["samples_by_digit"] = plots.image_rows(
-            rows, [str(d) for d in range(prior.config.num_classes)],
+            rows, class_names(run_dir, prior.config.num_classes),
             run_dir / "samples_by_digit.png",
             title=f"Prior samples asked for each class (guidance {guidance_scale:g})")
     return paths
