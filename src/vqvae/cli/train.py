@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
 def print_metrics(metrics: dict, run_dir: Path, figures: dict) -> None:
     print(f"\nrun directory: {run_dir}")
     print(f"  test MSE          {metrics['test_mse']:.5f}  (per pixel, pixels in [0, 1])")
+    if metrics.get("test_psnr") is not None:
+        print(f"  PSNR / SSIM       {metrics['test_psnr']:.2f} dB / {metrics['test_ssim']:.4f}")
     several = metrics.get("num_quantizers", 1) * metrics.get("groups", 1) > 1
     per = "  (per codebook, averaged)" if several else ""
     used = metrics["used_codes"]
