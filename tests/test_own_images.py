@@ -187,3 +187,17 @@ def test_own_images_end_to_end(tmp_path, capsys, one_thread):
                  "--no-progress"]) == 0
     assert load_run_prior(run2).config.num_classes == 0
     assert (run2 / "samples_prior.png").is_file()
+
+
+def test_comparison_table_has_psnr_and_ssim():
+    from vqvae.workflow import comparison_table
+
+    row = {"quantizer": "ours", "bits_per_image": 441.0, "test_mse": 0.00296, "test_psnr": 25.87,
+           "test_ssim": 0.96751, "perplexity": 378.2, "used_codes": 512, "codebook_size": 512,
+           "seconds_per_epoch": 13.5}
+    table = comparison_table([row, {**row, "quantizer": "old", "test_psnr": None,
+                                    "test_ssim": None}])
+    lines = table.splitlines()
+    assert "PSNR (dB)" in lines[0] and "SSIM" in lines[0]
+    assert "| ours | 441 | 0.00296 | 25.87 | 0.9675 | 378.2 | 512 / 512 | 13.50 |" in lines
+    assert "| old | 441 | 0.00296 |  |  | 378.2 | 512 / 512 | 13.50 |" in lines  # older runs
