@@ -1,13 +1,16 @@
 """Quality of residual quantization: test MSE against bits per image, ours and the library's.
 
 Trains the course's MLP VQ-VAE on MNIST with 1, 2, 4 and 8 residual layers (16 positions ×
-log2(512) = 9 bits per layer: 144, 288, 576 and 1152 bits per image), once with our ResidualVQ
+log2(512) = 9 bits per layer: 144, 288, 576 and 1152 bits per image; ``--model conv``: 49
+positions, 441 bits per layer), once with our ResidualVQ
 (``rvq``) and once with vector_quantize_pytorch's (``lucidrains-rvq``, the same settings), each
 with ``vqvae compare``'s machinery (same seed, same data order), and prints one table. Each
 ``layers-L`` directory under ``--out-dir`` holds that comparison's runs, table and figure.
 
     python benchmarks/residual_quality.py                       # 10 epochs, the measurement
     python benchmarks/residual_quality.py --epochs 3 --layers 1,4 --quantizers rvq  # a pilot
+    python benchmarks/residual_quality.py --model conv --dataset fashion-mnist --epochs 3 \
+        --threads 1 --json benchmarks/results/residual_quality_conv_fashion-mnist.json
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ def main() -> None:
     parser.add_argument("--quantizers", default="rvq,lucidrains-rvq")
     parser.add_argument("--layers", default="1,2,4,8")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--model", choices=("mlp", "conv"), default="mlp",
+                        help="conv: 7×7 grid of codes, 441 bits per layer")
+    parser.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, ...")
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
@@ -46,25 +52,27 @@ def main() -> None:
     depths = [int(n) for n in args.layers.split(",")]
 
     train_config = TrainConfig(epochs=args.epochs, seed=args.seed, device="cpu",
-                               train_subset=args.train_subset, progress=False)
+                               train_subset=args.train_subset, progress=False,
+                               dataset=args.dataset)
     rows = []
     for layers in depths:
         out = args.out_dir / f"layers-{layers}"
         if out.exists():
             shutil.rmtree(out)  # a measurement starts from nothing
         start = time.perf_counter()
-        result = compare(names, train_config, ModelConfig(quantizer=names[0],
-                                                          num_quantizers=layers), out)
+        model_config = ModelConfig(model=args.model, quantizer=names[0], num_quantizers=layers)
+        result = compare(names, train_config, model_config, out)
         rows += [dict(r, layers=layers) for r in result]
         print(f"{layers} layer(s): {time.perf_counter() - start:.0f} s", flush=True)
 
     table = quality_table(rows, names, depths)
-    print(f"\nTest MSE per pixel after {args.epochs} epochs (MLP VQ-VAE, MNIST"
+    print(f"\nTest MSE per pixel after {args.epochs} epochs ({args.model} VQ-VAE, {args.dataset}"
           f"{'' if args.train_subset is None else f', {args.train_subset} training images'}, "
           f"seed {args.seed}); in brackets, the MSE over the same quantizer's 1-layer MSE:\n")
     print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"rows": rows, "train": dataclasses.asdict(train_config),
+    args.json.write_text(json.dumps({"rows": rows, "model": args.model,
+                                     "train": dataclasses.asdict(train_config),
                                      "threads": torch.get_num_threads(), "table": table},
                                     indent=2, default=str))
     print(f"\nwrote {args.json}")

@@ -168,7 +168,7 @@ def test_sample_and_reconstruct_commands(tiny_run, tmp_path):
     (["train", "--epochs", "0"], "positive integer"),
     (["train", "--lr", "abc"], "positive number"),
     (["train", "--quantizer", "magic"], "invalid choice"),
-    (["train", "--dataset", "cifar"], "invalid choice"),
+    (["train", "--dataset", "cifar"], "unknown dataset"),
     (["compare", "--quantizers", "ours,magic"], "unknown quantizer"),
     (["sample", "/nonexistent/run"], "not found"),
     (["encode", "/nonexistent/run", "--out", "x.json"], "not found"),

@@ -81,7 +81,7 @@ class ModelConfig:
             raise ValueError(f"vector_dim={self.vector_dim} must be a multiple of "
                              f"groups={self.groups}")
         # Record the options in full, so a checkpoint says exactly what was trained
-        self.quantizer_options = {**entry.defaults, **self.quantizer_options}
+        self.quantizer_options = {**entry.defaults_for(self.model), **self.quantizer_options}
 
     @property
     def position_shape(self) -> tuple[int, ...]:

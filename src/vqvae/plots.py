@@ -15,11 +15,26 @@ from torch import Tensor  # noqa: E402
 
 
 def _as_images(images: Tensor | np.ndarray) -> np.ndarray:
-    """``(N, H, W)`` float array in [0, 1] from ``(N, 1, H, W)`` or ``(N, H, W)``."""
+    """Float array in [0, 1]: ``(N, H, W)`` from gray ``(N, 1, H, W)`` or ``(N, H, W)``,
+    ``(N, H, W, 3)`` from colour ``(N, 3, H, W)``."""
     array = images.detach().float().cpu().numpy() if isinstance(images, Tensor) else images
-    if array.ndim == 4:
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 4 and array.shape[1] == 1:
         array = array[:, 0]
+    elif array.ndim == 4 and array.shape[1] == 3:
+        array = array.transpose(0, 2, 3, 1)  # channels last, as matplotlib draws colour
+    elif array.ndim != 3:
+        raise ValueError(f"images must be (N, H, W), (N, 1, H, W) or (N, 3, H, W), got shape "
+                         f"{array.shape}")
     return np.clip(array, 0.0, 1.0)
+
+
+def _show(ax, image: np.ndarray) -> None:
+    """One gray ``(H, W)`` or colour ``(H, W, 3)`` image, pixels as squares."""
+    if image.ndim == 3:
+        ax.imshow(image, interpolation="nearest")
+    else:
+        ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
 
 
 def _save(fig, path: Path) -> Path:
@@ -48,7 +63,7 @@ def image_rows(rows: Sequence[Tensor | np.ndarray], labels: Sequence[str], path:
             for spine in ax.spines.values():
                 spine.set_visible(False)
             if c < len(array):
-                ax.imshow(array[c], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+                _show(ax, array[c])
             else:
                 ax.axis("off")
         axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9,
@@ -70,7 +85,7 @@ def image_grid(images: Tensor | np.ndarray, path: Path, columns: int = 10,
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < len(array):
-            ax.imshow(array[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            _show(ax, array[i])
             if labels is not None:
                 ax.set_title(labels[i], fontsize=7, pad=2)
     if title:

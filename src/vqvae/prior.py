@@ -70,7 +70,9 @@ class PriorConfig:
 
     vocab_size: int  # codes in the VQ-VAE's codebook
     code_shape: tuple[int, ...]  # codes per image, e.g. (16,) or (7, 7)
-    num_classes: int = 10  # labels it can be conditioned on; one more, the null label, is added
+    # Labels it can be conditioned on (the dataset's num_classes; 0: unconditional); one more,
+    # the null label, is added
+    num_classes: int = 0
     dim: int = 128
     depth: int = 2
     heads: int = 4

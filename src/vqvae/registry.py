@@ -56,6 +56,12 @@ class QuantizerEntry:
     codes: Callable[[ModelConfig], int] | None = None
     #: Offered by the CLI; ``False`` for entries that only benchmarks build (``none``).
     listed: bool = True
+    #: Options for one model only, over ``defaults``: ``{"conv": {...}}``.
+    model_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def defaults_for(self, model: str) -> dict[str, Any]:
+        """The default options on ``model``: ``defaults`` updated by its ``model_defaults``."""
+        return {**self.defaults, **self.model_defaults.get(model, {})}
 
     def codebook_axes(self, config: ModelConfig) -> tuple[int, ...]:
         """The codes of one position: ``()`` for one codebook, ``(num_quantizers,)``, ..."""
@@ -76,9 +82,11 @@ _builtins_loaded = False
 
 def register(name: str, *, help: str, defaults: Mapping[str, Any] | None = None,
              layout: tuple[str, ...] = (), extra_axes=None, codes=None, listed: bool = True,
-             replace: bool = False) -> Callable[[Builder], Builder]:
+             replace: bool = False, model_defaults: Mapping[str, Mapping[str, Any]] | None = None
+             ) -> Callable[[Builder], Builder]:
     """Register the decorated builder as quantizer ``name`` (see the module docstring).
 
+    ``model_defaults`` maps a model (``"conv"``) to options that replace ``defaults`` on it.
     A second registration of a name is an error unless ``replace=True``.
     """
     if not isinstance(name, str) or not name or name != name.strip() or "," in name:
@@ -97,7 +105,8 @@ def register(name: str, *, help: str, defaults: Mapping[str, Any] | None = None,
         if name in _ENTRIES and not replace:
             raise ValueError(f"quantizer {name!r} is already registered")
         _ENTRIES[name] = QuantizerEntry(name, build, help.strip(), dict(defaults or {}),
-                                        tuple(layout), extra_axes, codes, listed)
+                                        tuple(layout), extra_axes, codes, listed,
+                                        {m: dict(o) for m, o in (model_defaults or {}).items()})
         return build
 
     return decorator

@@ -7,6 +7,7 @@ shape ``(..., dim)`` and has ``decode(indices)``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -30,6 +31,15 @@ OURS_DEFAULTS: dict[str, Any] = {
     "dead_code_warmup_steps": 1000,
 }
 
+#: Options of ours on the conv model, over the MNIST models' (README, "Beyond 28x28 digits",
+#: has the measurements). Its 49 grid positions share one encoder, so the first batch's 6,272
+#: vectors spread over the whole latent space and k-means on them is a fair start (on the MLP
+#: each position would get its own few codes). Restarts after 100 steps, not 1000: with the
+#: MLP's wait, restarts begin in the third epoch and the first two use 11-18 of 512 codes
+#: (N(0, 1) codes far from the small outputs of the new encoder stay dead); 100 steps in, the
+#: outputs have spread and restarted codes stay in use.
+CONV_DEFAULTS: dict[str, Any] = {"kmeans_init": True, "dead_code_warmup_steps": 100}
+
 #: Commitment weight of the residual presets before division by the depth. Every layer's loss
 #: pulls the encoder toward its own partial sum (the first toward the coarsest), so the pull of
 #: the mean of L layers is dominated by coarse errors a deep stack no longer makes. Measured with
@@ -49,6 +59,9 @@ LIBRARY_RESIDUAL_DEFAULTS: dict[str, Any] = {
     "rotation_trick": False,
 }
 
+#: The library's residual quantizers on the conv model: k-means as ours (it has no warm-up).
+LIBRARY_CONV_DEFAULTS: dict[str, Any] = {"kmeans_init": True}
+
 RESIDUAL = ("num_quantizers",)
 GROUPED = ("groups", "num_quantizers")
 
@@ -64,7 +77,8 @@ def _depth_scaled(options: dict) -> dict:
 # ---------------------------------------------------------------------------- ours
 
 
-@register("ours", help="our VectorQuantize", defaults=OURS_DEFAULTS)
+@register("ours", help="our VectorQuantize", defaults=OURS_DEFAULTS,
+          model_defaults={"conv": CONV_DEFAULTS})
 def _ours(dim: int, codebook_size: int, options: dict) -> nn.Module:
     return VectorQuantize(dim=dim, codebook_size=codebook_size, **options)
 
@@ -89,7 +103,8 @@ class _ModelGroupedResidualVQ(GroupedResidualVQ):
         return super().decode(indices.movedim(-2, 0))
 
 
-@register("rvq", help="our ResidualVQ", defaults=RESIDUAL_DEFAULTS, layout=RESIDUAL)
+@register("rvq", help="our ResidualVQ", defaults=RESIDUAL_DEFAULTS, layout=RESIDUAL,
+          model_defaults={"conv": CONV_DEFAULTS})
 def _residual(dim: int, codebook_size: int, options: dict) -> nn.Module:
     return _ModelResidualVQ(dim=dim, codebook_size=codebook_size, straight_through_sum=True,
                             **_depth_scaled(options))
@@ -101,10 +116,11 @@ def _residual(dim: int, codebook_size: int, options: dict) -> nn.Module:
 register("rqvae", help="ResidualVQ with a shared codebook and stochastic code sampling",
          defaults={**RESIDUAL_DEFAULTS, "shared_codebook": True,
                    "stochastic_sample_codes": True, "sample_codebook_temp": 0.01},
-         layout=RESIDUAL)(_residual)
+         layout=RESIDUAL, model_defaults={"conv": CONV_DEFAULTS})(_residual)
 
 
-@register("grvq", help="our GroupedResidualVQ", defaults=RESIDUAL_DEFAULTS, layout=GROUPED)
+@register("grvq", help="our GroupedResidualVQ", defaults=RESIDUAL_DEFAULTS, layout=GROUPED,
+          model_defaults={"conv": CONV_DEFAULTS})
 def _grouped(dim: int, codebook_size: int, options: dict) -> nn.Module:
     return _ModelGroupedResidualVQ(dim=dim, codebook_size=codebook_size,
                                    straight_through_sum=True, **_depth_scaled(options))
@@ -120,14 +136,45 @@ def _naive(dim: int, codebook_size: int, options: dict) -> nn.Module:
 # ---------------------------------------------------------------------------- the library's
 
 
+def flatten_positions(x: Tensor) -> Tensor:
+    """``(B, *positions, D)`` as ``(B, N, D)``. The library's layers take channels-last
+    sequences ``(B, N, D)``: given the conv model's grid ``(B, 7, 7, D)`` they fail at the
+    first training step (a shape mismatch in the EMA update), and their ``accept_image_fmap``
+    wants channels first, ``(B, D, H, W)``, which our contract is not."""
+    return x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim > 3 else x
+
+
+def unflatten_positions(indices: Tensor, positions: tuple[int, ...]) -> Tensor:
+    """Indices ``(B, N, *axes)`` back to ``(B, *positions, *axes)``."""
+    return indices.reshape(*positions, *indices.shape[2:]) if len(positions) > 2 else indices
+
+
+@functools.cache
+def library_vector_quantize() -> type[nn.Module]:
+    """The library's ``VectorQuantize`` behind our contract, on inputs of any
+    ``(B, *positions, dim)``: positions are flattened into one sequence for the library, and
+    the output and indices take the positions' shape back. A subclass, so that its parameters
+    keep the library's own names; made on first use, since the library is optional."""
+    from vector_quantize_pytorch import VectorQuantize as LibraryVQ
+
+    class LibraryVectorQuantize(LibraryVQ):
+        def forward(self, x: Tensor, *args, **kwargs) -> VQOutput:
+            quantized, indices, loss = super().forward(flatten_positions(x), *args, **kwargs)
+            return VQOutput(quantized.reshape(x.shape),
+                            unflatten_positions(indices, tuple(x.shape[:-1])), loss)
+
+        def decode(self, indices: Tensor) -> Tensor:
+            flat = indices.reshape(indices.shape[0], -1) if indices.ndim > 2 else indices
+            out = self.get_output_from_indices(flat)
+            return out.reshape(*indices.shape, out.shape[-1])
+
+    return LibraryVectorQuantize
+
+
 @register("lucidrains", help="the library's VectorQuantize (the course's Exercise 1)",
           defaults={"decay": 0.8, "commitment_weight": 1.0})
 def _lucidrains(dim: int, codebook_size: int, options: dict) -> nn.Module:
-    from vector_quantize_pytorch import VectorQuantize as LibraryVectorQuantize
-
-    layer = LibraryVectorQuantize(dim=dim, codebook_size=codebook_size, **options)
-    layer.decode = layer.get_output_from_indices
-    return layer
+    return library_vector_quantize()(dim=dim, codebook_size=codebook_size, **options)
 
 
 class LibraryResidual(nn.Module):
@@ -145,19 +192,26 @@ class LibraryResidual(nn.Module):
         self.grouped = grouped
 
     def forward(self, x: Tensor) -> VQOutput:
-        quantized, indices, losses = self.module(x)
+        quantized, indices, losses = self.module(flatten_positions(x))
         if self.grouped:
             indices = indices.movedim(0, -2)
-        return VQOutput(quantized, indices, losses.mean())
+        return VQOutput(quantized.reshape(x.shape),
+                        unflatten_positions(indices, tuple(x.shape[:-1])), losses.mean())
 
     def decode(self, indices: Tensor) -> Tensor:
+        axes = 2 if self.grouped else 1  # (groups,) num_quantizers
+        positions = indices.shape[:indices.ndim - axes]
+        flat = indices.reshape(positions[0], -1, *indices.shape[-axes:]) \
+            if len(positions) > 2 else indices
         if self.grouped:
-            indices = indices.movedim(-2, 0)  # (groups, ..., num_quantizers)
-        return self.module.get_output_from_indices(indices)
+            flat = flat.movedim(-2, 0)  # (groups, B, N, num_quantizers)
+        out = self.module.get_output_from_indices(flat)
+        return out.reshape(*positions, out.shape[-1])
 
 
 @register("lucidrains-rvq", help="the library's ResidualVQ, with the settings of ours",
-          defaults=LIBRARY_RESIDUAL_DEFAULTS, layout=RESIDUAL)
+          defaults=LIBRARY_RESIDUAL_DEFAULTS, layout=RESIDUAL,
+          model_defaults={"conv": LIBRARY_CONV_DEFAULTS})
 def _lucidrains_residual(dim: int, codebook_size: int, options: dict) -> nn.Module:
     from vector_quantize_pytorch import ResidualVQ as LibraryResidualVQ
 
@@ -166,7 +220,8 @@ def _lucidrains_residual(dim: int, codebook_size: int, options: dict) -> nn.Modu
 
 
 @register("lucidrains-grvq", help="the library's GroupedResidualVQ, with the settings of ours",
-          defaults=LIBRARY_RESIDUAL_DEFAULTS, layout=GROUPED)
+          defaults=LIBRARY_RESIDUAL_DEFAULTS, layout=GROUPED,
+          model_defaults={"conv": LIBRARY_CONV_DEFAULTS})
 def _lucidrains_grouped(dim: int, codebook_size: int, options: dict) -> nn.Module:
     from vector_quantize_pytorch import GroupedResidualVQ as LibraryGroupedResidualVQ
 

@@ -78,6 +78,16 @@ def index_list(text: str) -> list[int]:
     return indices
 
 
+def dataset_name(text: str) -> str:
+    """A name :func:`vqvae.data.load_dataset` takes (``mnist``, ``images:DIR``, ...)."""
+    from ..data import DatasetError, check_dataset_name
+
+    try:
+        return check_dataset_name(text)
+    except DatasetError as error:  # argparse reports only its own error types
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def digit(text: str) -> int:
     try:
         value = int(text)
@@ -94,7 +104,7 @@ TRAINING_OPTIONS = ("model", "channels", "quantizer", "vector_dim", "num_embeddi
                     "codebook_size", "hidden_dim", "num_quantizers", "groups",
                     "quantizer_option", "epochs", "batch_size", "lr", "lr_schedule", "seed",
                     "device", "precision", "compile", "dataset", "train_subset",
-                    "test_subset")
+                    "test_subset", "image_size", "channels_in")
 
 
 def quantizer_help() -> str:
@@ -108,7 +118,7 @@ def add_training_options(parser: argparse.ArgumentParser, *, quantizer: bool) ->
     """The model, training and data options of ``train`` and ``compare``; ``--quantizer`` too
     when ``quantizer`` (``compare`` takes a list instead)."""
     from .. import registry
-    from ..data import DATASETS
+    from ..data import DATASET_NAMES
     from ..models import MODELS, ModelConfig
     from ..train import TrainConfig
     from .checks import seed
@@ -159,8 +169,17 @@ def add_training_options(parser: argparse.ArgumentParser, *, quantizer: bool) ->
                        help="torch.compile the encoder and decoder: seconds of compilation "
                             "first, then fused kernels on GPU (slower on small CPUs)")
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", choices=sorted(DATASETS),
-                       help=f"(default: {train.dataset})")
+    group.add_argument("--dataset", type=dataset_name, metavar="NAME",
+                       help=f"{', '.join(DATASET_NAMES)}, or images:DIR for a folder of "
+                            f"PNG/JPEG files (class subfolders give labels) "
+                            f"(default: {train.dataset})")
+    group.add_argument("--image-size", type=positive_int, metavar="S",
+                       help="side of the images in pixels: a folder's images are resized and "
+                            "cropped to it (the conv model takes multiples of 4); default: the "
+                            "dataset's own (28 for MNIST, 32 for CIFAR-10; a folder needs it)")
+    group.add_argument("--channels-in", type=positive_int, metavar="C",
+                       help="channels of the images, 1 (gray) or 3 (RGB, the conv model only); "
+                            "default: read from the data, which must agree when it is given")
     group.add_argument("--data-dir", metavar="DIR",
                        help="directory with the four IDX files, looked at before "
                             "$VQVAE_DATA_DIR and the cache; downloads go here if missing")
@@ -184,6 +203,9 @@ def configs(args: argparse.Namespace, out_dir: str):
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     file_train, file_model = config_file_values(args)
     given = {k: v for k, v in vars(args).items() if v is not None}
+    # the image shape read from the data fills in what neither the flags nor --config give
+    shape = {k: v for k, v in data_shape(args).items() if k not in file_model or k in given}
+    given.update(shape)
     model_kwargs = {**file_model, **{k: v for k, v in given.items() if k in model_fields}}
     if model_kwargs.get("quantizer") != file_model.get("quantizer"):
         # the file's options belong to its own quantizer, not the one the flag asks for
@@ -225,6 +247,35 @@ def config_file_values(args: argparse.Namespace) -> tuple[dict, dict]:
     from .config_file import read_config_file
 
     return read_config_file(args.config)
+
+
+def data_shape(args: argparse.Namespace) -> dict[str, int]:
+    """``image_size`` and ``channels_in`` the command line leaves out, read from the dataset:
+    MNIST-format files have 28×28 single-channel images, a folder the channels of its files (it
+    needs ``--image-size``). ``--channels-in`` that the data do not have is a UsageError."""
+    from ..data import IMAGES_PREFIX, DatasetError, load_dataset
+
+    if not hasattr(args, "image_size"):
+        return {}
+    dataset = getattr(args, "dataset", None) or "mnist"
+    folder = dataset.startswith(IMAGES_PREFIX)
+    if folder and args.image_size is None:
+        raise UsageError(f"--dataset {dataset} needs --image-size: the side its images are "
+                         f"resized and cropped to")
+    try:
+        test = load_dataset(dataset, "test", getattr(args, "data_dir", None),
+                            progress=False, image_size=args.image_size)
+    except (DatasetError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    if args.channels_in is not None and args.channels_in != test.channels:
+        raise UsageError(f"--channels-in {args.channels_in}, but {dataset} has "
+                         f"{test.channels}-channel images; leave it out to read it from the data")
+    shape = {"image_size": args.image_size or test.image_size,
+             "channels_in": args.channels_in or test.channels}
+    if shape["channels_in"] != 1 and (getattr(args, "model", None) or "mlp") != "conv":
+        raise UsageError(f"{dataset} has {shape['channels_in']}-channel images: the MLP takes "
+                         f"gray images only; train the conv model (--model conv)")
+    return shape
 
 
 # ---------------------------------------------------------------------------- run directories
@@ -305,12 +356,15 @@ def source_images(args, model):
             raise UsageError(str(error)) from None
         return images, [str(p) for p in args.images]
     train_config, _ = read_config(Path(args.run_dir))
+    from ..workflow.prior_run import dataset_image_size
+
     test = load_dataset(train_config.dataset, "test", args.data_dir or train_config.data_dir,
-                        progress=False)
+                        progress=False,
+                        image_size=dataset_image_size(train_config.dataset, model))
     indices = args.indices or list(range(10))
     if max(indices) >= len(test):
         raise UsageError(f"test-set index {max(indices)} out of range (0-{len(test) - 1})")
-    images = test.as_float()[indices].unsqueeze(1)
+    images = test.as_batch()[indices]
     return images, [f"{train_config.dataset}-test[{i}]" for i in indices]
 
 

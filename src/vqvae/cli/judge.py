@@ -55,13 +55,18 @@ def add_parser(sub) -> None:
 def _dataset(args: argparse.Namespace) -> str:
     """The judge's dataset: the run's (``--dataset`` must agree), or ``--dataset``, or mnist."""
     from ..rundir import read_config
+    from ..workflow.judge_run import unjudgeable
 
     dataset = args.dataset
     if args.run_dir is not None:
         try:
-            run_dataset = read_config(Path(args.run_dir))[0].dataset
+            run_train, run_model = read_config(Path(args.run_dir))
         except FileNotFoundError as error:
             raise UsageError(str(error)) from None
+        run_dataset = run_train.dataset
+        reason = unjudgeable(run_dataset, run_model)
+        if reason is not None:
+            raise UsageError(f"{args.run_dir}: {reason}")
         if dataset is not None and dataset != run_dataset:
             raise UsageError(f"{args.run_dir} was trained on {run_dataset}, not {dataset}")
         dataset = run_dataset

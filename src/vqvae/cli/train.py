@@ -20,7 +20,9 @@ from .common import (
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a VQ-VAE and write its run directory",
-                       description="Train the course's MLP VQ-VAE. The run directory gets "
+                       description="Train a VQ-VAE (the course's MLP, or the conv model for "
+                                   "any image size and colour: --model conv, --dataset "
+                                   "images:DIR --image-size 32). The run directory gets "
                                    "config.json, metrics.json, checkpoint.pt, model.safetensors, "
                                    "reconstructions.png, samples_random.png and curves.png.")
     add_training_options(p, quantizer=True)
@@ -55,6 +57,8 @@ def tensorboard_logger(args: argparse.Namespace, log_dir: Path, logger_class: st
 def print_metrics(metrics: dict, run_dir: Path, figures: dict) -> None:
     print(f"\nrun directory: {run_dir}")
     print(f"  test MSE          {metrics['test_mse']:.5f}  (per pixel, pixels in [0, 1])")
+    if metrics.get("test_psnr") is not None:
+        print(f"  PSNR / SSIM       {metrics['test_psnr']:.2f} dB / {metrics['test_ssim']:.4f}")
     several = metrics.get("num_quantizers", 1) * metrics.get("groups", 1) > 1
     per = "  (per codebook, averaged)" if several else ""
     used = metrics["used_codes"]

@@ -22,6 +22,23 @@ from .prior_run import PRIOR_CHECKPOINT, encode_images, load_run_prior, run_code
 from .runs import random_codes
 
 
+def unjudgeable(dataset: str, model_config) -> str | None:
+    """Why a run on ``dataset`` with ``model_config`` cannot be judged, or ``None`` when it can.
+
+    The judge is a classifier of 28×28 single-channel images of an MNIST-format dataset (one
+    per dataset, trained on its labels): other datasets, sizes and colour images have none.
+    """
+    from ..data import DATASETS
+
+    shape = f"{model_config.channels_in}×{model_config.image_size}×{model_config.image_size}"
+    if dataset in DATASETS and model_config.channels_in == 1 and model_config.image_size == 28:
+        return None
+    return (f"the judge scores 28×28 single-channel images of {', '.join(sorted(DATASETS))} "
+            f"with a classifier trained on that dataset; this run's images are {dataset}, "
+            f"{shape}, which no judge is trained for. Its reconstruction quality is in "
+            f"metrics.json (test MSE, PSNR, SSIM) and its images in the run's PNG files.")
+
+
 @dataclass
 class SamplingOptions:
     temperature: float = 1.0
@@ -42,12 +59,15 @@ def judge_run(run_dir: str | Path, judge: Judge, count: int = 10_000, seed: int 
     sampling = sampling or SamplingOptions()
     model = load_model(run_dir)
     train_config, model_config = read_config(run_dir)
+    reason = unjudgeable(train_config.dataset, model_config)
+    if reason is not None:
+        raise JudgeError(f"{run_dir}: {reason}")
     if train_config.dataset != judge.dataset:
         raise JudgeError(f"{run_dir} was trained on {train_config.dataset}, the judge is for "
                          f"{judge.dataset}")
     test = load_dataset(judge.dataset, "test", data_dir or train_config.data_dir,
                         progress=False)
-    real = test.as_float()[:count].unsqueeze(1)
+    real = test.as_batch()[:count]
 
     def decode(codes: Tensor) -> Tensor:
         with torch.no_grad():

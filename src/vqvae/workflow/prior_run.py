@@ -44,10 +44,18 @@ PRIOR_CODES = "prior_codes.pt"
 
 @torch.no_grad()
 def encode_images(model, images: Tensor, batch_size: int = 1000) -> Tensor:
-    """Codes ``(N, *code_shape)`` of images ``(N, 1, H, W)``, in batches."""
+    """Codes ``(N, *code_shape)`` of images ``(N, C, H, W)``, in batches."""
     device = next(model.parameters()).device
     return torch.cat([model.encode(images[i:i + batch_size].to(device)).cpu()
                       for i in range(0, images.shape[0], batch_size)])
+
+
+def dataset_image_size(dataset: str, model) -> int | None:
+    """The ``image_size`` to load ``dataset`` with for ``model``: a folder is resized to the
+    model's images, the other datasets have their own size."""
+    from ..data import IMAGES_PREFIX
+
+    return model.config.image_size if dataset.startswith(IMAGES_PREFIX) else None
 
 
 def run_codes(run_dir: str | Path, model=None, data_dir=None, progress: bool = True) -> dict:
@@ -65,7 +73,8 @@ def run_codes(run_dir: str | Path, model=None, data_dir=None, progress: bool = T
             cached = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # a damaged cache (torch uses many exception types): encode again
             cached = {}
-        if isinstance(cached, dict) and cached.get("checkpoint_sha256") == checkpoint_sha256:
+        if (isinstance(cached, dict) and cached.get("checkpoint_sha256") == checkpoint_sha256
+                and "num_classes" in cached):
             return {k: v.long() if isinstance(v, Tensor) else v for k, v in cached.items()}
     model = model if model is not None else load_model(run_dir)
     train_config, _ = read_config(run_dir)
@@ -73,9 +82,13 @@ def run_codes(run_dir: str | Path, model=None, data_dir=None, progress: bool = T
     codes: dict[str, Any] = {"checkpoint_sha256": checkpoint_sha256,
                              "dataset": train_config.dataset}
     for split in ("train", "test"):
-        dataset = load_dataset(train_config.dataset, split, data_dir, progress=progress)
-        codes[f"{split}_codes"] = encode_images(model, dataset.as_float().unsqueeze(1))
-        codes[f"{split}_labels"] = dataset.labels.clone()
+        dataset = load_dataset(train_config.dataset, split, data_dir, progress=progress,
+                               image_size=dataset_image_size(train_config.dataset, model))
+        codes[f"{split}_codes"] = encode_images(model, dataset.as_batch())
+        # None for images without labels (a folder without class subfolders)
+        codes[f"{split}_labels"] = None if dataset.labels is None else dataset.labels.clone()
+        codes["num_classes"] = dataset.num_classes if dataset.labels is not None else 0
+        codes["classes"] = list(dataset.classes)
     # int16 on disk when the codes fit (a quarter of the size); int64 in memory
     small = model.config.vocab_size <= torch.iinfo(torch.int16).max
     atomic_torch_save(path, {k: v.to(torch.int16) if small and k.endswith("_codes") else v
@@ -88,7 +101,9 @@ def train_run_prior(run_dir: str | Path, config_overrides: dict | None = None,
                     conditional: bool = True, on_epoch_end=None) -> PriorRun:
     """Train a prior over the codes of a run; writes ``prior.pt``, ``prior.safetensors``,
     ``prior_config.json`` and ``prior_metrics.json`` into the run directory. The test set's
-    codes are the held-out set. ``on_epoch_end`` goes to :func:`~vqvae.prior.train_prior`."""
+    codes are the held-out set. The prior is conditioned on the dataset's ``num_classes``
+    labels when ``conditional`` and the images have labels; otherwise it is unconditional.
+    ``on_epoch_end`` goes to :func:`~vqvae.prior.train_prior`."""
     run_dir = Path(run_dir)
     # An earlier prior's weights must not outlive the prior.pt this training overwrites
     for name in (CodePrior.weights_name, CodePrior.config_name):
@@ -96,9 +111,12 @@ def train_run_prior(run_dir: str | Path, config_overrides: dict | None = None,
     model = load_model(run_dir)
     train_config = train_config or PriorTrainConfig()
     codes = run_codes(run_dir, model, data_dir, progress=train_config.progress)
+    # Conditioned on the dataset's classes; images without labels train an unconditional prior
+    conditional = conditional and codes["train_labels"] is not None and codes["num_classes"] > 0
     shape = model.config.code_shape
     config = PriorConfig(vocab_size=model.config.vocab_size, code_shape=shape,
-                         num_classes=10 if conditional else 0, **(config_overrides or {}))
+                         num_classes=codes["num_classes"] if conditional else 0,
+                         **(config_overrides or {}))
     train_tokens = flatten_codes(codes["train_codes"], shape)
     test_tokens = flatten_codes(codes["test_codes"], shape)
     run = train_prior(train_tokens, codes["train_labels"] if conditional else None, config,
@@ -109,6 +127,17 @@ def train_run_prior(run_dir: str | Path, config_overrides: dict | None = None,
     run.metrics["dataset"] = codes["dataset"]
     atomic_write_json(run_dir / PRIOR_METRICS, run.metrics)
     return run
+
+
+def class_names(run_dir: Path, num_classes: int) -> list[str]:
+    """The names of the classes the run's codes were labelled with (a folder's subfolders),
+    from its codes file; the class numbers when it has none."""
+    path = Path(run_dir) / PRIOR_CODES
+    if path.is_file():
+        classes = torch.load(path, map_location="cpu", weights_only=True).get("classes")
+        if classes and len(classes) == num_classes:
+            return [str(c) for c in classes]
+    return [str(d) for d in range(num_classes)]
 
 
 def load_run_prior(run_dir: str | Path, device: str | torch.device = "cpu") -> CodePrior:
@@ -128,6 +157,8 @@ def write_prior_figures(run_dir: str | Path, model, prior: CodePrior, seed: int 
     codes, the null label and the guided sampler, a row each) and ``samples_by_digit.png`` (a
     row per class, when the prior is conditional)."""
     run_dir = Path(run_dir)
+    if not prior.config.num_classes:
+        guidance_scale = 1.0  # a prior without labels has no class to guide toward
     device = next(model.parameters()).device
     count = runs.SAMPLE_COUNT  # read at call time: tests make it smaller
     random_images = model.decode(runs.random_codes(model.config, count, seed).to(device))
@@ -155,7 +186,7 @@ def write_prior_figures(run_dir: str | Path, model, prior: CodePrior, seed: int 
                               guidance_scale=guidance_scale, **sampling)
                 for d in range(prior.config.num_classes)]
         paths["samples_by_digit"] = plots.image_rows(
-            rows, [str(d) for d in range(prior.config.num_classes)],
+            rows, class_names(run_dir, prior.config.num_classes),
             run_dir / "samples_by_digit.png",
             title=f"Prior samples asked for each class (guidance {guidance_scale:g})")
     return paths

@@ -55,8 +55,9 @@ def write_run_figures(run: Run) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------------- compare
 
-COMPARISON_FIELDS = ("quantizer", "test_mse", "perplexity", "used_codes", "codebook_size",
-                     "num_quantizers", "groups", "bits_per_image", "seconds_per_epoch")
+COMPARISON_FIELDS = ("quantizer", "test_mse", "test_psnr", "test_ssim", "perplexity",
+                     "used_codes", "codebook_size", "num_quantizers", "groups", "bits_per_image",
+                     "seconds_per_epoch")
 
 
 def compare(quantizers: Sequence[str], train_config: TrainConfig, model_config: ModelConfig,
@@ -92,14 +93,18 @@ def compare(quantizers: Sequence[str], train_config: TrainConfig, model_config: 
 def comparison_table(rows: Sequence[dict]) -> str:
     """Markdown table of :func:`compare` rows. With several codebooks per position (residual
     quantizers), perplexity and used codes are per codebook, averaged."""
-    header = "| quantizer | bits / image | test MSE | perplexity | used codes | s / epoch |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|"]
+    header = ("| quantizer | bits / image | test MSE | PSNR (dB) | SSIM | perplexity | "
+              "used codes | s / epoch |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         used = r["used_codes"]
         used = f"{used}" if isinstance(used, int) else f"{used:.1f}"
         bits = r.get("bits_per_image")
         bits = "" if bits is None else f"{bits:g}"
-        lines.append(f"| {r['quantizer']} | {bits} | {r['test_mse']:.5f} | "
+        psnr, ssim = r.get("test_psnr"), r.get("test_ssim")  # absent from older runs
+        psnr = "" if psnr is None else f"{psnr:.2f}"
+        ssim = "" if ssim is None else f"{ssim:.4f}"
+        lines.append(f"| {r['quantizer']} | {bits} | {r['test_mse']:.5f} | {psnr} | {ssim} | "
                      f"{r['perplexity']:.1f} | {used} / {r['codebook_size']} | "
                      f"{r['seconds_per_epoch']:.2f} |")
     return "\n".join(lines)
