@@ -13,7 +13,8 @@ quantizer. Registering one::
     def _fsq(dim, codebook_size, options):
         return FSQ(dim=dim, **options)
 
-The built-in entries are registered in :mod:`vqvae.zoo` and :mod:`vqvae.zoo_families`, loaded on the first look-up.
+The built-in entries are registered in :mod:`vqvae.zoo` and :mod:`vqvae.zoo_families`,
+loaded on the first look-up.
 """
 
 from __future__ import annotations
