@@ -110,7 +110,7 @@ class Adapted(nn.Module):
         else:
             out = self.module(x.reshape(1, -1, dim))
             quantized = out[0].reshape(shape)
-        indices = out[1]
+        indices = out[1].long()  # the library's FSQ gives int32
         if self.grouped:
             indices = indices.movedim(0, -2)  # (1, N, groups, num_quantizers)
         axes = indices.shape[indices.ndim - self.code_axes:] if self.code_axes else ()
