@@ -42,7 +42,10 @@ def test_entry_trains_and_decodes_its_codes_exactly(name):
     quantizer.eval()
     with torch.no_grad():
         quantized, indices, _ = quantizer(x)
-        assert torch.equal(quantizer.decode(indices), quantized)
+        if name == "lucidrains-simvq":  # its rotated output equals the codes up to rounding
+            torch.testing.assert_close(quantizer.decode(indices), quantized)
+        else:
+            assert torch.equal(quantizer.decode(indices), quantized)
         # one vector quantized alone gives its row of the batch: no axis is mixed up with the
         # positions (the classes read some 3-D and 4-D inputs as channel-first maps)
         alone, alone_indices, _ = quantizer(x[2:3, 5:6])
@@ -69,7 +72,7 @@ def test_fsq_has_no_loss_and_lfq_reports_its_entropy_penalty():
     x = torch.randn(3, 16, 16)
     loss = lfq(x)[2]
     assert torch.equal(loss, lfq.module(x.reshape(1, -1, 16))[2])
-    assert float(loss) != 0.0
+    assert float(loss.detach()) != 0.0
 
 
 def test_lfq_index_is_the_sign_pattern_of_the_projection():
