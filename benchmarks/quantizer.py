@@ -15,6 +15,12 @@ small-shape time differs by 2.5x between the two; ours does not.
 
     python benchmarks/quantizer.py                 # CPU, and CUDA when present
     python benchmarks/quantizer.py --device cpu --repeats 30 --json out.json
+    python benchmarks/quantizer.py --families none      # VectorQuantize only
+    python benchmarks/quantizer.py --families fsq,lfq   # and these families' tables
+
+After these tables come the families' (``--families``, default all: fsq, lfq, simvq): the
+``run(repeats)`` of benchmarks/quantizer_fsq.py, quantizer_lfq.py and quantizer_simvq.py, ours
+against the library class by class, written into the same JSON under ``families``.
 """
 
 from __future__ import annotations
@@ -224,6 +230,54 @@ def print_markdown(lines: list[list[str]]) -> None:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
+FAMILIES = ("fsq", "lfq", "simvq")
+
+
+def family_list(text: str) -> list[str]:
+    """``fsq,lfq``, ``all`` or ``none``."""
+    if text in ("all", ""):
+        return list(FAMILIES)
+    if text == "none":
+        return []
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown families {unknown}; choose from "
+                                         f"{list(FAMILIES)}, all or none")
+    return names
+
+
+def run_families(families: list[str], repeats: int) -> dict[str, list[dict]]:
+    """Each family's benchmark module's ``run(repeats)`` rows, its tables printed."""
+    import importlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
+    results = {}
+    for family in families:
+        print(f"timing the {family} family", file=sys.stderr)
+        rows = importlib.import_module(f"quantizer_{family}").run(repeats)
+        print(f"\n{family.upper()} family, ours against the library, median of {repeats}:\n")
+        print_family_tables(rows)
+        results[family] = rows
+    return results
+
+
+def print_family_tables(rows: list[dict]) -> None:
+    """Timing rows (``ratio``) in one table, peak-memory rows (``ours_peak_mib``) in another."""
+    timed = [r for r in rows if "ratio" in r]
+    if timed:
+        print_markdown([["case", "shape", "ours ms", "library ms", "ours / library"]] + [
+            [r["name"], "x".join(map(str, r["shape"])), f"{r['ours_ms']:.2f}",
+             f"{r['library_ms']:.2f}", f"{r['ratio']:.2f}"] for r in timed])
+    memory = [r for r in rows if "ours_peak_mib" in r]
+    if memory:
+        print()
+        print_markdown([["case", "shape", "ours peak (MiB)", "library peak (MiB)"]] + [
+            [r["name"], "x".join(map(str, r["shape"])), f"{r['ours_peak_mib']:.0f}",
+             "not run" if r["library_peak_mib"] is None else f"{r['library_peak_mib']:.0f}"]
+            for r in memory])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--allocator", choices=["both", "fresh", "settled"], default="both",
@@ -235,6 +289,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/quantizer.json"))
+    parser.add_argument("--families", type=family_list, default=list(FAMILIES),
+                        metavar="LIST", help="families timed after VectorQuantize: comma-"
+                        "separated from fsq, lfq, simvq, or all, or none (default: all)")
     args = parser.parse_args()
 
     devices = []
@@ -271,7 +328,8 @@ def main() -> None:
         print_markdown([["device", "layer", "peak (GiB)"]] + [
             [m["device"], m["layer"], f"{m['peak_extra_gib']:.3f}"] for m in memory])
 
-    write_json(args.json, {"speed": speed, "memory": memory})
+    families = run_families(args.families, args.repeats)
+    write_json(args.json, {"speed": speed, "memory": memory, "families": families})
 
 
 if __name__ == "__main__":

@@ -83,8 +83,11 @@ def test_registration_is_checked():
 def test_layouts_say_the_code_shape_and_bits():
     """What CODE_AXES held: the registry's layouts, and bits = positions · depths · log2(K)."""
     expected = {"ours": (), "naive": (), "lucidrains": (), "rvq": (3,), "rqvae": (3,),
-                "lucidrains-rvq": (3,), "grvq": (2, 3), "lucidrains-grvq": (2, 3)}
-    assert set(registry.names()) == set(expected)
+                "lucidrains-rvq": (3,), "grvq": (2, 3), "lucidrains-grvq": (2, 3),
+                "lfq": (), "lucidrains-lfq": (), "simvq": (), "lucidrains-simvq": (),
+                "rlfq": (3,), "rsimvq": (3,), "grlfq": (2, 3)}
+    levels = {"fsq", "lucidrains-fsq", "latent", "rfsq", "grfsq"}  # K from levels (own test)
+    assert set(registry.names()) == set(expected) | levels
     for name, axes in expected.items():
         extra = {"num_quantizers": 3} if axes else {}
         if len(axes) == 2:

@@ -13,7 +13,8 @@ quantizer. Registering one::
     def _fsq(dim, codebook_size, options):
         return FSQ(dim=dim, **options)
 
-The built-in entries are registered in :mod:`vqvae.zoo`, loaded on the first look-up.
+The built-in entries are registered in :mod:`vqvae.zoo` and :mod:`vqvae.zoo_families`,
+loaded on the first look-up.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _load_builtins() -> None:
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
-        from . import zoo  # noqa: F401  (registers the built-in entries)
+        from . import zoo, zoo_families  # noqa: F401  (register the built-in entries)
 
 
 def get(name: str) -> QuantizerEntry:
