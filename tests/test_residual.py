@@ -208,7 +208,8 @@ def test_shared_codebook_is_one_tensor_updated_once_from_all_depths():
     rvq = ResidualVQ(d, k, depths, shared_codebook=True, decay=decay, eps=eps).double()
     pointers = {codebook.data_ptr() for codebook in rvq.codebooks}
     assert len(pointers) == 1
-    assert [key for key in rvq.state_dict() if key.endswith("codebook")] == ["layers.0.codebook"]
+    embeds = [key for key in rvq.state_dict() if key.endswith("embed")]
+    assert embeds == ["layers.0._codebook.embed"]
 
     codebook = rvq.codebooks[0].numpy().copy()
     cluster_size = rvq.layers[0].cluster_size.numpy().copy()
@@ -383,7 +384,7 @@ def test_quantize_dropout_leaves_dropped_layers_untouched_and_groups_agree():
         after = state(grvq)
         for g in range(2):
             for depth in range(4):
-                key = f"rvqs.{g}.layers.{depth}.codebook"
+                key = f"rvqs.{g}.layers.{depth}._codebook.embed"
                 assert torch.equal(before[key], after[key]) == (depth >= n), key
 
 
@@ -498,7 +499,7 @@ def test_decode_refuses_bad_indices():
     (dict(quantize_dropout_min_layers=0), "quantize_dropout_min_layers"),
     (dict(use_cosine_sim=True), "use_cosine_sim"),
     (dict(beam_size=4), r"unknown option\(s\) \['beam_size'\]"),
-    (dict(decay=1.0), "decay"),
+    (dict(decay=1.5), "decay"),
 ])
 def test_bad_options_are_refused(kwargs, match):
     options = dict(dim=4, codebook_size=8, num_quantizers=3) | kwargs

@@ -46,6 +46,9 @@ OURS_DEFAULTS: dict[str, Any] = {
     "kmeans_init": False,
     "threshold_ema_dead_code": 1.0,
     "dead_code_warmup_steps": 1000,
+    # this project's choices where VectorQuantize's defaults follow the reference library
+    "rotation_trick": False,
+    "codebook_init": "normal",
 }
 
 
@@ -139,7 +142,8 @@ def _naive(dim: int, codebook_size: int, options: dict) -> nn.Module:
 RESIDUAL_DEFAULTS: dict[str, Any] = {**OURS_DEFAULTS, "commitment_weight": None}
 
 LIBRARY_RESIDUAL_DEFAULTS: dict[str, Any] = {
-    **{k: v for k, v in RESIDUAL_DEFAULTS.items() if k != "dead_code_warmup_steps"},
+    **{k: v for k, v in RESIDUAL_DEFAULTS.items()
+       if k not in ("dead_code_warmup_steps", "codebook_init")},
     "rotation_trick": False,
 }
 

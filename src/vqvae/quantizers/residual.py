@@ -35,8 +35,11 @@ LAYER_OPTIONS = frozenset({
     "decay", "eps", "commitment_weight", "codebook_weight", "kmeans_init", "kmeans_iters",
     "threshold_ema_dead_code", "dead_code_warmup_steps", "rotation_trick",
     "stochastic_sample_codes",
-    "sample_codebook_temp", "sync_codebook", "max_search_bytes",
+    "sample_codebook_temp", "sync_codebook", "max_search_bytes", "codebook_init",
 })
+#: The layers' defaults of this residual quantizer (straight-through, N(0, 1) codes), where
+#: VectorQuantize's own follow the reference library.
+LAYER_DEFAULTS = {"rotation_trick": False, "codebook_init": "normal"}
 
 DROPPED = -1  # the index of a depth a training call did not use (quantize dropout)
 
@@ -144,7 +147,8 @@ class ResidualVQ(nn.Module):
         # A shared codebook is one layer used at every depth: one tensor, one set of EMA buffers
         count = 1 if shared_codebook else num_quantizers
         self.layers = nn.ModuleList(
-            VectorQuantize(self.codebook_dim, codebook_size, **layer_options)
+            VectorQuantize(self.codebook_dim, codebook_size, **{**LAYER_DEFAULTS,
+                                                                **layer_options})
             for _ in range(count))
 
     def extra_repr(self) -> str:
