@@ -41,8 +41,10 @@ CPU_SHAPES = [((128, 16, 16), 512), ((8, 1024, 256), 512)]
 #: name -> (constructor options, input shape, whether the call gets a padding mask).
 OPTION_CASES = {
     "masked": (dict(dim=64, codebook_size=512), (8, 1024, 64), True),
-    "heads=8 image": (dict(dim=256, codebook_size=512, heads=8, accept_image_fmap=True),
-                      (8, 256, 16, 16), False),
+    # the README's multi-head call (codebook_dim=32: 8 heads of 32 make up dim, so no
+    # projection), with its shared codebook
+    "heads=8 image": (dict(dim=256, codebook_size=512, codebook_dim=32, heads=8,
+                           accept_image_fmap=True), (8, 256, 16, 16), False),
 }
 CUDA_SHAPES = CPU_SHAPES + [((64, 4096, 256), 8192)]
 MEMORY_CASE = ((65536, 256), 8192)

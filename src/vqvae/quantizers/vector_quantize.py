@@ -519,7 +519,9 @@ class VectorQuantize(nn.Module):
         # kept rows (so the common path below serves masked calls too), and the results are
         # put back in place at the end.
         row_mask = self._row_mask(mask)  # (M,) or None
-        rows = all_rows if row_mask is None else all_rows[:, row_mask]  # (C, M', d)
+        if row_mask is not None:
+            row_mask = row_mask.nonzero().squeeze(1)  # (M',) positions of the kept rows
+        rows = all_rows if row_mask is None else all_rows.index_select(1, row_mask)  # (C, M', d)
         kept = rows.detach()
         if self.training and book.kmeans_pending:
             book.initialize(kept)
@@ -568,8 +570,8 @@ class VectorQuantize(nn.Module):
         if indices is not None:
             target = self._rows_of_indices(indices, b, n)
             if row_mask is not None:
-                target = target[:, row_mask]
-            out_rows = _expand(self._estimate(rows, q, training), row_mask, 0)
+                target = target.index_select(1, row_mask)
+            out_rows = _expand(self._estimate(rows, q, training), row_mask, all_rows.shape[1])
             out = self._finish(out_rows, tokens, h, mask)
             return out, cross_entropy_to_codes(logits, target)
 
@@ -603,8 +605,8 @@ class VectorQuantize(nn.Module):
 
         if out_rows is None:
             out_rows = self._estimate(rows, q, training)
-        quantized = self._finish(_expand(out_rows, row_mask, 0), tokens, h, mask)
-        idx_out = self._merge_heads(_expand(idx, row_mask, -1), b, n)  # (B, N[, heads])
+        quantized = self._finish(_expand(out_rows, row_mask, all_rows.shape[1]), tokens, h, mask)
+        idx_out = self._merge_heads(_expand(idx, row_mask, all_rows.shape[1], -1), b, n)
         idx_out = idx_out.reshape(self._index_shape(tokens) + idx_out.shape[2:])
         loss = loss.float()
         if return_loss_breakdown:
@@ -627,7 +629,9 @@ class VectorQuantize(nn.Module):
         b, n = tokens.x.shape[:2]
         out = self._merge_heads(out_rows, b, n).to(h.dtype)  # (B, N, heads · d)
         out = self.project_out(out)
-        if mask is not None:
+        # masked rows come as zeros; they stay so unless a projection (its bias) moved them
+        if mask is not None and (self.has_projection
+                                 or not self.return_zeros_for_masked_padding):
             fill = torch.zeros_like(out) if self.return_zeros_for_masked_padding else tokens.x
             out = torch.where(mask[..., None], out, fill)
         return self._from_tokens(out, tokens).to(tokens.x.dtype)
@@ -825,14 +829,13 @@ class VectorQuantize(nn.Module):
     update_indices = update_ema_indices
 
 
-def _expand(kept: Tensor, row_mask: Tensor | None, fill: float) -> Tensor:
-    """Values ``(C, M', ...)`` of the kept rows back at their places among all ``M`` rows
-    (``fill`` elsewhere); differentiable."""
-    if row_mask is None:
+def _expand(kept: Tensor, positions: Tensor | None, num_rows: int, fill: float = 0) -> Tensor:
+    """Values ``(C, M', ...)`` of the kept rows back at their ``positions`` among all
+    ``num_rows`` rows (``fill`` elsewhere); differentiable."""
+    if positions is None:
         return kept
-    full = kept.new_full((kept.shape[0], row_mask.shape[0], *kept.shape[2:]), fill)
-    full[:, row_mask] = kept
-    return full
+    full = kept.new_full((kept.shape[0], num_rows, *kept.shape[2:]), fill)
+    return full.index_copy(1, positions, kept)
 
 
 def _gumbel_noise(t: Tensor) -> Tensor:
