@@ -465,3 +465,43 @@ def test_dead_codes_wait_for_the_warmup():
     vq.eval()
     vq(torch.randn(64, 3))
     assert int(vq.steps) == 4  # eval calls do not count
+
+
+def test_codebook_setter_keeps_written_codes_through_the_ema():
+    """The EMA recomputes the codes from its running sums: the setter writes both, so written
+    codes stay; writing the codes tensor alone lasts until the next recomputation."""
+    torch.manual_seed(18)
+    vq = VectorQuantize(dim=3, codebook_size=5, decay=0.8)
+    codes = torch.randn(5, 3)
+    vq.codebook = codes
+    vq._codebook.update_ema()
+    torch.testing.assert_close(vq.codebook, codes, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        vq.codebook.copy_(codes + 10.0)  # the codes only, not the sums
+    vq._codebook.update_ema()
+    torch.testing.assert_close(vq.codebook, codes, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("zeros", [True, False])
+def test_masked_positions_with_a_projection(zeros):
+    """Masked rows are dropped before the search; with a projection (whose bias would move a
+    zero row) they still come back as zeros, or as the input."""
+    torch.manual_seed(19)
+    vq = VectorQuantize(dim=8, codebook_size=6, codebook_dim=3,
+                        return_zeros_for_masked_padding=zeros)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    mask = torch.tensor([[True] * 5, [True, False, True, False, False]])
+    # the kept rows are quantized as in an unmasked call of them alone
+    vq.eval()
+    q_eval, idx_eval, _ = vq(x, mask=mask)
+    q_alone, idx_alone, _ = vq(x[mask][None])
+    assert torch.equal(idx_alone[0], idx_eval[mask])
+    torch.testing.assert_close(q_alone[0], q_eval[mask])
+    vq.train()
+    q, idx, loss = vq(x, mask=mask)
+    expected = torch.zeros_like(x[~mask]) if zeros else x[~mask]
+    assert torch.equal(q[~mask].detach(), expected.detach())
+    assert (idx[~mask] == -1).all() and (idx[mask] >= 0).all()
+    (q.sum() + loss).backward()
+    if not zeros:
+        assert torch.equal(x.grad[~mask], torch.ones_like(x.grad[~mask]))
