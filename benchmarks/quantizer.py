@@ -88,6 +88,10 @@ def make_layers(dim: int, codebook_size: int) -> dict[str, torch.nn.Module]:
                                commitment_weight=1.0),
         "library": LibraryVQ(dim=dim, codebook_size=codebook_size, decay=0.8,
                              commitment_weight=1.0),
+        # both layers above use the rotation trick (the library's default for dim > 1); this
+        # is the straight-through estimator the MLP model uses
+        "ours ST": VectorQuantize(dim=dim, codebook_size=codebook_size, decay=0.8,
+                                  commitment_weight=1.0, rotation_trick=False),
         "course cdist": CourseLayer(dim, codebook_size),
         "plain matmul": MatmulLayer(dim, codebook_size),
     }
