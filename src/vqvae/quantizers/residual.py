@@ -47,7 +47,11 @@ CODEBOOK_PATH_OPTIONS = frozenset({
     "sync_kmeans", "threshold_ema_dead_code", "dead_code_warmup_steps", "rotation_trick",
     "stochastic_sample_codes", "sample_codebook_temp", "sync_codebook", "max_search_bytes",
     "use_cosine_sim", "ema_update", "learnable_codebook", "route_gradients_to_input",
+    "codebook_init",
 })
+#: The layers' defaults of this residual quantizer (straight-through, N(0, 1) codes), where
+#: VectorQuantize's own follow the reference library.
+LAYER_DEFAULTS = {"rotation_trick": False, "codebook_init": "normal"}
 
 
 class ResidualOutput(NamedTuple):
@@ -252,7 +256,8 @@ class ResidualVQ(nn.Module):
         self.project_in = nn.Linear(dim, self.codebook_dim) if has_projection else nn.Identity()
         self.project_out = nn.Linear(self.codebook_dim, dim) if has_projection else nn.Identity()
         self.layers = nn.ModuleList(
-            VectorQuantize(self.codebook_dim, size, **layer_options) for size in sizes)
+            VectorQuantize(self.codebook_dim, size, **{**LAYER_DEFAULTS, **layer_options})
+            for size in sizes)
         if shared_codebook:
             # one Codebook module held by every layer: one tensor, one set of EMA buffers
             for layer in self.layers[1:]:
