@@ -261,7 +261,7 @@ class ResidualVQ(nn.Module):
         if shared_codebook:
             # one Codebook module held by every layer: one tensor, one set of EMA buffers
             for layer in self.layers[1:]:
-                layer.book = self.layers[0].book
+                layer._codebook = self.layers[0].book
             self.register_load_state_dict_pre_hook(_fill_shared_layers)
         if implicit_neural_codebook:
             cosine = bool(layer_options.get("use_cosine_sim", False))
@@ -276,7 +276,7 @@ class ResidualVQ(nn.Module):
         book = self.layers[depth].book
         if not self.implicit_neural_codebook or depth == 0:
             return book
-        return ConditionedCodes(self.mlps[depth - 1], book.vectors(), condition)
+        return ConditionedCodes(self.mlps[depth - 1], book.vectors()[0], condition)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_sizes}, "
@@ -614,7 +614,7 @@ class ResidualVQ(nn.Module):
             book = self.layers[depth].book
             codes_here = self.codes_at(depth, total)
             codes = codes_here.codes if isinstance(codes_here, ConditionedCodes) \
-                else book.vectors()  # (N, K, d) per row, or (K, d)
+                else book.vectors()[0]  # (N, K, d) per row, or (K, d)
             if book.use_cosine_sim:
                 logits = (book.prepare(residual).unsqueeze(-2) * codes).sum(-1)
             elif codes.ndim == 3:

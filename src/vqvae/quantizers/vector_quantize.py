@@ -199,7 +199,8 @@ class VectorQuantize(nn.Module):
         check_not_meta("VectorQuantize")
         check_positive_int("dim", dim)
         check_positive_int("codebook_size", codebook_size)
-        check_optional_probability("decay", decay)
+        # decay 1 freezes the EMA statistics (the codes stay where they were written)
+        check_optional_probability("decay", decay, include_one=True)
         require(codebook_dim is None or (isinstance(codebook_dim, int) and codebook_dim >= 1),
                 f"codebook_dim must be None or a positive int, got {codebook_dim!r}")
         require(isinstance(heads, int) and heads >= 1, f"heads must be a positive int, got "
