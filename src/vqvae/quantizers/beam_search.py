@@ -11,7 +11,8 @@ and ``w_l`` the depth's weight in the score. At each depth every kept path is ex
 one after the last depth). With ``beam_size ≥ Π_{l<L} K_l`` every path survives and the result
 is the exhaustive optimum; ``beam_size = 1`` is the greedy search.
 
-Only the codes are read (``Codebook.vectors()``, one codebook per depth), so any codebook works, and nothing changes.
+Only the codes are read (``Codebook.vectors()``, one codebook per depth), so any codebook
+works, and nothing changes.
 """
 
 from __future__ import annotations
