@@ -5,8 +5,9 @@ commitment_weight=1.0) of each layer, in the same process, alternating between t
 machine noise hits both alike, and prints medians and the ratio ours / library. Two simple
 baselines are timed beside them: the course's layer (``torch.cdist`` + argmin + straight-through,
 learnable codebook) and a plain matmul layer (``addmm`` + argmin + straight-through, no codebook
-update). A second table gives the peak extra memory of one call on a (65536, 256) batch against
-8192 codes, each measured in a fresh subprocess.
+update). A second table times two calls off the common path (a padding mask; eight heads
+on an image feature map), ours against the library. A third gives the peak extra memory of one
+call on a (65536, 256) batch against 8192 codes, each measured in a fresh subprocess.
 
 The speed table is printed twice: first with glibc's allocator as a new process has it
 ("fresh": large temporaries come from fresh mmaps, page faults on every call), then "settled",
@@ -42,6 +43,15 @@ import torch.nn.functional as F
 from vqvae import VectorQuantize
 
 CPU_SHAPES = [((128, 16, 16), 512), ((8, 1024, 256), 512)]
+#: Options beyond the common path, ours against the library with the same arguments:
+#: name -> (constructor options, input shape, whether the call gets a padding mask).
+OPTION_CASES = {
+    "masked": (dict(dim=64, codebook_size=512), (8, 1024, 64), True),
+    # the README's multi-head call (codebook_dim=32: 8 heads of 32 make up dim, so no
+    # projection), with its shared codebook
+    "heads=8 image": (dict(dim=256, codebook_size=512, codebook_dim=32, heads=8,
+                           accept_image_fmap=True), (8, 256, 16, 16), False),
+}
 CUDA_SHAPES = CPU_SHAPES + [((64, 4096, 256), 8192)]
 MEMORY_CASE = ((65536, 256), 8192)
 
@@ -84,9 +94,44 @@ def make_layers(dim: int, codebook_size: int) -> dict[str, torch.nn.Module]:
                                commitment_weight=1.0),
         "library": LibraryVQ(dim=dim, codebook_size=codebook_size, decay=0.8,
                              commitment_weight=1.0),
+        # both layers above use the rotation trick (the library's default for dim > 1); this
+        # is the straight-through estimator the MLP model uses
+        "ours ST": VectorQuantize(dim=dim, codebook_size=codebook_size, decay=0.8,
+                                  commitment_weight=1.0, rotation_trick=False),
         "course cdist": CourseLayer(dim, codebook_size),
         "plain matmul": MatmulLayer(dim, codebook_size),
     }
+
+
+class WithMask(torch.nn.Module):
+    """Calls ``layer(x, mask=mask)``: a padding mask (each sequence a random length)."""
+
+    def __init__(self, layer: torch.nn.Module, mask: torch.Tensor):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return self.layer(x, mask=self.mask)
+
+
+def time_option_case(name: str, device: torch.device, repeats: int, warmup: int) -> dict:
+    from vector_quantize_pytorch import VectorQuantize as LibraryVQ
+
+    options, shape, masked = OPTION_CASES[name]
+    torch.manual_seed(0)
+    layers = {"ours": VectorQuantize(**options), "library": LibraryVQ(**options)}
+    if masked:
+        lengths = torch.randint(shape[1] // 2, shape[1] + 1, (shape[0],))
+        mask = torch.arange(shape[1])[None] < lengths[:, None]
+        layers = {k: WithMask(v, mask) for k, v in layers.items()}
+    layers = {k: v.to(device).train() for k, v in layers.items()}
+    x = torch.randn(shape, device=device, requires_grad=True)
+    medians = alternating_medians(layers, x, device, repeats, warmup)
+    return {"device": device.type, "case": name, "options": {k: v for k, v in options.items()},
+            "shape": list(shape), "median_ms": medians,
+            "ratio_ours_over_library": medians["ours"] / medians["library"],
+            "repeats": repeats}
 
 
 def settle_allocator() -> None:
@@ -316,6 +361,14 @@ def main() -> None:
         print_speed_table(rows)
         speed[state] = rows
 
+    options = [time_option_case(name, device, args.repeats, args.warmup)
+               for device in devices for name in OPTION_CASES]
+    print(f"\nOptions, forward + backward of one training call, median of {args.repeats}:\n")
+    print_markdown([["device", "case", "input", "ours (ms)", "library (ms)", "ours / library"]]
+                   + [[r["device"], r["case"], str(tuple(r["shape"])),
+                       f"{r['median_ms']['ours']:.2f}", f"{r['median_ms']['library']:.2f}",
+                       f"{r['ratio_ours_over_library']:.3f}"] for r in options])
+
     memory = []
     if not args.skip_memory:
         for device in devices:
@@ -329,7 +382,8 @@ def main() -> None:
             [m["device"], m["layer"], f"{m['peak_extra_gib']:.3f}"] for m in memory])
 
     families = run_families(args.families, args.repeats)
-    write_json(args.json, {"speed": speed, "memory": memory, "families": families})
+    write_json(args.json, {"speed": speed, "options": options, "memory": memory,
+                           "families": families})
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def test_distances_and_lookup_match_numpy():
     assert looked_up.shape == (3, 10, 4)
     assert torch.equal(looked_up.detach().reshape(30, 4), book.codebook.detach()[indices])
     looked_up.sum().backward()  # a learnable codebook gets the gradient of its codes
-    np.testing.assert_array_equal(book.codebook.grad.sum(-1).numpy(),
+    np.testing.assert_array_equal(book.embed.grad[0].sum(-1).numpy(),
                                   4 * np.bincount(indices.numpy(), minlength=9))
 
 
@@ -136,25 +136,24 @@ def test_weighted_statistics_match_numpy_and_zero_weight_masks_rows():
         book.statistics(x, indices, weight[:10])
 
 
-def numpy_ema(codebook, cluster_size, counts, sums, decay, eps):
-    """Sonnet's VectorQuantizerEMA step, with the running sums rebuilt from the codebook."""
+def numpy_ema(embed_sum, cluster_size, counts, sums, decay, eps):
+    """Sonnet's VectorQuantizerEMA step: ``(codes, cluster sizes, running sums)``."""
     k = len(cluster_size)
 
     def smoothed(size):
         n = size.sum()
         return (size + eps) / (n + k * eps) * n
 
-    embed_sum = codebook * smoothed(cluster_size)[:, None]
     embed_sum = decay * embed_sum + (1 - decay) * sums
     cluster_size = decay * cluster_size + (1 - decay) * counts
-    return embed_sum / smoothed(cluster_size)[:, None], cluster_size
+    return embed_sum / smoothed(cluster_size)[:, None], cluster_size, embed_sum
 
 
 def test_ema_update_matches_numpy_float64():
     torch.manual_seed(4)
     decay, eps = 0.7, 1e-3
     book = Codebook(8, 3, decay=decay, eps=eps).double()
-    codebook, cluster_size = book.codebook.numpy().copy(), book.cluster_size.numpy().copy()
+    embed_sum, cluster_size = book.embed_avg[0].numpy().copy(), book.cluster_size[0].numpy().copy()
     for step in range(1, 4):
         x = torch.randn(40, 3, dtype=torch.float64)
         indices = book.search(x)
@@ -162,8 +161,9 @@ def test_ema_update_matches_numpy_float64():
         sums = np.zeros((8, 3))
         np.add.at(sums, indices.numpy(), x.numpy())
         book.update(book.statistics(x, indices), x)
-        codebook, cluster_size = numpy_ema(codebook, cluster_size, counts, sums, decay, eps)
-        np.testing.assert_allclose(book.cluster_size.numpy(), cluster_size, rtol=1e-13)
+        codebook, cluster_size, embed_sum = numpy_ema(embed_sum, cluster_size, counts, sums,
+                                                      decay, eps)
+        np.testing.assert_allclose(book.cluster_size[0].numpy(), cluster_size, rtol=1e-13)
         np.testing.assert_allclose(book.codebook.numpy(), codebook, rtol=1e-11, atol=1e-13)
         assert int(book.steps) == step
 
@@ -174,16 +174,16 @@ def test_float32_ema_update_matches_numpy(backend, monkeypatch):
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
     torch.manual_seed(5)
     book = Codebook(16, 4, decay=0.9)
-    codebook = book.codebook.double().numpy().copy()
-    cluster_size = book.cluster_size.double().numpy().copy()
+    embed_sum = book.embed_avg[0].double().numpy().copy()
+    cluster_size = book.cluster_size[0].double().numpy().copy()
     x = torch.randn(120, 4)
     indices = torch.randint(0, 16, (120,))
     counts = np.bincount(indices.numpy(), minlength=16).astype(float)
     sums = np.zeros((16, 4))
     np.add.at(sums, indices.numpy(), x.double().numpy())
     book.update(book.statistics(x, indices), x)
-    codebook, cluster_size = numpy_ema(codebook, cluster_size, counts, sums, 0.9, 1e-5)
-    np.testing.assert_allclose(book.cluster_size.numpy(), cluster_size, rtol=1e-6)
+    codebook, cluster_size, _ = numpy_ema(embed_sum, cluster_size, counts, sums, 0.9, 1e-5)
+    np.testing.assert_allclose(book.cluster_size[0].numpy(), cluster_size, rtol=1e-6)
     np.testing.assert_allclose(book.codebook.numpy(), codebook, rtol=1e-5, atol=1e-6)
 
 
@@ -209,10 +209,8 @@ def test_learnable_update_only_counts_the_step():
     book = Codebook(5, 2, decay=None)
     before = state(book)
     book.update(None, torch.randn(3, 2))
-    after = state(book)
-    assert int(after.pop("steps")) == 1
-    before.pop("steps")
-    assert_state_equal(before, after)
+    assert int(book.steps) == 1  # counted (not saved: the reference layout has no steps)
+    assert_state_equal(before, state(book))
 
 
 def test_reading_operations_leave_every_buffer_bit_identical():
@@ -241,7 +239,8 @@ def test_restart_moves_only_dead_codes_onto_rows():
     assert torch.equal(book.codebook[~dead], before[~dead])
     for code in book.codebook[dead]:
         assert (rows == code).all(-1).any()  # each restarted code is one of the rows
-    assert book.cluster_size[dead].tolist() == [1.0, 1.0]
+    assert book.cluster_size[0][dead].tolist() == [1.0, 1.0]
+    assert torch.equal(book.embed_avg[0][dead], book.codebook[dead])  # row · threshold 1
 
 
 # ---------------------------------------------------------------------------- guards
@@ -268,10 +267,10 @@ def test_non_finite_input_changes_nothing():
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(decay=1.0), "decay"),
+    (dict(decay=1.5), "decay"),
     (dict(eps=0.0), "eps"),
     (dict(kmeans_iters=0), "kmeans_iters"),
-    (dict(decay=None, threshold_ema_dead_code=1.0), "needs the EMA"),
+    (dict(init="uniform"), "init"),
     (dict(dead_code_warmup_steps=-1), "dead_code_warmup_steps"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
@@ -288,7 +287,7 @@ def test_initialize_runs_kmeans_and_marks_the_codebook():
     book.initialize(x)
     assert not book.kmeans_pending and bool(book.initialized)
     assert torch.cdist(centres, book.codebook).min(dim=1).values.max() < 0.05
-    assert book.cluster_size.tolist() == [30.0, 30.0, 30.0]
+    assert book.cluster_size.tolist() == [[30.0, 30.0, 30.0]]
 
 
 # ---------------------------------------------------------------------------- kmeans options
@@ -374,14 +373,16 @@ def test_estimator_backward_equals_autograd_on_the_textbook_expression(
         decay, commitment_weight, codebook_weight):
     torch.manual_seed(13)
     vq = VectorQuantize(5, 7, decay=decay, commitment_weight=commitment_weight,
-                        codebook_weight=codebook_weight).double().eval()
+                        codebook_weight=codebook_weight, rotation_trick=False).double()
     x = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(4, 6, 5, dtype=torch.float64)
     grad_loss = 0.75  # exact in float32: the layer returns its loss as float32
-    quantized, indices, loss = vq(x)
+    # a training call (eval returns no loss) that leaves an EMA codebook as it was
+    quantized, indices, loss = vq(x, freeze_codebook=decay is not None)
     (quantized * grad_out).sum().add(loss * grad_loss).backward()
     ours_x = x.grad.clone()
-    ours_codes = None if vq.codebook.grad is None else vq.codebook.grad.clone()
+    grad = vq._codebook.embed.grad
+    ours_codes = None if grad is None else grad[0].clone()
 
     x.grad = None
     codes = vq.codebook.detach().clone().requires_grad_(decay is None)
@@ -396,7 +397,7 @@ def test_estimator_backward_equals_autograd_on_the_textbook_expression(
     if decay is None:
         torch.testing.assert_close(ours_codes, codes.grad, rtol=1e-13, atol=1e-15)
     else:
-        assert ours_codes is None and not vq.codebook.requires_grad
+        assert ours_codes is None and not vq._codebook.embed.requires_grad
 
 
 def test_quantize_backward_equals_textbook_for_both_inputs():
@@ -458,24 +459,47 @@ CHECKPOINT_MODULES = {
 def test_checkpoints_of_the_flat_layout_load_and_decode_the_same(name):
     """State dicts written before the codebook was a module of its own (its buffers directly
     on each VectorQuantize; SAVED below, from two training steps after ``manual_seed(0)``)
-    load strictly, save back under the same keys in the same order, and give the recorded
-    eval outputs bit for bit."""
+    load strictly, save back in the current layout (``_codebook.embed`` (1, K, D) ...) with
+    the same values, and give the recorded eval outputs bit for bit."""
     saved = SAVED[name]
     torch.manual_seed(1)  # other starting values, so that loading must overwrite them all
     module = CHECKPOINT_MODULES[name]()
-    module.load_state_dict({key: tensor(entry) for key, entry in saved["state"].items()})
+    old = {key: tensor(entry) for key, entry in saved["state"].items()}
+    module.load_state_dict(dict(old))
     written = module.state_dict()
     if name == "grvq_shared":
-        # a shared codebook is now written under every depth's keys (the library's layout),
-        # each an alias of the first depth's
+        # a shared codebook is written under every depth's keys (the library's layout), each
+        # an alias of the first depth's
         for key in list(written):
             if ".layers." in key and ".layers.0." not in key:
                 prefix, rest = key.split(".layers.")
                 first = f"{prefix}.layers.0.{rest.split('.', 1)[1]}"
                 assert torch.equal(written.pop(key), written[first]), key
-    assert list(written) == list(saved["state"])
-    for key, entry in saved["state"].items():
-        assert torch.equal(written[key], tensor(entry)), key
+    expected = {}
+    for key, value in old.items():
+        prefix, _, leaf = key.rpartition(".")
+        prefix = prefix + "." if prefix else ""
+        if leaf == "steps":  # not saved any more
+            continue
+        if leaf == "codebook":
+            expected[f"{prefix}_codebook.embed"] = value[None]
+            size = old[f"{prefix}cluster_size"].double()
+            n = size.sum()
+            smoothed = (size + 1e-5) / (n + len(size) * 1e-5) * n
+            # the running sums the old EMA kept implicitly: codes · smoothed sizes
+            expected[f"{prefix}_codebook.embed_avg"] = (value.double() * smoothed[:, None])[None]
+        elif leaf == "cluster_size":
+            expected[f"{prefix}_codebook.cluster_size"] = value[None]
+        elif leaf == "initialized":
+            expected[f"{prefix}_codebook.initted"] = value
+        else:
+            expected[key] = value
+    assert sorted(written) == sorted(expected)
+    for key, value in expected.items():
+        if key.endswith("embed_avg"):
+            torch.testing.assert_close(written[key].double(), value, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(written[key], value), key
     with torch.no_grad():
         quantized, indices, _ = module.eval()(tensor(saved["x"]))
     if name.startswith("grvq"):

@@ -48,10 +48,11 @@ def tiny_model(model: str, quantizer: str, seed: int = 0, **options) -> VQVAE:
         project_in = getattr(vqvae.quantizer, "project_in", None)
         if isinstance(project_in, torch.nn.Linear):  # codes live in the projected space
             z = project_in(z)
-        for name, buffer in vqvae.quantizer.named_buffers():
-            if name.endswith("codebook"):
-                rows = torch.randint(len(z), (buffer.shape[0],))
-                buffer.copy_(z[rows, :buffer.shape[1]] * 0.5)
+        quantizer = vqvae.quantizer
+        for name, buffer in [*quantizer.named_buffers(), *quantizer.named_parameters()]:
+            if name.endswith("embed"):  # (C, K, d), a parameter for a learnable codebook
+                rows = torch.randint(len(z), buffer.shape[:2])
+                buffer.copy_(z[rows, :buffer.shape[2]] * 0.5)
     return vqvae
 
 
@@ -130,7 +131,7 @@ def test_quantizer_programs_equal_eager_eval(model, quantizer):
         assert torch.equal(indices, q(z).indices)
         assert torch.equal(program.decode(indices), q.decode(indices))
     if quantizer == "ours":  # the first depth by brute force in float64
-        codes = q.book.vectors().double()
+        codes = q.book.vectors()[0].double()  # (K, d) of the one codebook
         brute = torch.cdist(z.double().reshape(-1, 4), codes).argmin(-1)
         assert torch.equal(indices.reshape(-1), brute)
 

@@ -400,11 +400,11 @@ def test_train_step_refuses_a_non_finite_loss_and_changes_nothing():
 @pytest.mark.parametrize("command", ["encode", "sample", "reconstruct"])
 def test_a_non_finite_weight_in_a_checkpoint_is_refused(run_copy, tmp_path, capsys, command):
     checkpoint = torch.load(run_copy / CHECKPOINT, weights_only=True)
-    key = next(k for k in checkpoint["model"] if k.endswith("codebook"))
-    checkpoint["model"][key][3, 0] = float("nan")
+    key = next(k for k in checkpoint["model"] if k.endswith(".embed"))  # codes (C, K, D)
+    checkpoint["model"][key][..., 3, 0] = float("nan")
     torch.save(checkpoint, run_copy / CHECKPOINT)
     weights = load_file(run_copy / "model.safetensors")
-    weights[key][3, 0] = float("nan")
+    weights[key][..., 3, 0] = float("nan")
     save_file(weights, run_copy / "model.safetensors")
     extra = {"encode": ["--out", tmp_path / "c.json"], "sample": ["--num", "2"],
              "reconstruct": []}[command]

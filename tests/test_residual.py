@@ -213,8 +213,8 @@ def test_shared_codebook_is_one_tensor_updated_once_from_all_depths():
     pointers = {layer.codebook.data_ptr() for layer in rvq.layers}
     assert len(pointers) == 1
     # every layer holds the one codebook, under its own keys (the library's layout)
-    assert [key for key in rvq.state_dict() if key.endswith("codebook")] == \
-        [f"layers.{depth}.codebook" for depth in range(depths)]
+    assert [key for key in rvq.state_dict() if key.endswith("embed")] == \
+        [f"layers.{depth}._codebook.embed" for depth in range(depths)]
 
     codebook = rvq.codebooks[0].numpy().copy()
     cluster_size = rvq.layers[0].cluster_size.numpy().copy()
@@ -391,7 +391,7 @@ def test_quantize_dropout_leaves_dropped_layers_untouched_and_groups_agree():
         after = state(grvq)
         for g in range(2):
             for depth in range(4):
-                key = f"rvqs.{g}.layers.{depth}.codebook"
+                key = f"rvqs.{g}.layers.{depth}._codebook.embed"
                 assert torch.equal(before[key], after[key]) == (depth >= n), key
 
 
@@ -506,7 +506,7 @@ def test_decode_refuses_bad_indices():
     (dict(quantize_dropout_min_layers=0), "quantize_dropout_min_layers"),
     (dict(heads=2), "heads"),
     (dict(eval_beam_size=4), "eval_beam_size"),
-    (dict(decay=1.0), "decay"),
+    (dict(decay=1.5), "decay"),
 ])
 def test_bad_options_are_refused(kwargs, match):
     options = dict(dim=4, codebook_size=8, num_quantizers=3) | kwargs

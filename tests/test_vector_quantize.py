@@ -28,8 +28,7 @@ SEED_VECTORS = torch.tensor([
 
 def make_vq(codebook: torch.Tensor, **kwargs) -> VectorQuantize:
     vq = VectorQuantize(dim=codebook.shape[1], codebook_size=codebook.shape[0], **kwargs)
-    with torch.no_grad():
-        vq.codebook.copy_(codebook)
+    vq.codebook = codebook  # the setter keeps the EMA sums in step with the codes
     return vq
 
 
@@ -41,7 +40,7 @@ def pairwise_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("decay", [0.8, None])
 @pytest.mark.parametrize("training", [True, False])
 def test_seed_worked_example(decay, training):
-    vq = make_vq(SEED_CODEBOOK, decay=decay).train(training)
+    vq = make_vq(SEED_CODEBOOK, decay=decay, rotation_trick=False).train(training)
     x = SEED_VECTORS.clone().requires_grad_(True)
     quantized, indices, loss = vq(x)
     assert indices.tolist() == [[1, 3, 0], [1, 1, 2]]
@@ -51,7 +50,9 @@ def test_seed_worked_example(decay, training):
     quantized.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))  # straight-through
     expected_mse = ((SEED_VECTORS - SEED_CODEBOOK[indices]) ** 2).mean()
-    expected_loss = expected_mse * (1 if decay is not None else 2)
+    # the commitment term in training (a learnable codebook's one term trains both sides);
+    # an eval call returns no loss, as the reference library's
+    expected_loss = expected_mse if training else torch.zeros(())
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
 
 
@@ -190,7 +191,7 @@ def test_eval_leaves_state_bit_identical_and_training_changes_it(kwargs):
     vq(x)
     after = state(vq)
     if kwargs["decay"] is not None or kwargs.get("kmeans_init"):
-        assert not torch.equal(before["codebook"], after["codebook"])
+        assert not torch.equal(before["_codebook.embed"], after["_codebook.embed"])
 
 
 def test_kmeans_init_recovers_separated_centres():
@@ -254,17 +255,17 @@ def test_learnable_codebook_gets_gradient_and_ema_codebook_does_not():
     torch.manual_seed(7)
     x = torch.randn(40, 4)
     learnable = VectorQuantize(dim=4, codebook_size=8, decay=None)
-    assert isinstance(learnable.codebook, torch.nn.Parameter)
+    assert isinstance(learnable._codebook.embed, torch.nn.Parameter)
     _, indices, loss = learnable(x)
     loss.backward()
     used = torch.zeros(8, dtype=torch.bool)
     used[indices.unique()] = True
-    assert learnable.codebook.grad[used].abs().sum(-1).min() > 0
-    assert torch.all(learnable.codebook.grad[~used] == 0)
+    assert learnable._codebook.embed.grad[0][used].abs().sum(-1).min() > 0
+    assert torch.all(learnable._codebook.embed.grad[0][~used] == 0)
 
     ema = VectorQuantize(dim=4, codebook_size=8, decay=0.8)
     assert not ema.codebook.requires_grad
-    assert "codebook" not in dict(ema.named_parameters())
+    assert not dict(ema.named_parameters())
     _, _, loss = ema(x.requires_grad_(True))
     loss.backward()
     assert ema.codebook.grad is None
@@ -274,10 +275,16 @@ def test_loss_weights():
     torch.manual_seed(8)
     x = torch.randn(30, 4)
     vq = VectorQuantize(dim=4, codebook_size=8, decay=None, commitment_weight=0.25,
-                        codebook_weight=2.0).eval()
+                        codebook_weight=2.0)
     q, _, loss = vq(x)
-    mse = ((x - q) ** 2).mean()
+    mse = ((x - q.detach()) ** 2).mean()
     assert loss.item() == pytest.approx((2.25 * mse).item(), rel=1e-6)
+    # without codebook_weight, the library's single term: commitment_weight · mse
+    single = VectorQuantize(dim=4, codebook_size=8, decay=None, commitment_weight=0.25)
+    q, _, loss = single(x)
+    assert loss.item() == pytest.approx((0.25 * ((x - q.detach()) ** 2).mean()).item(),
+                                        rel=1e-6)
+    assert float(single.eval()(x).loss) == 0.0
 
 
 def test_rotation_trick_gradient_matches_explicit_rotation():
@@ -421,9 +428,9 @@ def test_decode_refuses_bad_indices():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(decay=1.0), "decay"),
+    (dict(decay=1.5), "decay"),
     (dict(codebook_size=0), "codebook_size"),
-    (dict(decay=None, threshold_ema_dead_code=1), "EMA"),
+    (dict(decay=0.8, learnable_codebook=True, ema_update=True), "EMA"),
     (dict(sample_codebook_temp=-1), "sample_codebook_temp"),
 ])
 def test_bad_options_are_refused(kwargs, match):
@@ -446,8 +453,9 @@ def test_dead_codes_wait_for_the_warmup():
     torch.manual_seed(17)
     vq = VectorQuantize(dim=3, codebook_size=16, threshold_ema_dead_code=1.0,
                         dead_code_warmup_steps=3)
-    with torch.no_grad():
-        vq.codebook[8:] += 50.0  # never chosen by the data below
+    codes = vq.codebook.clone()
+    codes[8:] += 50.0  # never chosen by the data below
+    vq.codebook = codes
     far = vq.codebook[8:].clone()
     for step in range(1, 5):
         vq(torch.randn(64, 3))
@@ -457,3 +465,43 @@ def test_dead_codes_wait_for_the_warmup():
     vq.eval()
     vq(torch.randn(64, 3))
     assert int(vq.steps) == 4  # eval calls do not count
+
+
+def test_codebook_setter_keeps_written_codes_through_the_ema():
+    """The EMA recomputes the codes from its running sums: the setter writes both, so written
+    codes stay; writing the codes tensor alone lasts until the next recomputation."""
+    torch.manual_seed(18)
+    vq = VectorQuantize(dim=3, codebook_size=5, decay=0.8)
+    codes = torch.randn(5, 3)
+    vq.codebook = codes
+    vq._codebook.update_ema()
+    torch.testing.assert_close(vq.codebook, codes, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        vq.codebook.copy_(codes + 10.0)  # the codes only, not the sums
+    vq._codebook.update_ema()
+    torch.testing.assert_close(vq.codebook, codes, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("zeros", [True, False])
+def test_masked_positions_with_a_projection(zeros):
+    """Masked rows are dropped before the search; with a projection (whose bias would move a
+    zero row) they still come back as zeros, or as the input."""
+    torch.manual_seed(19)
+    vq = VectorQuantize(dim=8, codebook_size=6, codebook_dim=3,
+                        return_zeros_for_masked_padding=zeros)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    mask = torch.tensor([[True] * 5, [True, False, True, False, False]])
+    # the kept rows are quantized as in an unmasked call of them alone
+    vq.eval()
+    q_eval, idx_eval, _ = vq(x, mask=mask)
+    q_alone, idx_alone, _ = vq(x[mask][None])
+    assert torch.equal(idx_alone[0], idx_eval[mask])
+    torch.testing.assert_close(q_alone[0], q_eval[mask])
+    vq.train()
+    q, idx, loss = vq(x, mask=mask)
+    expected = torch.zeros_like(x[~mask]) if zeros else x[~mask]
+    assert torch.equal(q[~mask].detach(), expected.detach())
+    assert (idx[~mask] == -1).all() and (idx[mask] >= 0).all()
+    (q.sum() + loss).backward()
+    if not zeros:
+        assert torch.equal(x.grad[~mask], torch.ones_like(x.grad[~mask]))

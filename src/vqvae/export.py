@@ -117,12 +117,16 @@ class VectorQuantizeProgram(QuantizerProgram):
 
     def __init__(self, vq: VectorQuantize):
         super().__init__()
+        if vq.heads != 1:
+            raise NotImplementedError(
+                f"exporting a VectorQuantize with heads={vq.heads} is not supported: the "
+                "exported search is one nearest code per vector in one codebook")
         self.vq = vq
 
     def encode(self, z: Tensor) -> Tensor:
         vq = self.vq
         h = vq.book.prepare(vq.project_in(z.reshape(-1, vq.dim)))  # (N, codebook_dim)
-        return nearest(h, vq.book.vectors()).reshape(z.shape[:-1])
+        return nearest(h, vq.book.vectors()[0]).reshape(z.shape[:-1])
 
     def decode(self, indices: Tensor) -> Tensor:
         return self.vq.project_out(self.vq.book.lookup(indices))
@@ -152,7 +156,7 @@ class ResidualProgram(QuantizerProgram):
         codes = []
         for depth in range(rvq.num_quantizers):
             book = rvq.layer_at(depth).book
-            index = nearest(residual, book.vectors())  # (N,)
+            index = nearest(residual, book.vectors()[0])  # (N,)
             residual = residual - book.lookup(index).to(residual.dtype)
             codes.append(index)
         return torch.stack(codes, dim=-1).reshape(*z.shape[:-1], rvq.num_quantizers)

@@ -29,6 +29,9 @@ OURS_DEFAULTS: dict[str, Any] = {
     "kmeans_init": False,
     "threshold_ema_dead_code": 1.0,
     "dead_code_warmup_steps": 1000,
+    # this project's choices where VectorQuantize's defaults follow the reference library
+    "rotation_trick": False,
+    "codebook_init": "normal",
 }
 
 #: Options of ours on the conv model, over the MNIST models' (README, "Beyond 28x28 digits",
@@ -55,7 +58,8 @@ RESIDUAL_DEFAULTS: dict[str, Any] = {**OURS_DEFAULTS, "commitment_weight": None}
 #: threshold, and straight-through gradients (the library's default is the rotation trick). It
 #: has no warm-up before dead-code restarts: its restarts start at the first step.
 LIBRARY_RESIDUAL_DEFAULTS: dict[str, Any] = {
-    **{k: v for k, v in RESIDUAL_DEFAULTS.items() if k != "dead_code_warmup_steps"},
+    **{k: v for k, v in RESIDUAL_DEFAULTS.items()
+       if k not in ("dead_code_warmup_steps", "codebook_init")},
     "rotation_trick": False,
 }
 

@@ -11,7 +11,8 @@ and ``w_l`` the depth's weight in the score. At each depth every kept path is ex
 one after the last depth). With ``beam_size ≥ Π_{l<L} K_l`` every path survives and the result
 is the exhaustive optimum; ``beam_size = 1`` is the greedy search.
 
-Only the codes are read (``Codebook.vectors()``), so any codebook works, and nothing changes.
+Only the codes are read (``Codebook.vectors()``, one codebook per depth), so any codebook
+works, and nothing changes.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def beam_search(x: Tensor, books: Sequence[Codebook], *, beam_size: int,
     terms = x.new_zeros(count, 1, 0)  # (N, P, l)
     last = len(books) - 1
     for depth, book in enumerate(books):
-        codes = book.vectors().detach().to(x.dtype)  # (K, D)
+        codes = book.vectors()[0].detach().to(x.dtype)  # (K, D): one codebook per depth
         kept = residual.shape[1]
         flat = residual.reshape(-1, dim)  # (N·P, D)
         offset = flat.pow(2).sum(-1, keepdim=True) + codes.pow(2).sum(-1)

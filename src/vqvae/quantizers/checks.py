@@ -73,13 +73,15 @@ def check_positive_int(name: str, value: object) -> None:
                                   f"({type(value).__name__})")
 
 
-def check_optional_probability(name: str, value: object) -> None:
-    """:class:`QuantizerInputError` unless ``value`` is ``None`` or a finite number in [0, 1)."""
+def check_optional_probability(name: str, value: object, *, include_one: bool = False) -> None:
+    """:class:`QuantizerInputError` unless ``value`` is ``None`` or a finite number in [0, 1)
+    (in [0, 1] with ``include_one``)."""
     if value is None:
         return
-    if not _is_number(value) or not 0 <= value < 1:
-        raise QuantizerInputError(f"{name} must be None or a number in [0, 1), got {value!r} "
-                                  f"({type(value).__name__})")
+    if not _is_number(value) or not (0 <= value < 1 or (include_one and value == 1)):
+        bound = "]" if include_one else ")"
+        raise QuantizerInputError(f"{name} must be None or a number in [0, 1{bound}, got "
+                                  f"{value!r} ({type(value).__name__})")
 
 
 def check_not_meta(what: str) -> None:

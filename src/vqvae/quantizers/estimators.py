@@ -137,3 +137,65 @@ def quantize_residual(x: Tensor, q_sum: Tensor, residual_sum: Tensor | None, sq_
     """
     return _QuantizeResidual.apply(x, q_sum, residual_sum, sq_sum, float(commitment_weight),
                                    rotation)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output estimators of VectorQuantize, one function each, chosen once when the layer is built:
+# ``estimator(x, q) -> output`` with the value of ``q`` (up to rounding) and the gradient rule
+# of its name. ``x`` and ``q`` are (..., D).
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor):
+        return q.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return grad_out, None
+
+
+def straight_through(x: Tensor, q: Tensor) -> Tensor:
+    """``x + sg(q - x)``: the gradient passes to ``x`` unchanged, none to ``q``. The value is
+    ``q`` exactly (the textbook expression rounds)."""
+    return _StraightThrough.apply(x, q)
+
+
+class _Rotate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor):
+        ctx.save_for_backward(*_rotation(x, q))
+        return q.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return _rotate_back(grad_out, *ctx.saved_tensors), None
+
+
+def rotation_trick(x: Tensor, q: Tensor) -> Tensor:
+    """Rotation trick (Fifty et al., 2024): value ``q``, ``x`` receives ``λ Rᵀ g``."""
+    return _Rotate.apply(x, q)
+
+
+def directional_reparam(x: Tensor, q: Tensor, variance: float) -> Tensor:
+    """DiVeQ (Vali et al., 2025): ``x + sg(d̃) · ||q - x||`` with ``d̃`` the unit vector of
+    ``q - x + sqrt(variance) · N(0, I)``. The value is ``q`` moved along a noisy direction at the
+    exact distance; ``x`` gets ``(I - d̃ eᵀ) g`` and ``q`` gets ``d̃ eᵀ g`` (``e`` the unit
+    error)."""
+    error = q - x
+    noisy = error.detach()
+    if variance > 0:
+        noisy = noisy + variance ** 0.5 * torch.randn_like(noisy)
+    direction = F.normalize(noisy, dim=-1)
+    return x + direction * error.norm(dim=-1, keepdim=True)
+
+
+def no_gradient_to_input(x: Tensor, q: Tensor) -> Tensor:
+    """``q`` itself: only the codes (a learnable codebook) receive the gradient."""
+    return q
+
+
+def sync_update(output: Tensor, q: Tensor, nu: float) -> Tensor:
+    """Synchronised update (Huh et al., 2023, vqtorch eq. 21): ``output + ν q - sg(ν q)``: the
+    value is unchanged, the codes additionally receive ``ν`` times the output's gradient."""
+    return output + nu * q - (nu * q).detach()

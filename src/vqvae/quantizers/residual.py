@@ -47,7 +47,11 @@ CODEBOOK_PATH_OPTIONS = frozenset({
     "sync_kmeans", "threshold_ema_dead_code", "dead_code_warmup_steps", "rotation_trick",
     "stochastic_sample_codes", "sample_codebook_temp", "sync_codebook", "max_search_bytes",
     "use_cosine_sim", "ema_update", "learnable_codebook", "route_gradients_to_input",
+    "codebook_init",
 })
+#: The layers' defaults of this residual quantizer (straight-through, N(0, 1) codes), where
+#: VectorQuantize's own follow the reference library.
+LAYER_DEFAULTS = {"rotation_trick": False, "codebook_init": "normal"}
 
 
 class ResidualOutput(NamedTuple):
@@ -252,11 +256,12 @@ class ResidualVQ(nn.Module):
         self.project_in = nn.Linear(dim, self.codebook_dim) if has_projection else nn.Identity()
         self.project_out = nn.Linear(self.codebook_dim, dim) if has_projection else nn.Identity()
         self.layers = nn.ModuleList(
-            VectorQuantize(self.codebook_dim, size, **layer_options) for size in sizes)
+            VectorQuantize(self.codebook_dim, size, **{**LAYER_DEFAULTS, **layer_options})
+            for size in sizes)
         if shared_codebook:
             # one Codebook module held by every layer: one tensor, one set of EMA buffers
             for layer in self.layers[1:]:
-                layer.book = self.layers[0].book
+                layer._codebook = self.layers[0].book
             self.register_load_state_dict_pre_hook(_fill_shared_layers)
         if implicit_neural_codebook:
             cosine = bool(layer_options.get("use_cosine_sim", False))
@@ -271,7 +276,7 @@ class ResidualVQ(nn.Module):
         book = self.layers[depth].book
         if not self.implicit_neural_codebook or depth == 0:
             return book
-        return ConditionedCodes(self.mlps[depth - 1], book.vectors(), condition)
+        return ConditionedCodes(self.mlps[depth - 1], book.vectors()[0], condition)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_sizes}, "
@@ -609,7 +614,7 @@ class ResidualVQ(nn.Module):
             book = self.layers[depth].book
             codes_here = self.codes_at(depth, total)
             codes = codes_here.codes if isinstance(codes_here, ConditionedCodes) \
-                else book.vectors()  # (N, K, d) per row, or (K, d)
+                else book.vectors()[0]  # (N, K, d) per row, or (K, d)
             if book.use_cosine_sim:
                 logits = (book.prepare(residual).unsqueeze(-2) * codes).sum(-1)
             elif codes.ndim == 3:
