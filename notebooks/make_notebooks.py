@@ -123,7 +123,8 @@ def train(model, epochs=EPOCHS, lr=1e-3, seed=0):
             reconstruction, indices, vq_loss = model(batch)
             mse = F.mse_loss(reconstruction, batch)
             optimizer.zero_grad()
-            (mse + vq_loss).backward()
+            # a residual stack returns one loss per depth, as the library's does: add them
+            (mse + vq_loss.sum()).backward()
             optimizer.step()
             curve.append(mse.item())
         result = evaluate(model)

@@ -8,6 +8,7 @@ the weights they came from), ``prior.pt`` (after every epoch), ``prior.safetenso
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -125,17 +126,21 @@ def train_run_prior(run_dir: str | Path, config_overrides: dict | None = None,
                       checkpoint=run_dir / PRIOR_CHECKPOINT, on_epoch_end=on_epoch_end)
     run.prior.save_pretrained(run_dir)
     run.metrics["dataset"] = codes["dataset"]
+    run.metrics["classes"] = [str(c) for c in codes["classes"]]
     atomic_write_json(run_dir / PRIOR_METRICS, run.metrics)
     return run
 
 
 def class_names(run_dir: Path, num_classes: int) -> list[str]:
-    """The names of the classes the run's codes were labelled with (a folder's subfolders),
-    from its codes file; the class numbers when it has none."""
-    path = Path(run_dir) / PRIOR_CODES
+    """The names of the classes the run's prior was trained on (a folder's subfolders), from
+    ``prior_metrics.json`` (plain JSON: nothing unpickled); the class numbers when it has none."""
+    path = Path(run_dir) / PRIOR_METRICS
     if path.is_file():
-        classes = torch.load(path, map_location="cpu", weights_only=True).get("classes")
-        if classes and len(classes) == num_classes:
+        try:
+            classes = json.loads(path.read_text()).get("classes")
+        except (OSError, ValueError, AttributeError):
+            classes = None
+        if isinstance(classes, list) and len(classes) == num_classes:
             return [str(c) for c in classes]
     return [str(d) for d in range(num_classes)]
 
