@@ -60,3 +60,22 @@ def test_vector_quantize_names_the_bad_argument(kwargs, name):
 def test_vector_quantize_is_not_built_on_the_meta_device():
     with torch.device("meta"), pytest.raises(QuantizerInputError, match="meta"):
         VectorQuantize(dim=4, codebook_size=8)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e20])
+def test_values_too_large_to_square_change_nothing(scale):
+    """Finite values whose squared distances overflow float32 are refused like NaN: before,
+    a batch of 1e30s gave an infinite loss and moved a code to about 1e29."""
+    from vqvae import VectorQuantize
+    from vqvae.quantizers import QuantizerInputError
+
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=8, codebook_size=16, decay=0.8)
+    vq(torch.randn(2, 32, 8))  # one ordinary step first
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    x = torch.randn(2, 32, 8) * scale
+    assert torch.isfinite(x).all()
+    with pytest.raises(QuantizerInputError, match="too large"):
+        vq(x)
+    after = vq.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

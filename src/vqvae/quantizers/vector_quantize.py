@@ -52,6 +52,21 @@ __all__ = ["LossBreakdown", "QuantizerInputError", "VQOutput", "VectorQuantize",
 LEGACY_STATE = ("codebook", "cluster_size", "initialized", "steps")
 
 
+def check_rows_usable(rows: Tensor) -> None:
+    """Raise :class:`QuantizerInputError` unless every value of ``rows`` is finite and small
+    enough that squared distances stay finite (in float32, |x| below about 1e19): a batch of
+    1e30s would otherwise give infinite distances and move a code to 1e29. One dot product over
+    the batch, read once, decides; the slow check only names the fault."""
+    flat = rows.detach().reshape(-1)
+    if flat.numel() == 0 or math.isfinite(float(torch.dot(flat, flat))):
+        return
+    check_finite(rows)
+    raise QuantizerInputError(
+        f"input values are too large to quantize: the largest magnitude is "
+        f"{float(flat.abs().max()):.3g}, and the squared distances overflow {flat.dtype}; "
+        f"nothing was updated (scale the encoder's outputs down)")
+
+
 class VQOutput(NamedTuple):
     quantized: Tensor  # x.shape, the code vectors (gradient reaches x by the estimator)
     indices: Tensor  # x.shape[:-1] (channels last), int64 code indices
@@ -523,9 +538,9 @@ class VectorQuantize(nn.Module):
         book = self._codebook
         h = self.project_in(tokens.x)  # (B, N, heads · d)
         all_rows = book.prepare(self._split_heads(h))  # (C, M, d)
-        # NaN/Inf propagate into the sum: one reduction guards every update below
-        if not math.isfinite(float(all_rows.detach().sum())):
-            check_finite(all_rows)
+        # NaN/Inf propagate into the sum of squares, and so do values too large to square
+        # (their distances would overflow): one reduction guards every update below
+        check_rows_usable(all_rows)
         # A mask drops the padding rows here: search, statistics and losses see only the
         # kept rows (so the common path below serves masked calls too), and the results are
         # put back in place at the end.
@@ -742,8 +757,7 @@ class VectorQuantize(nn.Module):
         b, n = tokens.x.shape[:2]
         h = self.project_in(tokens.x)
         rows = book.prepare(self._split_heads(h))  # (1, M, d)
-        if not math.isfinite(float(rows.detach().sum())):
-            check_finite(rows)
+        check_rows_usable(rows)
         codes = book.vectors()
         logits = code_logits(rows.detach(), codes.detach(), use_cosine_sim=book.use_cosine_sim)
         idx = logits.topk(k, dim=-1).indices  # (1, M, k)
