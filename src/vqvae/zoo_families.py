@@ -41,7 +41,12 @@ from .registry import register
 FSQ_DEFAULTS: dict[str, Any] = {"levels": [8, 8, 8]}
 
 #: LFQ: ``codebook_size`` (the model's, 512 = 9 bits) decides the bits; these are the loss
-#: weights, chosen by measurement.
+#: weights (the library's defaults). Measured (README, "How the FSQ, LFQ and SimVQ defaults
+#: were chosen"): no weight tried is stable for 10 epochs on full MNIST. At entropy 0.1 the codes
+#: used fall 502 -> 186 and the loss is NaN in epoch 4; at 0.05 they fall 481 -> 93 -> 62, the
+#: quantizer loss reaches 1.8e22 in epoch 3 (a bounded entropy term cannot: a numerical fault)
+#: and NaN in epoch 4; commitment 0.25 collapses the codes (11 used) in the first epoch.
+#: ``lucidrains-lfq`` gets the same weights.
 LFQ_DEFAULTS: dict[str, Any] = {"entropy_loss_weight": 0.1, "commitment_loss_weight": 0.0,
                                 "diversity_gamma": 1.0}
 
