@@ -435,3 +435,21 @@ def test_finite_values_whose_sum_overflows_are_accepted():
     grouped = GroupedResidualLFQ(dim=8, groups=2, codebook_size=4, num_quantizers=2)
     with pytest.raises(QuantizerInputError, match="NaN or infinite"):
         grouped(torch.tensor([[[0.0] * 7 + [float("-inf")]]]))
+
+
+def test_mean_distribution_stays_a_distribution_for_huge_logits():
+    """Logits of the size a diverging encoder gives (1e6..1e9): every setting's probability
+    must stay in [0, 1] and sum to 1. Written as log sigmoid(-l) + l, log P cancelled terms of
+    the logits' size and the rounding left positive values whose exp overflowed (a training
+    loss of 1e22, then NaN)."""
+    from vqvae.quantizers.lfq_entropy import batch_entropy, mean_distribution
+
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1e6, 1e9):
+        logits = torch.randn(1, 64, 9, generator=gen) * scale
+        avg = mean_distribution(logits)
+        assert torch.isfinite(avg).all()
+        assert (avg >= 0).all() and (avg <= 1 + 1e-6).all()
+        torch.testing.assert_close(avg.sum(-1), torch.ones(1), rtol=1e-5, atol=1e-5)
+        # the nearly one-hot rows: the entropy of their mean is at most log(64 samples)
+        assert 0 <= float(batch_entropy(logits)) <= math.log(64) + 1e-4

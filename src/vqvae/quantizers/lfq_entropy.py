@@ -53,17 +53,20 @@ def per_sample_entropy(logits: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=32)
 def _halves_matrix(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(2k, 2^k1 + 2^k2) matrix M such that [log sigmoid(-l), l] @ M = log P of every setting
-    of the high k1 = k // 2 bits (first 2^k1 columns) and of the low k2 bits (the rest).
+    """(2k, 2^k1 + 2^k2) matrix M such that [log sigmoid(-l), log sigmoid(l)] @ M = log P of
+    every setting of the high k1 = k // 2 bits (first 2^k1 columns) and of the low k2 bits (the
+    rest).
 
-    Top block: which bits belong to each half (each contributes log sigmoid(-l_d)); bottom
-    block: the bits of each setting (a set bit adds l_d, as log sigmoid(l) - log sigmoid(-l)
-    = l). Cached: it is rebuilt only for a new (k, device, dtype).
+    Top block: the bits each setting leaves clear (each adds log sigmoid(-l_d)); bottom block:
+    the bits it sets (each adds log sigmoid(l_d)). Every term is <= 0, so nothing cancels: the
+    equivalent [log sigmoid(-l), l] form subtracts terms of the logits' size, and with large
+    logits (an encoder whose outputs grow) the rounding left a positive log P whose exp
+    overflowed. Cached: it is rebuilt only for a new (k, device, dtype).
     """
     k1, k2 = k // 2, k - k // 2
     out = torch.zeros(2 * k, 2**k1 + 2**k2, device=device, dtype=dtype)
-    out[:k1, : 2**k1] = 1
-    out[k1:k, 2**k1 :] = 1
+    out[:k1, : 2**k1] = 1 - bit_matrix(k1, device, dtype)
+    out[k1:k, 2**k1 :] = 1 - bit_matrix(k2, device, dtype)
     out[k : k + k1, : 2**k1] = bit_matrix(k1, device, dtype)
     out[k + k1 :, 2**k1 :] = bit_matrix(k2, device, dtype)
     return out
@@ -76,7 +79,7 @@ def mean_distribution(logits: Tensor) -> Tensor:
     """
     k = logits.shape[-1]
     k1 = k // 2
-    features = torch.cat([F.logsigmoid(-logits), logits], -1)  # (C, N, 2k)
+    features = torch.cat([F.logsigmoid(-logits), F.logsigmoid(logits)], -1)  # (C, N, 2k)
     probs = torch.exp(features @ _halves_matrix(k, logits.device, logits.dtype))
     hi, lo = probs[..., : 2**k1], probs[..., 2**k1 :]  # (C, N, 2^k1), (C, N, 2^k2)
     avg = hi.transpose(-1, -2) @ lo / logits.shape[-2]  # (C, 2^k1, 2^k2)
