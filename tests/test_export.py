@@ -36,7 +36,7 @@ QUANTIZERS = {
 
 
 def tiny_model(model: str, quantizer: str, seed: int = 0, **options) -> VQVAE:
-    """An untrained tiny model; the codebook is spread over the encoder's output range (the
+    """An untrained tiny model; the codes are vectors the encoder gives (the
     N(0, 1) codes of a fresh codebook would leave most vectors with one code)."""
     torch.manual_seed(seed)
     size = {"mlp": dict(hidden_dim=32, num_embeddings=6), "conv": dict(channels=8)}[model]
@@ -52,7 +52,7 @@ def tiny_model(model: str, quantizer: str, seed: int = 0, **options) -> VQVAE:
         for name, buffer in [*quantizer.named_buffers(), *quantizer.named_parameters()]:
             if name.endswith("embed"):  # (C, K, d), a parameter for a learnable codebook
                 rows = torch.randint(len(z), buffer.shape[:2])
-                buffer.copy_(z[rows, :buffer.shape[2]] * 0.5)
+                buffer.copy_(z[rows, :buffer.shape[2]])
     return vqvae
 
 
