@@ -79,3 +79,16 @@ def test_values_too_large_to_square_change_nothing(scale):
         vq(x)
     after = vq.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_residual_stack_refuses_values_too_large_to_square():
+    from vqvae import ResidualVQ
+    from vqvae.quantizers import QuantizerInputError
+
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=8, codebook_size=16, num_quantizers=3, decay=0.8)
+    rvq(torch.randn(2, 32, 8))
+    before = {k: v.clone() for k, v in rvq.state_dict().items()}
+    with pytest.raises(QuantizerInputError, match="too large"):
+        rvq(torch.randn(2, 32, 8) * 1e30)
+    assert all(torch.equal(before[k], v) for k, v in rvq.state_dict().items())

@@ -460,6 +460,10 @@ class ResidualVQ(nn.Module):
                 sq.append(torch.dot(diff, diff))
                 if depth == 0 and not bool(torch.isfinite(sq[0])):
                     check_finite(h)  # raises before any codebook update
+                    raise QuantizerInputError(
+                        "input values are too large to quantize: the largest magnitude is "
+                        f"{float(h.detach().abs().max()):.3g}, and the squared distances "
+                        f"overflow {h.dtype}; nothing was updated (scale the inputs down)")
                 residuals.append(search_in)
                 afters.append(next_residual)
                 qs.append(q)
