@@ -91,3 +91,12 @@ def check_not_meta(what: str) -> None:
         raise QuantizerInputError(
             f"{what} cannot be built on the 'meta' device (the default device is meta): its "
             "codebook needs real values; build it on 'cpu' or 'cuda'")
+
+
+def too_large_to_square(x: Tensor) -> QuantizerInputError:
+    """The error for finite values whose squared distances overflow ``x``'s dtype (about 1e19 in
+    float32): refused like NaN, before anything is updated."""
+    return QuantizerInputError(
+        f"input values are too large to quantize: the largest magnitude is "
+        f"{float(x.detach().abs().max()):.3g}, and the squared distances overflow {x.dtype}; "
+        f"nothing was updated (scale the inputs down)")

@@ -31,7 +31,14 @@ from torch import Tensor, nn
 
 from . import distributed
 from .beam_search import beam_search
-from .checks import QuantizerInputError, check_finite, check_input, describe, require
+from .checks import (
+    QuantizerInputError,
+    check_finite,
+    check_input,
+    describe,
+    require,
+    too_large_to_square,
+)
 from .codebook import CodeStatistics
 from .estimators import quantize, quantize_residual
 from .implicit_codebook import CodeMLP, ConditionedCodes
@@ -460,10 +467,7 @@ class ResidualVQ(nn.Module):
                 sq.append(torch.dot(diff, diff))
                 if depth == 0 and not bool(torch.isfinite(sq[0])):
                     check_finite(h)  # raises before any codebook update
-                    raise QuantizerInputError(
-                        "input values are too large to quantize: the largest magnitude is "
-                        f"{float(h.detach().abs().max()):.3g}, and the squared distances "
-                        f"overflow {h.dtype}; nothing was updated (scale the inputs down)")
+                    raise too_large_to_square(h)
                 residuals.append(search_in)
                 afters.append(next_residual)
                 qs.append(q)

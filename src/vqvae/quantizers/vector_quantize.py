@@ -33,6 +33,7 @@ from .checks import (
     check_positive_int,
     describe,
     require,
+    too_large_to_square,
 )
 from .codebook import Codebook
 from .codebook_variants import AffineCodebook, BridgedCodebook
@@ -61,10 +62,7 @@ def check_rows_usable(rows: Tensor) -> None:
     if flat.numel() == 0 or math.isfinite(float(torch.dot(flat, flat))):
         return
     check_finite(rows)
-    raise QuantizerInputError(
-        f"input values are too large to quantize: the largest magnitude is "
-        f"{float(flat.abs().max()):.3g}, and the squared distances overflow {flat.dtype}; "
-        f"nothing was updated (scale the encoder's outputs down)")
+    raise too_large_to_square(rows)
 
 
 class VQOutput(NamedTuple):
