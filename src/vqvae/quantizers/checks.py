@@ -35,13 +35,14 @@ def check_input(x: object, dim: int) -> None:
             f"(..., {dim})), got shape {tuple(x.shape)}")
 
 
-def check_finite(x: Tensor) -> None:
-    """Raise :class:`QuantizerInputError` if ``x`` holds a NaN or an Inf."""
+def check_finite(x: Tensor, what: str = "input") -> None:
+    """Raise :class:`QuantizerInputError` if ``x`` (named ``what`` in the message) holds a NaN
+    or an Inf."""
     finite = torch.isfinite(x)
     if bool(finite.all()):
         return
     raise QuantizerInputError(
-        f"input has {int((~finite).sum())} non-finite value(s) (NaN or Inf) out of "
+        f"{what} has {int((~finite).sum())} non-finite value(s) (NaN or Inf) out of "
         f"{x.numel()}; the codebook was not updated. Check the encoder output (learning "
         "rate, loss scale) before it reaches the quantizer.")
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .bf16_presearch import nearest
+from .checks import check_finite
 from .search import DEFAULT_BLOCK_BYTES
 from .vector_quantize import QuantizerInputError, check_input
 
@@ -44,17 +45,6 @@ class SimVQOutput(NamedTuple):
 
 def _identity(t: Tensor) -> Tensor:
     return t
-
-
-def check_finite(x: Tensor, what: str = "input") -> None:
-    """Raise :class:`QuantizerInputError` if ``x`` holds NaN or Inf."""
-    finite = torch.isfinite(x)
-    if bool(finite.all()):
-        return
-    raise QuantizerInputError(
-        f"{what} has {int((~finite).sum())} non-finite value(s) (NaN or Inf) out of "
-        f"{x.numel()}; expected finite values. Check the encoder output (learning rate, loss "
-        "scale) before it reaches the quantizer.")
 
 
 def check_indices(indices: object, codebook_size: int) -> Tensor:
