@@ -32,6 +32,8 @@ from torch import Tensor
 
 from .data import DatasetError, load_dataset
 from .models import VQVAE, ModelConfig
+from .quantizers import guard
+from .quantizers.checks import QuantizerInputError
 from .quantizers.metrics import code_counts_per_codebook, usage_from_counts
 from .rundir import (
     CHECKPOINT,
@@ -240,6 +242,12 @@ class StepOutput(NamedTuple):
     indices: Tensor  # (B, *code_shape) codes of the batch
 
 
+def _restore_buffers(model, buffers: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+
+
 def train_step(model, optimizer, batch: Tensor, autocast=None,
                loss_scale: float = 1.0) -> StepOutput:
     """One optimiser step on ``batch`` ``(B, C, H, W)``: forward (under ``autocast``), loss
@@ -255,10 +263,16 @@ def train_step(model, optimizer, batch: Tensor, autocast=None,
         reconstruction, indices, vq_loss = model(batch)
     recon = F.mse_loss(reconstruction.float(), batch)
     loss = recon + vq_loss
-    if not bool(torch.isfinite(loss)):
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
+    finite = bool(torch.isfinite(loss))
+    try:
+        # calls a quantizer refused on the device (see quantizers/guard.py) are reported at
+        # this read-back, the one the step already has; their report names the cause
+        guard.raise_deferred(model)
+    except QuantizerInputError:
+        _restore_buffers(model, buffers)
+        raise
+    if not finite:
+        _restore_buffers(model, buffers)
         raise FloatingPointError(
             f"non-finite loss ({float(loss)}: reconstruction {float(recon)}, quantizer "
             f"{float(vq_loss)}) on a batch whose largest magnitude is "
