@@ -179,6 +179,30 @@ def test_compiled_eval_equals_eager(name):
             assert_same(expected, got)
 
 
+@pytest.mark.parametrize("backend", ["torch", "c"])
+def test_compiled_simvq_on_each_cpu_search_backend(backend):
+    """The chunked matmul search and the C kernel (a custom op inside the graph): the compiled
+    training steps give the eager indices on both."""
+    from vqvae.quantizers import cpu_kernel
+    from vqvae.quantizers.search import search_settings
+
+    if backend == "c" and not cpu_kernel.available():
+        pytest.skip("the C kernel does not build here")
+    with search_settings(backend=backend):
+        test_compiled_training_equals_deferred_eager("ResidualSimVQ")
+        graphs = []
+
+        def record(graph_module, example_inputs):
+            graphs.append(str(graph_module.graph))
+            return graph_module.forward
+
+        torch._dynamo.reset()
+        torch.compile(SimVQ(dim=8, codebook_size=32), fullgraph=True, backend=record)(
+            torch.randn(4, 8))
+    assert len(graphs) == 1  # one graph, and the search is in it as one op or as a matmul
+    assert ("nearest_code_cpu" in graphs[0]) == (backend == "c")
+
+
 def test_compiled_simvq_with_quantize_dropout_drops_layers():
     """The compiled residual quantizer really drops: over a few calls some layers are -1 with
     loss 0, the first ``cutoff + 1`` never, and the output is the sum of the kept layers."""
