@@ -388,10 +388,19 @@ def test_deferred_hierarchical_nested_dropout_keeps_a_prefix_of_levels():
     assert seen <= {-1, 0, 1} and len(seen) == 3
 
 
-def test_hierarchical_mask_is_refused_in_deferred_calls():
-    hvq = HierarchicalVQ(dim=4, codebook_size=8, scales=(1, 2), kmeans_init=False)
-    with pytest.raises(QuantizerInputError, match="mask"):
-        _deferred(hvq, torch.randn(2, 4, 4), mask=torch.ones(2, 4, dtype=torch.bool))
+def test_hierarchical_mask_is_refused_while_compiled_and_works_deferred():
+    torch.manual_seed(10)
+    hvq = HierarchicalVQ(dim=4, codebook_size=8, scales=(1, 2), kmeans_init=False).eval()
+    x, mask = torch.randn(2, 4, 4), torch.tensor([[True, True, False, False]] * 2)
+    compiled = torch.compile(hvq, fullgraph=True, backend="aot_eager")
+    # (a fullgraph trace reports an exception of the traced code as Unsupported, naming it)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="mask.*compiled graph"):
+        compiled(x, mask=mask)
+    deferred = _deferred(hvq, x, mask=mask)
+    immediate = hvq(x, mask=mask)
+    torch.testing.assert_close(deferred[0], immediate[0])
+    assert all(torch.equal(a, b) for a, b in zip(deferred[1], immediate[1], strict=True))
+    assert (deferred[0][..., 2:] == 0).all() and (deferred[1][1][:, 1] == -1).all()
 
 
 @pytest.mark.skipif(BACKEND != "inductor", reason="set VQVAE_COMPILE_BACKEND=inductor")

@@ -136,3 +136,19 @@ def test_describe_names_the_error_and_the_user_code():
         "# src/q.py:7 in forward (_dynamo/utils.py:1 in run_node)")
     assert describe(error) == ("UserError: Could not guard on data-dependent expression u0 "
                                "at q.py:7 in forward")
+
+
+def test_bad_input_raises_its_own_error_and_the_model_stays_compiled():
+    """A first call on input the model refuses fails its trace; that is the input's fault, not
+    the quantizer's: the eager error is raised and the next good call runs the one graph."""
+    torch.manual_seed(0)
+    model = VQVAE(ModelConfig(quantizer="simvq", codebook_size=64))
+    forward = compile_model(model, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback warning
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            model(torch.rand(2, 1, 27, 27))
+        assert forward.mode == "whole"
+        reconstruction, indices, _ = model(torch.rand(2, 1, 28, 28))
+    assert forward.mode == "whole" and reconstruction.shape == (2, 1, 28, 28)
+    assert indices.shape == (2, 16)

@@ -53,6 +53,12 @@ class CompiledForward:
             try:
                 return self.compiled(*args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as error:
+                if raised_by_traced_code(error):
+                    # bad input, say: the eager call raises that error itself, and the model
+                    # stays compiled; if it does not, fall back
+                    out = self.eager(*args, **kwargs)
+                    self.fall_back(error)
+                    return out
                 self.fall_back(error)
         return self.eager(*args, **kwargs)
 
@@ -65,6 +71,13 @@ class CompiledForward:
             f"--compile: the {quantizer} quantizer cannot be traced into one graph with the "
             f"model ({self.reason}); compiling the encoder and decoder only",
             RuntimeWarning, stacklevel=3)
+
+
+def raised_by_traced_code(error: BaseException) -> bool:
+    """Whether a failed trace is the traced code's own error (an exception it raised, an op
+    refusing its arguments) rather than code that cannot be traced."""
+    return isinstance(error, torch._dynamo.exc.TorchRuntimeError) \
+        or "Observed exception" in str(error)
 
 
 def describe(error: BaseException) -> str:

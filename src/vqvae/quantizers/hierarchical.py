@@ -25,7 +25,8 @@ back: NaN/Inf input is left to the level quantizers' own device-side rule (no co
 the error at the trainer's read-back) and makes the reconstruction NaN where the input was; the
 nested-dropout cutoff is drawn on the device and applied as a mask over the levels (the cutoff
 returned with ``return_cutoff`` is then a 0-d tensor, ``-1`` for none). A ``mask`` selects a
-data-dependent number of positions, which only an eager call can do.
+data-dependent number of positions, which only an eager call can do (on an accelerator it
+waits for that number).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 
 from . import guard
 from .simvq import check_finite
+from .tracing import tracing
 from .vector_quantize import QuantizerInputError, VectorQuantize
 
 DROPPED = -1  # index of a pooled position that covers no valid input position
@@ -294,10 +296,10 @@ class HierarchicalVQ(nn.Module):
                 raise QuantizerInputError(
                     f"mask must have shape {(x.shape[0], *full_shape)}, got {tuple(mask.shape)}")
             mask = mask.to(device=x.device, dtype=torch.bool)
-        if mask is not None and guard.deferred(x):
+        if mask is not None and tracing():
             raise QuantizerInputError(
-                "a mask (or lens) selects a data-dependent number of positions: it works in "
-                "eager calls with immediate input checks only, not compiled or deferred ones")
+                "a mask (or lens) selects a data-dependent number of positions, which one "
+                "compiled graph cannot hold: call HierarchicalVQ eagerly with a mask")
         if not guard.deferred(x):
             check_finite(x)
         return full_shape, mask
