@@ -152,3 +152,24 @@ def test_bad_input_raises_its_own_error_and_the_model_stays_compiled():
         reconstruction, indices, _ = model(torch.rand(2, 1, 28, 28))
     assert forward.mode == "whole" and reconstruction.shape == (2, 1, 28, 28)
     assert indices.shape == (2, 16)
+
+
+def test_compiled_step_on_a_nan_batch_reports_the_quantizer_and_changes_nothing():
+    """The whole compiled model reads nothing back in forward; the NaN that reaches SimVQ is
+    counted on the device and train_step raises at its loss read-back, naming the quantizer,
+    before the optimiser step."""
+    from vqvae.quantizers.checks import QuantizerInputError
+
+    torch.manual_seed(0)
+    model = VQVAE(ModelConfig(quantizer="simvq", codebook_size=64))
+    optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    forward = compile_model(model, backend="aot_eager")
+    images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    train_step(model, optimizer, images)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images[3, 0, 5, 5] = float("nan")
+    with pytest.raises(QuantizerInputError, match=r"reached quantizer\S* \(1 call"):
+        train_step(model, optimizer, images)
+    assert forward.mode == "whole"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    train_step(model, optimizer, images.nan_to_num(0.5))  # and training goes on
