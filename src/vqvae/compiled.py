@@ -1,17 +1,19 @@
 """``torch.compile`` for training: the whole VQ-VAE as one graph where its quantizer allows.
 
-    mode = compile_model(model)   # "whole", or "parts" after a fallback
+    forward = compile_model(model)   # forward.mode: "whole", or "parts" after a fallback
 
 The model's ``forward`` (encoder, quantizer, decoder) is compiled with ``fullgraph=True``, so
 the quantizer's search, estimator and buffer updates fuse with the networks around them and no
 step reads back to the host (the quantizers take their deferred, device-side input checks while
 traced; :func:`vqvae.train.train_step` reports refused batches at its loss read-back).
 
-A quantizer that cannot be traced into one graph (the ``lucidrains`` adapters, whose library
-code branches on tensor values; any other that raises while traced) is found out at the first
-call that traces it, before that call changes anything: tracing runs on fake tensors. The model
-then falls back, for good, to compiling only the encoder and the decoder, with one warning line
-that says why, and runs that call eagerly.
+A quantizer that cannot be traced into one graph (the library's ``VectorQuantize`` and
+residual adapters, whose code branches on tensor values; any other that fails while traced,
+the compiler's own failures included) is found out at the first call that traces it, before
+that call changes anything: tracing runs on fake tensors. The model then falls back, for good,
+to compiling only the encoder and the decoder, with one warning line that says why, and runs
+that call eagerly. A trace that fails on the traced code's own error (images of the wrong
+shape, say) is not a reason to fall back: the call runs eagerly and raises that error.
 
 Either way the modules stay the same objects: parameter names, ``state_dict`` and checkpoints
 do not change (``torch.compile(model)`` would prefix every key with ``_orig_mod.``).
