@@ -293,6 +293,60 @@ class _ProjectedFSP(torch.autograd.Function):
         return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
 
 
+def _left(weight: Tensor, x3: Tensor, bias: Tensor | None = None, out: Tensor | None = None
+          ) -> Tensor:
+    """``bias[:, None] + weight @ x3[b]`` for each b of x3 (b, in, n): (b, out, n)."""
+    weight = weight.expand(x3.shape[0], -1, -1)
+    if bias is None:
+        return torch.bmm(weight, x3, out=out)
+    return torch.baddbmm(bias[:, None], weight, x3, out=out)
+
+
+class _ProjectedFSPChannelFirst(torch.autograd.Function):
+    """``_ProjectedFSP`` for channel-first input (b, dim, n), the projections applied in that
+    layout (``W @ z[b]``: no transposed copy of the wide input, output or gradients), each
+    product in the operand order CPU BLAS runs fast: at (8, 64, 32, 32) the weight gradient of
+    project_out as ``q[b] @ g[b].T`` is 2.5x faster than ``g[b] @ q[b].T`` (what autograd
+    forms), and project_out on a contiguous q 1.5x faster than on q's transposed view."""
+
+    @staticmethod
+    def forward(ctx, z3, w_in, b_in, w_out, b_out, fsp, eps, rate):
+        batch, _, spots = z3.shape
+        h3 = _left(w_in, z3, b_in)  # (b, C, n)
+        h = h3.transpose(1, 2).reshape(-1, h3.shape[1])  # rows (b n, C), a small copy
+        q, level_indices, loss, stats, accept_prob, saved = _fsp_forward(h, fsp, eps, rate)
+        q3 = q.view(batch, spots, -1).transpose(1, 2).contiguous()  # (b, C, n)
+        out = _left(w_out, q3, b_out)
+        ctx.save_for_backward(z3, w_in, w_out, q3, *saved)
+        ctx.fsp = fsp
+        ctx.has_bias = (b_in is not None, b_out is not None)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(level_indices, stats)
+        return out, level_indices, loss, stats, accept_prob
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_levels, grad_loss, _grad_stats, _grad_prob):
+        z3, w_in, w_out, q3, *saved = ctx.saved_tensors
+        in_bias, out_bias = ctx.has_bias
+        batch, channels, spots = q3.shape
+        grad_q = grad_w_out = grad_b_out = spare = None
+        if grad_out is not None:
+            given = grad_out
+            g3 = grad_out.contiguous()  # out.sum() hands back an expanded gradient
+            spare = g3 if g3 is not given else None  # ours: it takes the input gradient
+            grad_w_out = torch.bmm(q3, g3.transpose(1, 2)).sum(0).t()
+            grad_b_out = g3.sum((0, 2)) if out_bias else None
+            grad_q = _left(w_out.t(), g3).transpose(1, 2).reshape(-1, channels)
+        grad_h = _FSPCall._grad_h(ctx.fsp, grad_q, grad_loss, *saved)
+        if grad_h is None:
+            return None, None, None, grad_w_out, grad_b_out, None, None, None
+        grad_h3 = grad_h.view(batch, spots, channels).transpose(1, 2)
+        grad_z3 = _left(w_in.t(), grad_h3, out=spare)
+        grad_w_in = torch.bmm(grad_h3, z3.transpose(1, 2)).sum(0)
+        grad_b_in = grad_h.sum(0) if in_bias else None
+        return grad_z3, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
+
+
 def _moment_loss_gradient(grad_loss: Tensor, centred: Tensor, std: Tensor, root: Tensor,
                           variance: Tensor, stats: Tensor, weighted: Tensor,
                           norm: VectorNorm) -> Tensor:
@@ -406,9 +460,7 @@ class FSP(nn.Module):
     def _project_channel_first(self, z: Tensor) -> bool:
         """Whether to project a channel-first input in its own layout: ``W @ z[b]`` per image
         needs no transposed copy of the wide input, its gradient or the output."""
-        return (self.channel_first and self.has_projections and z.ndim > 2
-                and z.dtype == self.project_in.weight.dtype
-                and not torch.is_autocast_enabled(z.device.type))
+        return self.channel_first and z.ndim > 2 and self._fused_projections(z)
 
     def forward(self, z: Tensor, eps: float | None = None) -> FSPOutput:
         check_tensor(z, self.dim, 1 if self.channel_first else -1)
@@ -468,21 +520,13 @@ class FSP(nn.Module):
     def _forward_channel_first(self, z: Tensor, eps: float | None) -> FSPOutput:
         batch, positions = z.shape[0], z.shape[2:]
         pin, pout = self.project_in, self.project_out
-        z3 = z.reshape(batch, self.dim, -1)
-        w_in = pin.weight.expand(batch, -1, -1)
-        h3 = torch.bmm(w_in, z3) if pin.bias is None else torch.baddbmm(pin.bias[:, None],
-                                                                        w_in, z3)
         rate = self.quantize_rate if self.training else 1.0
-        # rows (b, n, codebook_dim): a transposed view; the node copies the few channels
-        q, level_indices, norm_loss, stats, accept_prob = _FSPCall.apply(
-            h3.transpose(1, 2), self, eps, rate, pout.weight.dtype)
+        out, level_indices, norm_loss, stats, accept_prob = _ProjectedFSPChannelFirst.apply(
+            z.reshape(batch, self.dim, -1), pin.weight, pin.bias, pout.weight, pout.bias, self,
+            eps, rate)
         info: dict = {}
         if accept_prob is not None:
             info["p_accept_prob"] = accept_prob
-        w_out = pout.weight.expand(batch, -1, -1)
-        q3 = q.transpose(1, 2)
-        out = torch.bmm(w_out, q3) if pout.bias is None else torch.baddbmm(pout.bias[:, None],
-                                                                          w_out, q3)
         if self.codebook_size <= 1 << 24:
             indices = (level_indices @ self._basis_values.to(level_indices.dtype)).long()
         else:
