@@ -119,7 +119,10 @@ class _ProjectedFSQ(torch.autograd.Function):
     tensors, and Linear's backward is slow on these narrow shapes: it reads the output gradient
     three times (two matmuls and the bias sum) and forms the weight gradient in the slow
     operand order. Here the weight and bias gradients of project_out come from one matmul
-    against [codes, 1], in the fast order.
+    against [codes, 1], in the fast order. ``table`` (every code and the index basis, given
+    when there are at least TABLE_ROWS_PER_CODE rows per code): project_out is applied to the
+    codes once and the output rows gathered by index, one write of the (N, dim) output; the
+    indices come back as the third output (an empty tensor without a table).
     """
 
     @staticmethod
