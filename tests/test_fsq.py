@@ -752,3 +752,27 @@ def test_narrow_outer_split_over_threads_is_the_product(rows):
             assert torch.allclose(got.double(), expected, atol=1e-3, rtol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("options", [{"preserve_symmetry": True}, {"bound_hard_clamp": True},
+                                     {}])
+def test_projected_fsq_gathered_rows_decode_from_their_indices(options):
+    """With many rows per code the output rows are gathered from the projected codes; each must
+    be project_out of its own code (codes built by enumerating the digits in NumPy), and the
+    straight-through gradient must not depend on which path ran."""
+    torch.manual_seed(4)
+    fsq = FSQ([4, 3, 5], dim=7, **options).double()
+    x = (torch.randn(3, 200, 7, dtype=torch.float64) * 1.5).requires_grad_()  # 600 rows, 60 codes
+    out, indices = fsq(x)
+    codes = np_codes_of_all_indices([4, 3, 5], options.get("preserve_symmetry", False))
+    w_out = fsq.project_out.weight.detach().numpy()
+    expected = codes[indices.numpy()] @ w_out.T + fsq.project_out.bias.detach().numpy()
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=0, atol=1e-12)
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    # the same rows in chunks too small for the gather (10 rows < 4 per code) give the same
+    grads = torch.cat([torch.autograd.grad((fsq(chunk)[0] * w).sum(), chunk)[0]
+                       for chunk, w in zip(x.detach().split(1, 1), weight.split(1, 1),
+                                           strict=True)
+                       for chunk in [chunk.requires_grad_()]], 1)
+    torch.testing.assert_close(x.grad, grads, rtol=1e-10, atol=1e-12)
