@@ -768,6 +768,16 @@ def test_projected_fsq_gathered_rows_decode_from_their_indices(options):
     w_out = fsq.project_out.weight.detach().numpy()
     expected = codes[indices.numpy()] @ w_out.T + fsq.project_out.bias.detach().numpy()
     np.testing.assert_allclose(out.detach().numpy(), expected, rtol=0, atol=1e-12)
+    # decoding the indices gives the output's very bits, in float32 too
+    assert torch.equal(fsq.indices_to_codes(indices), out)
+    fsq32 = FSQ([4, 3, 5], dim=7, **options)
+    x32 = x.detach().float()
+    out32, indices32 = fsq32(x32)
+    assert torch.equal(fsq32.indices_to_codes(indices32), out32)
+    # out-of-range indices wrap around, as the digit arithmetic of the per-row path does
+    assert torch.equal(fsq32.indices_to_codes(indices32 + 60), out32)
+    assert torch.equal(fsq32.indices_to_codes(indices32[:, :5] + 60),
+                       fsq32.indices_to_codes(indices32[:, :5]))
     weight = torch.randn_like(out)
     (out * weight).sum().backward()
     # the same rows in chunks too small for the gather (10 rows < 4 per code) give the same

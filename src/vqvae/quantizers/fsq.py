@@ -381,12 +381,26 @@ class FSQ(nn.Module):
         if indices.dtype.is_floating_point or indices.dtype == torch.bool:
             raise QuantizerInputError(f"expected integer indices, got {indices.dtype}")
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
-        codes = self._indices_to_codes(indices).float()
-        if self.orthogonal_rotation:
-            codes = codes @ self.orthogonal_rot.t()
-        if self.keep_num_codebooks_dim:
-            codes = codes.flatten(-2)
-        codes = self.project_out(codes.to(self._param_dtype(codes.dtype)))
+        dtype = self._param_dtype(torch.float32)
+        table = None
+        if not torch.is_autocast_enabled(indices.device.type):
+            table = self._table_for(indices.numel(), dtype, indices.device)
+        if table is not None:
+            # as the forward computed these rows: the same products, so the same bits
+            pout = self.project_out
+            rows = (table[0] @ pout.weight.t() if pout.bias is None
+                    else torch.addmm(pout.bias, table[0], pout.weight.t()))
+            # out-of-range indices wrap around, as the digit arithmetic below makes them
+            flat = torch.remainder(indices.reshape(-1).long(), self.codebook_size)
+            shape = indices.shape[:-1] if self.keep_num_codebooks_dim else indices.shape
+            codes = rows.index_select(0, flat).view(*shape, self.dim)
+        else:
+            codes = self._indices_to_codes(indices).float()
+            if self.orthogonal_rotation:
+                codes = codes @ self.orthogonal_rot.t()
+            if self.keep_num_codebooks_dim:
+                codes = codes.flatten(-2)
+            codes = self.project_out(codes.to(dtype))
         if is_img_or_video or self.channel_first:
             codes = codes.movedim(-1, 1)
         return codes
@@ -471,11 +485,7 @@ class FSQ(nn.Module):
         repeat = self.num_codebooks
         if repeat > 1:
             constants = tuple(c.repeat(repeat) for c in constants)
-        table = None
-        # not while tracing: a NaN there (see .tracing) must reach the output, not an index
-        if (repeat == 1 and self.codebook_size * TABLE_ROWS_PER_CODE <= flat.shape[0]
-                and self.codebook_size <= 2 ** 24 and not tracing()):
-            table = self._code_table(z.dtype, z.device)
+        table = self._table_for(flat.shape[0], z.dtype, z.device)
         out, level, index = _ProjectedFSQ.apply(flat, pin.weight, pin.bias, pout.weight,
                                                 pout.bias, *constants, self.preserve_symmetry,
                                                 self.bound_hard_clamp, table)
@@ -491,6 +501,18 @@ class FSQ(nn.Module):
                 else:
                     indices = (level.long() * self._basis).sum(-1)
         return out.view(*z.shape[:-1], self.dim), indices
+
+    def _table_for(self, rows: int, dtype: torch.dtype, device: torch.device
+                   ) -> tuple[Tensor, Tensor] | None:
+        """The code table (see ``_code_table``) when a call on ``rows`` rows projects the codes
+        once and gathers (``_ProjectedFSQ``), else None. Not while tracing: a NaN there (see
+        .tracing) must reach the output, not an index."""
+        if (self.num_codebooks == 1 and self.has_projections and not self.orthogonal_rotation
+                and dtype in (torch.float32, torch.float64)
+                and self.codebook_size * TABLE_ROWS_PER_CODE <= rows
+                and self.codebook_size <= 2 ** 24 and not tracing()):
+            return self._code_table(dtype, device)
+        return None
 
     def _code_table(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """(codebook_size, codebook_dim) every code in index order, as the forward computes
