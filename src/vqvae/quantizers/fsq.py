@@ -507,10 +507,11 @@ class FSQ(nn.Module):
         """The code table (see ``_code_table``) when a call on ``rows`` rows projects the codes
         once and gathers (``_ProjectedFSQ``), else None. Not while tracing: a NaN there (see
         .tracing) must reach the output, not an index."""
-        if (self.num_codebooks == 1 and self.has_projections and not self.orthogonal_rotation
-                and dtype in (torch.float32, torch.float64)
-                and self.codebook_size * TABLE_ROWS_PER_CODE <= rows
-                and self.codebook_size <= 2 ** 24 and not tracing()):
+        # tracing first: a traced row count is symbolic, and comparing it would guard on it
+        if (not tracing() and self.num_codebooks == 1 and self.has_projections
+                and not self.orthogonal_rotation and dtype in (torch.float32, torch.float64)
+                and self.codebook_size <= 2 ** 24
+                and self.codebook_size * TABLE_ROWS_PER_CODE <= rows):
             return self._code_table(dtype, device)
         return None
 
