@@ -133,6 +133,47 @@ def test_fsq_straight_through_gradient_matches_autograd(options):
     assert torch.allclose(x.grad, x_ref.grad, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rows", [30, 400])  # below and above 4 rows per code (20 codes)
+def test_projected_fsq_against_numpy_and_textbook_gradients(dtype, rows):
+    """The fused projected call, with few rows per code (each row projected) and with many
+    (each code projected once, the rows gathered), against NumPy for the output and indices
+    and against autograd on the textbook expression for every gradient."""
+    levels = [5, 4]
+    torch.manual_seed(3)
+    fsq = FSQ(levels, dim=6).to(dtype)
+    x = (torch.randn(2, rows, 6, dtype=dtype) * 1.5).requires_grad_()
+    weight = torch.randn(2, rows, 6, dtype=dtype)
+    out, indices = fsq(x)
+    (out * weight).sum().backward()
+
+    w_in, b_in = fsq.project_in.weight.detach().double(), fsq.project_in.bias.detach().double()
+    w_out = fsq.project_out.weight.detach().double().numpy()
+    b_out = fsq.project_out.bias.detach().double().numpy()
+    h = (x.detach().double() @ w_in.t() + b_in).numpy()
+    codes, ref_indices = np_fsq(h, levels)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(out.detach().double().numpy(), codes @ w_out.T + b_out,
+                               atol=tol, rtol=0)
+    np.testing.assert_array_equal(indices.numpy(), ref_indices)
+
+    ref = FSQ(levels, dim=6).double()
+    ref.load_state_dict(fsq.state_dict())
+    x_ref = x.detach().double().requires_grad_()
+    lv = torch.tensor(levels, dtype=torch.float64)
+    half_l = (lv - 1) * (1 + EPS) / 2
+    offset = (lv % 2 == 0).double() * 0.5
+    continuous = (torch.tanh(ref.project_in(x_ref) + torch.atanh(offset / half_l)) * half_l
+                  - offset) / (lv // 2)
+    # straight through: the value of the NumPy codes, the derivative of the continuous bound
+    straight = continuous + (torch.from_numpy(codes) - continuous).detach()
+    (ref.project_out(straight) * weight.double()).sum().backward()
+    grad_tol = 1e-10 if dtype == torch.float64 else 1e-3
+    assert torch.allclose(x.grad.double(), x_ref.grad, atol=grad_tol)
+    for ours, textbook in zip(fsq.parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(ours.grad.double(), textbook.grad, atol=grad_tol, rtol=1e-4)
+
+
 def test_fsq_matches_library_for_same_weights():
     lib = pytest.importorskip("vector_quantize_pytorch")
     for options in [dict(levels=[8, 5, 5, 5], dim=16), dict(levels=[5, 4], num_codebooks=3,
@@ -693,3 +734,55 @@ def test_fsp_channel_first_projected_refuses_non_finite(training):
     x[0, 5, 1, 2] = float("nan")
     with pytest.raises(QuantizerInputError, match="non-finite"):
         fsp(x)
+
+
+@pytest.mark.parametrize("rows", [2048, 4099])  # a cut into equal slabs, and rows left over
+def test_narrow_outer_split_over_threads_is_the_product(rows):
+    from vqvae.quantizers.narrow_linear import narrow_outer
+
+    torch.manual_seed(0)
+    a, b = torch.randn(rows, 5), torch.randn(rows, 33)
+    expected = a.double().t() @ b.double()
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            got = narrow_outer(a, b)
+            assert got.shape == (5, 33)
+            assert torch.allclose(got.double(), expected, atol=1e-3, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("options", [{"preserve_symmetry": True}, {"bound_hard_clamp": True},
+                                     {}])
+def test_projected_fsq_gathered_rows_decode_from_their_indices(options):
+    """With many rows per code the output rows are gathered from the projected codes; each must
+    be project_out of its own code (codes built by enumerating the digits in NumPy), and the
+    straight-through gradient must not depend on which path ran."""
+    torch.manual_seed(4)
+    fsq = FSQ([4, 3, 5], dim=7, **options).double()
+    x = (torch.randn(3, 200, 7, dtype=torch.float64) * 1.5).requires_grad_()  # 600 rows, 60 codes
+    out, indices = fsq(x)
+    codes = np_codes_of_all_indices([4, 3, 5], options.get("preserve_symmetry", False))
+    w_out = fsq.project_out.weight.detach().numpy()
+    expected = codes[indices.numpy()] @ w_out.T + fsq.project_out.bias.detach().numpy()
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=0, atol=1e-12)
+    # decoding the indices gives the output's very bits, in float32 too
+    assert torch.equal(fsq.indices_to_codes(indices), out)
+    fsq32 = FSQ([4, 3, 5], dim=7, **options)
+    x32 = x.detach().float()
+    out32, indices32 = fsq32(x32)
+    assert torch.equal(fsq32.indices_to_codes(indices32), out32)
+    # out-of-range indices wrap around, as the digit arithmetic of the per-row path does
+    assert torch.equal(fsq32.indices_to_codes(indices32 + 60), out32)
+    assert torch.equal(fsq32.indices_to_codes(indices32[:, :5] + 60),
+                       fsq32.indices_to_codes(indices32[:, :5]))
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    # the same rows in chunks too small for the gather (10 rows < 4 per code) give the same
+    grads = torch.cat([torch.autograd.grad((fsq(chunk)[0] * w).sum(), chunk)[0]
+                       for chunk, w in zip(x.detach().split(1, 1), weight.split(1, 1),
+                                           strict=True)
+                       for chunk in [chunk.requires_grad_()]], 1)
+    torch.testing.assert_close(x.grad, grads, rtol=1e-10, atol=1e-12)

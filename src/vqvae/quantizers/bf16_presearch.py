@@ -37,7 +37,10 @@ from .tracing import tracing
 UNIT = 2.0 ** -8  # bfloat16 unit roundoff (8 significant bits, round to nearest)
 # below this many distances the float32 search is as fast as the two-stage one
 MIN_WORK = 1 << 18
-PAIR_CHUNK = 64  # candidate pairs re-checked per gather (see _pair_dots)
+# candidate pairs re-checked per gather (see _pair_dots): two buffers of PAIR_CHUNK vectors stay
+# in L2; 256 rather than 64 saves the Python loop 3/4 of its turns (1900 pairs of 256-d
+# vectors, BEST-RQ's 1024 x 1024 search: 4.3 ms against 4.9 ms for the whole search)
+PAIR_CHUNK = 256
 
 
 @functools.cache

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .fsq import check_finite, check_tensor
-from .narrow_linear import narrow_linear
+from .narrow_linear import narrow_linear, narrow_outer
 from .tracing import tracing
 
 _SQRT2 = math.sqrt(2.0)
@@ -134,6 +134,59 @@ def _cdf_slope(act_name: str, h: Tensor, act: Tensor, scale: float) -> Tensor:
     return h.square().add_(1.0).reciprocal_().mul_(scale / math.pi)  # cauchy
 
 
+def _fsp_forward(h: Tensor, fsp: FSP, eps: float | None, rate: float):
+    """The forward of ``_FSPCall`` on rows ``h`` (M, C) in the math dtype: the straight-through
+    latent (M, C), the level indices, the moment loss, the statistics (4, C), the acceptance
+    rate of the perturbation (None without one) and the tensors the backward needs."""
+    eps = eps or torch.finfo(h.dtype).eps
+    # two passes (mean, then squared deviations): var_mean's Welford reduction down the
+    # rows is several times slower for few channels
+    mean = h.mean(0)
+    centred = h - mean
+    variance = (centred * centred).sum(0).div_(max(h.shape[0] - 1, 0))
+    # a NaN/Inf anywhere makes its channel's variance NaN/Inf; the exact test runs only
+    # then (a finite batch whose variance overflows passes it)
+    root = variance.sqrt()
+    std = root.clamp_min(fsp.vector_norm.eps)
+    u = centred / std
+    u2 = u * u
+    skewness = (u2 * u).mean(0)
+    kurtosis = (u2 * u2).mean(0) - 3.0
+    stats = torch.stack((mean, variance, skewness, kurtosis))
+    targets, weights = fsp.vector_norm.constants(h)
+    distance = stats - targets
+    weighted = distance * weights  # weights already divided by C
+    loss = torch.dot(distance.view(-1), weighted.view(-1))
+    # a NaN/Inf anywhere makes its channel's statistics and so the loss NaN/Inf; the exact
+    # test runs only then (a finite batch whose moments overflow passes it)
+    if not tracing() and not math.isfinite(float(loss)) \
+            and not bool(torch.isfinite(h).all()):
+        check_finite(h)
+
+    act = fsp.act_func(h)
+    levels = fsp._level_values
+    if levels.dtype != h.dtype:
+        levels = levels.to(h.dtype)
+    level_indices = (act.clamp_max(1.0 - eps) * levels).floor_()
+    centres = (level_indices + 0.5) / levels
+    q_act = act + (centres - act)  # the straight-through value, rounding as z + (q - z)
+    accept_prob = None
+    if rate < 1.0:
+        # uniform noise up to half a bin either way
+        proposal = act + (torch.rand_like(act) - 0.5) / levels
+        accept = (proposal > 0.0) & (proposal < 1.0)
+        accept_prob = accept.sum() / accept.numel()  # float32, as .float().mean()
+        perturbed = torch.where(accept, proposal, act)
+        q_act = torch.where(torch.rand_like(q_act) > rate, perturbed, q_act)
+    if fsp.need_inv_act:
+        q = fsp.inv_act_func(q_act.clamp(eps, 1.0 - eps))
+        q = h + (q - h)
+    else:
+        q = (q_act - 0.5) / _UNIT_UNIFORM_STD
+    return q, level_indices, loss, stats, accept_prob, (h, act, centred, std, root, variance,
+                                                       stats, weighted)
+
+
 class _FSPCall(torch.autograd.Function):
     """The moment loss, CDF activation, binning, perturbation and rescaling of ``FSP.forward``
     in one autograd node: the call is dominated by per-operation overhead, and the backward of
@@ -154,52 +207,8 @@ class _FSPCall(torch.autograd.Function):
         h = z.reshape(-1, z.shape[-1])
         if h.dtype in (torch.float16, torch.bfloat16):
             h = h.float()  # bin edges and index sums need more than 8-11 bits
-        eps = eps or torch.finfo(h.dtype).eps
-        # two passes (mean, then squared deviations): var_mean's Welford reduction down the
-        # rows is several times slower for few channels
-        mean = h.mean(0)
-        centred = h - mean
-        variance = (centred * centred).sum(0).div_(max(h.shape[0] - 1, 0))
-        # a NaN/Inf anywhere makes its channel's variance NaN/Inf; the exact test runs only
-        # then (a finite batch whose variance overflows passes it)
-        root = variance.sqrt()
-        std = root.clamp_min(fsp.vector_norm.eps)
-        u = centred / std
-        u2 = u * u
-        skewness = (u2 * u).mean(0)
-        kurtosis = (u2 * u2).mean(0) - 3.0
-        stats = torch.stack((mean, variance, skewness, kurtosis))
-        targets, weights = fsp.vector_norm.constants(h)
-        distance = stats - targets
-        weighted = distance * weights  # weights already divided by C
-        loss = torch.dot(distance.view(-1), weighted.view(-1))
-        # a NaN/Inf anywhere makes its channel's statistics and so the loss NaN/Inf; the exact
-        # test runs only then (a finite batch whose moments overflow passes it)
-        if not tracing() and not math.isfinite(float(loss)) \
-                and not bool(torch.isfinite(h).all()):
-            check_finite(h)
-
-        act = fsp.act_func(h)
-        levels = fsp._level_values
-        if levels.dtype != h.dtype:
-            levels = levels.to(h.dtype)
-        level_indices = (act.clamp_max(1.0 - eps) * levels).floor_()
-        centres = (level_indices + 0.5) / levels
-        q_act = act + (centres - act)  # the straight-through value, rounding as z + (q - z)
-        accept_prob = None
-        if rate < 1.0:
-            # uniform noise up to half a bin either way
-            proposal = act + (torch.rand_like(act) - 0.5) / levels
-            accept = (proposal > 0.0) & (proposal < 1.0)
-            accept_prob = accept.sum() / accept.numel()  # float32, as .float().mean()
-            perturbed = torch.where(accept, proposal, act)
-            q_act = torch.where(torch.rand_like(q_act) > rate, perturbed, q_act)
-        if fsp.need_inv_act:
-            q = fsp.inv_act_func(q_act.clamp(eps, 1.0 - eps))
-            q = h + (q - h)
-        else:
-            q = (q_act - 0.5) / _UNIT_UNIFORM_STD
-        ctx.save_for_backward(h, act, centred, std, root, variance, stats, weighted)
+        q, level_indices, loss, stats, accept_prob, saved = _fsp_forward(h, fsp, eps, rate)
+        ctx.save_for_backward(*saved)
         ctx.fsp = fsp
         ctx.set_materialize_grads(False)  # no zero gradients for the unused outputs
         ctx.mark_non_differentiable(level_indices, stats)
@@ -232,6 +241,110 @@ class _FSPCall(torch.autograd.Function):
         if moment is None:
             return slope.mul_(grad_q)
         return moment.addcmul_(grad_q, slope)
+
+
+class _ProjectedFSP(torch.autograd.Function):
+    """project_in -> ``_FSPCall`` -> project_out as one autograd node, for float32/float64
+    rows (N, dim) projected to a few channels and back.
+
+    Why: at (8, 1024, 256) the call is memory traffic over the (N, dim) tensors. As one node
+    the backward copies an expanded output gradient once and writes the input gradient into
+    that copy, and gets the weight and bias gradients of project_out from one product against
+    [q, 1] (see fsq._ProjectedFSQ); the weight gradients run split over the CPU threads
+    (narrow_linear.narrow_outer).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_in, b_in, w_out, b_out, fsp, eps, rate):
+        h = x @ w_in.t() if b_in is None else torch.addmm(b_in, x, w_in.t())
+        q, level_indices, loss, stats, accept_prob, saved = _fsp_forward(h, fsp, eps, rate)
+        out = q @ w_out.t() if b_out is None else torch.addmm(b_out, q, w_out.t())
+        ctx.save_for_backward(x, w_in, w_out, q, *saved)
+        ctx.fsp = fsp
+        ctx.has_bias = (b_in is not None, b_out is not None)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(level_indices, stats)
+        return out, level_indices, loss, stats, accept_prob
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_levels, grad_loss, _grad_stats, _grad_prob):
+        x, w_in, w_out, q, *saved = ctx.saved_tensors
+        in_bias, out_bias = ctx.has_bias
+        grad_q = grad_w_out = grad_b_out = spare = None
+        if grad_out is not None:
+            # one contiguous copy (out.sum() hands back an expanded gradient); being ours, it
+            # later takes the input gradient
+            given = grad_out
+            grad_out = grad_out.contiguous()
+            spare = grad_out if grad_out is not given and grad_out.shape == x.shape else None
+            if out_bias:
+                both = narrow_outer(torch.cat([q, torch.ones_like(q[:, :1])], 1), grad_out)
+                grad_w_out, grad_b_out = both[:-1].t(), both[-1]
+            else:
+                grad_w_out = narrow_outer(q, grad_out).t()
+            # a row-major (dim, C) weight is fast only as the transpose of its transpose
+            grad_q = grad_out @ w_out.t().contiguous().t()
+        grad_h = _FSPCall._grad_h(ctx.fsp, grad_q, grad_loss, *saved)
+        if grad_h is None:
+            return None, None, None, grad_w_out, grad_b_out, None, None, None
+        grad_x = torch.mm(grad_h, w_in, out=spare) if spare is not None else grad_h @ w_in
+        grad_w_in = narrow_outer(grad_h, x)
+        grad_b_in = grad_h.sum(0) if in_bias else None
+        return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
+
+
+def _left(weight: Tensor, x3: Tensor, bias: Tensor | None = None, out: Tensor | None = None
+          ) -> Tensor:
+    """``bias[:, None] + weight @ x3[b]`` for each b of x3 (b, in, n): (b, out, n)."""
+    weight = weight.expand(x3.shape[0], -1, -1)
+    if bias is None:
+        return torch.bmm(weight, x3, out=out)
+    return torch.baddbmm(bias[:, None], weight, x3, out=out)
+
+
+class _ProjectedFSPChannelFirst(torch.autograd.Function):
+    """``_ProjectedFSP`` for channel-first input (b, dim, n), the projections applied in that
+    layout (``W @ z[b]``: no transposed copy of the wide input, output or gradients), each
+    product in the operand order CPU BLAS runs fast: at (8, 64, 32, 32) the weight gradient of
+    project_out as ``q[b] @ g[b].T`` is 2.5x faster than ``g[b] @ q[b].T`` (what autograd
+    forms), and project_out on a contiguous q 1.5x faster than on q's transposed view."""
+
+    @staticmethod
+    def forward(ctx, z3, w_in, b_in, w_out, b_out, fsp, eps, rate):
+        batch, _, spots = z3.shape
+        h3 = _left(w_in, z3, b_in)  # (b, C, n)
+        h = h3.transpose(1, 2).reshape(-1, h3.shape[1])  # rows (b n, C), a small copy
+        q, level_indices, loss, stats, accept_prob, saved = _fsp_forward(h, fsp, eps, rate)
+        q3 = q.view(batch, spots, -1).transpose(1, 2).contiguous()  # (b, C, n)
+        out = _left(w_out, q3, b_out)
+        ctx.save_for_backward(z3, w_in, w_out, q3, *saved)
+        ctx.fsp = fsp
+        ctx.has_bias = (b_in is not None, b_out is not None)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(level_indices, stats)
+        return out, level_indices, loss, stats, accept_prob
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_levels, grad_loss, _grad_stats, _grad_prob):
+        z3, w_in, w_out, q3, *saved = ctx.saved_tensors
+        in_bias, out_bias = ctx.has_bias
+        batch, channels, spots = q3.shape
+        grad_q = grad_w_out = grad_b_out = spare = None
+        if grad_out is not None:
+            given = grad_out
+            g3 = grad_out.contiguous()  # out.sum() hands back an expanded gradient
+            spare = g3 if g3 is not given else None  # ours: it takes the input gradient
+            grad_w_out = torch.bmm(q3, g3.transpose(1, 2)).sum(0).t()
+            grad_b_out = g3.sum((0, 2)) if out_bias else None
+            grad_q = _left(w_out.t(), g3).transpose(1, 2).reshape(-1, channels)
+        grad_h = _FSPCall._grad_h(ctx.fsp, grad_q, grad_loss, *saved)
+        if grad_h is None:
+            return None, None, None, grad_w_out, grad_b_out, None, None, None
+        grad_h3 = grad_h.view(batch, spots, channels).transpose(1, 2)
+        grad_z3 = _left(w_in.t(), grad_h3, out=spare)
+        grad_w_in = torch.bmm(grad_h3, z3.transpose(1, 2)).sum(0)
+        grad_b_in = grad_h.sum(0) if in_bias else None
+        return grad_z3, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
 
 
 def _moment_loss_gradient(grad_loss: Tensor, centred: Tensor, std: Tensor, root: Tensor,
@@ -347,9 +460,7 @@ class FSP(nn.Module):
     def _project_channel_first(self, z: Tensor) -> bool:
         """Whether to project a channel-first input in its own layout: ``W @ z[b]`` per image
         needs no transposed copy of the wide input, its gradient or the output."""
-        return (self.channel_first and self.has_projections and z.ndim > 2
-                and z.dtype == self.project_in.weight.dtype
-                and not torch.is_autocast_enabled(z.device.type))
+        return self.channel_first and z.ndim > 2 and self._fused_projections(z)
 
     def forward(self, z: Tensor, eps: float | None = None) -> FSPOutput:
         check_tensor(z, self.dim, 1 if self.channel_first else -1)
@@ -359,6 +470,13 @@ class FSP(nn.Module):
             z = z.movedim(1, -1)
         shape = z.shape
         rate = self.quantize_rate if self.training else 1.0
+        if self._fused_projections(z):
+            pin, pout = self.project_in, self.project_out
+            out, level_indices, norm_loss, stats, accept_prob = _ProjectedFSP.apply(
+                z.reshape(-1, self.dim), pin.weight, pin.bias, pout.weight, pout.bias, self,
+                eps, rate)
+            return self._output(out.view(shape), level_indices, norm_loss, stats, accept_prob,
+                                shape)
         if self.has_projections:
             h = narrow_linear(z.reshape(-1, self.dim), self.project_in)
             out_dtype = self.project_out.weight.dtype
@@ -366,12 +484,25 @@ class FSP(nn.Module):
             h, out_dtype = z, z.dtype
         q, level_indices, norm_loss, stats, accept_prob = _FSPCall.apply(
             h, self, eps, rate, out_dtype)
-        info: dict = {}
-        if accept_prob is not None:
-            info["p_accept_prob"] = accept_prob
         out = q
         if self.has_projections:
             out = narrow_linear(q, self.project_out).view(*shape[:-1], self.dim)
+        return self._output(out, level_indices, norm_loss, stats, accept_prob, shape)
+
+    def _fused_projections(self, z: Tensor) -> bool:
+        """Whether the projected call runs as one node (``_ProjectedFSP``): float32/float64
+        input in the projections' dtype, autocast off."""
+        return (self.has_projections and z.dtype in (torch.float32, torch.float64)
+                and z.dtype == self.project_in.weight.dtype
+                and z.dtype == self.project_out.weight.dtype
+                and not torch.is_autocast_enabled(z.device.type))
+
+    def _output(self, out: Tensor, level_indices: Tensor, norm_loss: Tensor, stats: Tensor,
+                accept_prob: Tensor | None, shape: torch.Size) -> FSPOutput:
+        """The call's result from rows: ``out`` (..., dim) in the channels-last ``shape``."""
+        info: dict = {}
+        if accept_prob is not None:
+            info["p_accept_prob"] = accept_prob
         if self.codebook_size <= 1 << 24:  # every partial sum exact in float32 and float64
             indices = (level_indices @ self._basis_values.to(level_indices.dtype)).long()
         else:
@@ -389,21 +520,13 @@ class FSP(nn.Module):
     def _forward_channel_first(self, z: Tensor, eps: float | None) -> FSPOutput:
         batch, positions = z.shape[0], z.shape[2:]
         pin, pout = self.project_in, self.project_out
-        z3 = z.reshape(batch, self.dim, -1)
-        w_in = pin.weight.expand(batch, -1, -1)
-        h3 = torch.bmm(w_in, z3) if pin.bias is None else torch.baddbmm(pin.bias[:, None],
-                                                                        w_in, z3)
         rate = self.quantize_rate if self.training else 1.0
-        # rows (b, n, codebook_dim): a transposed view; the node copies the few channels
-        q, level_indices, norm_loss, stats, accept_prob = _FSPCall.apply(
-            h3.transpose(1, 2), self, eps, rate, pout.weight.dtype)
+        out, level_indices, norm_loss, stats, accept_prob = _ProjectedFSPChannelFirst.apply(
+            z.reshape(batch, self.dim, -1), pin.weight, pin.bias, pout.weight, pout.bias, self,
+            eps, rate)
         info: dict = {}
         if accept_prob is not None:
             info["p_accept_prob"] = accept_prob
-        w_out = pout.weight.expand(batch, -1, -1)
-        q3 = q.transpose(1, 2)
-        out = torch.bmm(w_out, q3) if pout.bias is None else torch.baddbmm(pout.bias[:, None],
-                                                                          w_out, q3)
         if self.codebook_size <= 1 << 24:
             indices = (level_indices @ self._basis_values.to(level_indices.dtype)).long()
         else:

@@ -32,10 +32,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .narrow_linear import narrow_outer
 from .tracing import spread_nonfinite, tracing
 from .vector_quantize import QuantizerInputError
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+#: The projected call gathers each row's output from the projections of every code when there
+#: are at least this many rows per code (projecting the codes costs about as much as gathering
+#: a quarter of their count in rows).
+TABLE_ROWS_PER_CODE = 4
 
 
 class FSQOutput(NamedTuple):
@@ -114,12 +119,15 @@ class _ProjectedFSQ(torch.autograd.Function):
     tensors, and Linear's backward is slow on these narrow shapes: it reads the output gradient
     three times (two matmuls and the bias sum) and forms the weight gradient in the slow
     operand order. Here the weight and bias gradients of project_out come from one matmul
-    against [codes, 1], in the fast order.
+    against [codes, 1], in the fast order. ``table`` (every code and the index basis, given
+    when there are at least TABLE_ROWS_PER_CODE rows per code): project_out is applied to the
+    codes once and the output rows gathered by index, one write of the (N, dim) output; the
+    indices come back as the third output (an empty tensor without a table).
     """
 
     @staticmethod
     def forward(ctx, x, w_in, b_in, w_out, b_out, shift, scale, bias, centre, step, slope,
-                symmetric, hard_clamp):
+                symmetric, hard_clamp, table):
         h = x @ w_in.t() if b_in is None else torch.addmm(b_in, x, w_in.t())
         if tracing():  # no host check in a graph: Inf becomes NaN instead of a valid code
             h = spread_nonfinite(h)
@@ -132,15 +140,25 @@ class _ProjectedFSQ(torch.autograd.Function):
         else:
             level = torch.round(torch.addcmul(bias, t, scale)) + centre
         code = level * step - 1.0 if symmetric else (level - centre) / centre
-        out = code @ w_out.t() if b_out is None else torch.addmm(b_out, code, w_out.t())
+        if table is None:
+            out = code @ w_out.t() if b_out is None else torch.addmm(b_out, code, w_out.t())
+            index = level.new_empty(0, dtype=torch.long)
+        else:
+            # few codes, many rows: project each code once and gather the rows, one write
+            # of the (N, dim) output instead of addmm's three passes (bias copy, read, write)
+            every_code, basis = table
+            index = (level @ basis).long()  # exact: every partial sum an integer < 2**24
+            rows = every_code @ w_out.t() if b_out is None else torch.addmm(
+                b_out, every_code, w_out.t())
+            out = rows.index_select(0, index)
         ctx.hard_clamp = hard_clamp
         ctx.has_bias = (b_in is not None, b_out is not None)
         ctx.save_for_backward(x, w_in, w_out, code, u if hard_clamp else t, slope)
-        ctx.mark_non_differentiable(level)
-        return out, level
+        ctx.mark_non_differentiable(level, index)
+        return out, level, index
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_level):
+    def backward(ctx, grad_out, _grad_level, _grad_index):
         x, w_in, w_out, code, saved, slope = ctx.saved_tensors
         # one contiguous copy (a loss like out.sum() hands back an expanded gradient) instead
         # of one per matmul; that copy is ours, and later takes the input gradient
@@ -157,18 +175,18 @@ class _ProjectedFSQ(torch.autograd.Function):
         # slower here with N = 8192 and 4 columns
         grad_b_out = None
         if out_bias:
-            both = torch.cat([code, torch.ones_like(code[:, :1])], 1).t() @ grad_out
+            both = narrow_outer(torch.cat([code, torch.ones_like(code[:, :1])], 1), grad_out)
             grad_w_out, grad_b_out = both[:-1].t(), both[-1]
         else:
-            grad_w_out = (code.t() @ grad_out).t()
+            grad_w_out = narrow_outer(code, grad_out).t()
         # w_out is (dim, codebook_dim) row-major; BLAS wants it as the transpose of a row-major
         # (codebook_dim, dim) here (4x faster at N = 8192, dim = 256)
         grad_h = (grad_out @ w_out.t().contiguous().t()) * local  # (N, codebook_dim)
         grad_x = torch.mm(grad_h, w_in, out=spare) if spare is not None else grad_h @ w_in
-        grad_w_in = grad_h.t() @ x
+        grad_w_in = narrow_outer(grad_h, x)
         grad_b_in = grad_h.sum(0) if in_bias else None
         return (grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 class FSQ(nn.Module):
@@ -363,12 +381,26 @@ class FSQ(nn.Module):
         if indices.dtype.is_floating_point or indices.dtype == torch.bool:
             raise QuantizerInputError(f"expected integer indices, got {indices.dtype}")
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
-        codes = self._indices_to_codes(indices).float()
-        if self.orthogonal_rotation:
-            codes = codes @ self.orthogonal_rot.t()
-        if self.keep_num_codebooks_dim:
-            codes = codes.flatten(-2)
-        codes = self.project_out(codes.to(self._param_dtype(codes.dtype)))
+        dtype = self._param_dtype(torch.float32)
+        table = None
+        if not torch.is_autocast_enabled(indices.device.type):
+            table = self._table_for(indices.numel(), dtype, indices.device)
+        if table is not None:
+            # as the forward computed these rows: the same products, so the same bits
+            pout = self.project_out
+            rows = (table[0] @ pout.weight.t() if pout.bias is None
+                    else torch.addmm(pout.bias, table[0], pout.weight.t()))
+            # out-of-range indices wrap around, as the digit arithmetic below makes them
+            flat = torch.remainder(indices.reshape(-1).long(), self.codebook_size)
+            shape = indices.shape[:-1] if self.keep_num_codebooks_dim else indices.shape
+            codes = rows.index_select(0, flat).view(*shape, self.dim)
+        else:
+            codes = self._indices_to_codes(indices).float()
+            if self.orthogonal_rotation:
+                codes = codes @ self.orthogonal_rot.t()
+            if self.keep_num_codebooks_dim:
+                codes = codes.flatten(-2)
+            codes = self.project_out(codes.to(dtype))
         if is_img_or_video or self.channel_first:
             codes = codes.movedim(-1, 1)
         return codes
@@ -453,18 +485,49 @@ class FSQ(nn.Module):
         repeat = self.num_codebooks
         if repeat > 1:
             constants = tuple(c.repeat(repeat) for c in constants)
-        out, level = _ProjectedFSQ.apply(flat, pin.weight, pin.bias, pout.weight, pout.bias,
-                                         *constants, self.preserve_symmetry,
-                                         self.bound_hard_clamp)
+        table = self._table_for(flat.shape[0], z.dtype, z.device)
+        out, level, index = _ProjectedFSQ.apply(flat, pin.weight, pin.bias, pout.weight,
+                                                pout.bias, *constants, self.preserve_symmetry,
+                                                self.bound_hard_clamp, table)
         indices = None
         if self.return_indices:
-            level = level.view(*z.shape[:-1], self.num_codebooks, self.codebook_dim)
-            if self.codebook_size <= 2 ** 24 and level.dtype == torch.float32:
-                # one matvec, exact: every partial sum is an integer below 2**24
-                indices = (level @ self._basis.to(level.dtype)).long()
+            if table is not None:
+                indices = index.view(*z.shape[:-1], 1)
             else:
-                indices = (level.long() * self._basis).sum(-1)
+                level = level.view(*z.shape[:-1], self.num_codebooks, self.codebook_dim)
+                if self.codebook_size <= 2 ** 24 and level.dtype == torch.float32:
+                    # one matvec, exact: every partial sum is an integer below 2**24
+                    indices = (level @ self._basis.to(level.dtype)).long()
+                else:
+                    indices = (level.long() * self._basis).sum(-1)
         return out.view(*z.shape[:-1], self.dim), indices
+
+    def _table_for(self, rows: int, dtype: torch.dtype, device: torch.device
+                   ) -> tuple[Tensor, Tensor] | None:
+        """The code table (see ``_code_table``) when a call on ``rows`` rows projects the codes
+        once and gathers (``_ProjectedFSQ``), else None. Not while tracing: a NaN there (see
+        .tracing) must reach the output, not an index."""
+        # tracing first: a traced row count is symbolic, and comparing it would guard on it
+        if (not tracing() and self.num_codebooks == 1 and self.has_projections
+                and not self.orthogonal_rotation and dtype in (torch.float32, torch.float64)
+                and self.codebook_size <= 2 ** 24
+                and self.codebook_size * TABLE_ROWS_PER_CODE <= rows):
+            return self._code_table(dtype, device)
+        return None
+
+    def _code_table(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(codebook_size, codebook_dim) every code in index order, as the forward computes
+        codes from levels, and the index basis, both in ``dtype`` (cached, like the bound's
+        constants: neither depends on anything a call or an optimiser changes)."""
+        key = ("table", dtype, device)
+        hit = self._cache.get(key)
+        if hit is None:
+            shift, scale, bias, centre, step, slope = self._constants(dtype, device)
+            level = self.indices_to_level_indices(
+                torch.arange(self.codebook_size, device=device)).to(dtype)
+            code = level * step - 1.0 if self.preserve_symmetry else (level - centre) / centre
+            hit = self._cache[key] = (code, self._basis.to(dtype))
+        return hit
 
     def _bounded(self, h: Tensor) -> Tensor:
         """The continuous bounded value in code units (symmetric FSQ), differentiable."""

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import guard
+from .fsq import all_finite
 from .simvq import check_finite
 from .tracing import tracing
 from .vector_quantize import QuantizerInputError, VectorQuantize
@@ -300,7 +301,8 @@ class HierarchicalVQ(nn.Module):
             raise QuantizerInputError(
                 "a mask (or lens) selects a data-dependent number of positions, which one "
                 "compiled graph cannot hold: call HierarchicalVQ eagerly with a mask")
-        if not guard.deferred(x):
+        # one sum; the exact test only when it is not finite
+        if not guard.deferred(x) and not all_finite(x):
             check_finite(x)
         return full_shape, mask
 

@@ -228,7 +228,9 @@ class _LatentQuantizeChannelFirst(torch.autograd.Function):
         if w_out is not None:
             g3 = grad_out.reshape(batch, w_out.shape[0], -1).contiguous()
             grad_h = _apply_left(w_out.t(), g3)
-            grad_w_out = _outer_sum(g3, q3)
+            # the narrow operand first: q[b] @ g[b].T is several times faster on CPU than
+            # g[b] @ q[b].T (2.5x at (8, 64, 32, 32))
+            grad_w_out = _outer_sum(q3, g3).t()
             grad_b_out = g3.sum((0, 2)) if out_bias else None
         else:
             grad_h = grad_out.reshape(q3.shape)

@@ -6,12 +6,43 @@ several times slower than the equivalent transposed product: ``g.t() @ x`` with 
 ``x`` narrow (the weight gradient of the widening projection), and ``g @ W`` with ``W`` a
 row-major (wide, narrow) weight (the input gradient through it). ``narrow_linear`` computes
 the same values with the fast orders.
+
+:func:`narrow_outer` forms the weight gradients ``a.T @ b`` (a narrow, b wide, many rows): CPU
+BLAS runs that product on one thread whatever the thread count, so it is split by rows into
+one batched product per thread.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .tracing import tracing
+
+#: Fewer rows than this: ``a.T @ b`` on one thread, the split costs more than it saves.
+SPLIT_ROWS = 2048
+
+
+def narrow_outer(a: Tensor, b: Tensor) -> Tensor:
+    """``a.T @ b`` for ``a`` (N, p) and ``b`` (N, q), both row-major: a weight gradient.
+
+    With several CPU threads the N rows are cut into one contiguous slab per thread and the
+    slabs' products run as one ``bmm`` (which torch spreads over the threads), then summed: at
+    (8192, 4) x (8192, 256) on two threads, half the time of the single ``mm``, which runs on
+    one. The rows left over by the cut are added by one ``addmm_``.
+    """
+    n = a.shape[0]
+    threads = 1 if tracing() or a.device.type != "cpu" else torch.get_num_threads()
+    if threads < 2 or n < SPLIT_ROWS or not (a.is_contiguous() and b.is_contiguous()):
+        return a.t() @ b
+    rows = n // threads
+    cut = rows * threads
+    slabs = torch.bmm(a[:cut].view(threads, rows, -1).transpose(1, 2),
+                      b[:cut].view(threads, rows, -1))
+    total = slabs.sum(0)
+    if cut < n:
+        total.addmm_(a[cut:].t(), b[cut:])
+    return total
 
 
 class _NarrowLinear(torch.autograd.Function):
@@ -35,7 +66,8 @@ class _NarrowLinear(torch.autograd.Function):
             grad_x = grad @ w
         if ctx.needs_input_grad[1]:
             # the narrow operand goes first, transposed
-            grad_w = grad.t() @ x if out_features <= in_features else (x.t() @ grad).t()
+            grad_w = (narrow_outer(grad, x) if out_features <= in_features
+                      else narrow_outer(x, grad).t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b
@@ -49,3 +81,4 @@ def narrow_linear(x: Tensor, linear: torch.nn.Module) -> Tensor:
         return linear(x)
     flat = x.reshape(-1, x.shape[-1])
     return _NarrowLinear.apply(flat, linear.weight, linear.bias).view(*x.shape[:-1], -1)
+
