@@ -530,14 +530,14 @@ class ResidualVQ(nn.Module):
                 residual = next_residual
             if update:
                 self._update(layers, residuals, codes, ok, depth_mask)
-            if ok is not None:
-                # a deferred call cannot raise: rows of non-finite (or too large) input come
-                # out NaN instead of as valid-looking codes
-                qs[0] = qs[0] + h.detach().pow(2).sum(-1, keepdim=True).mul(0)
 
         out, losses = self._differentiable(h, layers, residuals, afters, qs, codes, sq,
                                            eval_losses=beam_terms is not None,
                                            depth_mask=depth_mask)
+        if ok is not None:
+            # a deferred call cannot raise: rows of non-finite (or too large) input come out
+            # NaN instead of as valid-looking codes
+            out = out + h.detach().pow(2).sum(-1, keepdim=True).mul(0)
         return out, torch.stack(codes, dim=-1), losses, None
 
     def _forward_layers(self, h, layers, sample_codebook_temp, freeze_codebook,
