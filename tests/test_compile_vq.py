@@ -11,14 +11,15 @@ runs the deterministic cases through code generation (its random numbers differ 
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 
 import vqvae
 from vqvae.quantizers import cpu_kernel
+from vqvae.quantizers.codebook import Codebook
+from vqvae.quantizers.kmeans import kmeans_fixed
 from vqvae.quantizers.vector_quantize import VectorQuantize
-
-pytestmark = pytest.mark.slow
 
 BACKEND = os.environ.get("VQVAE_COMPILE_BACKEND", "aot_eager")
 STEPS = 3
@@ -34,6 +35,7 @@ CONFIGS = {
     "learnable-dead": dict(decay=None, threshold_ema_dead_code=1.0),
     "heads-separate": dict(heads=2, separate_codebook_per_head=True,
                            threshold_ema_dead_code=1.0),
+    "heads-separate-ema": dict(heads=2, separate_codebook_per_head=True),
     "heads-shared-proj": dict(heads=2, codebook_dim=4, kmeans_init=True, kmeans_iters=2),
     "sampled": dict(stochastic_sample_codes=True, sample_codebook_temp=0.5),
     "affine": dict(affine_param=True),
@@ -41,7 +43,7 @@ CONFIGS = {
     "cross-entropy": dict(commitment_use_cross_entropy_loss=True),
 }
 # what inductor can compare to eager: no random draw in any call
-DETERMINISTIC = ("ema", "learnable", "heads-separate", "affine")
+DETERMINISTIC = ("ema", "learnable", "heads-separate-ema", "affine")
 
 
 def make(name: str) -> VectorQuantize:
@@ -129,6 +131,7 @@ def assert_same_run(eager, compiled_module, outputs) -> None:
         torch.testing.assert_close(buffers_a[key], buffers_b[key], **CLOSE, msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_compiled_training_equals_eager_deferred(name, kernel):
     if BACKEND != "aot_eager" and name not in DETERMINISTIC:
@@ -141,6 +144,7 @@ def test_compiled_training_equals_eager_deferred(name, kernel):
     assert uses_op == (kernel == "c-kernel" and name not in ("sampled", "cross-entropy"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["kmeans", "kmeans-dead-cosine"])
 def test_compiled_kmeans_initialises_once_then_recompiles_once(name):
     eager, compiled_module, outputs, recorder = run_both(name)
@@ -153,6 +157,7 @@ def test_compiled_kmeans_initialises_once_then_recompiles_once(name):
     assert compiled_module.codebook.abs().sum(-1).min() > 0
 
 
+@pytest.mark.slow
 def test_dead_codes_are_restarted_in_the_compiled_graph():
     eager, compiled_module, outputs, _ = run_both("dead-codes", steps=4)
     assert_same_run(eager, compiled_module, outputs)
@@ -176,6 +181,7 @@ def test_dead_codes_are_restarted_in_the_compiled_graph():
     torch.testing.assert_close(layer.book.embed_avg[0, dead], layer.codebook[dead])
 
 
+@pytest.mark.slow
 def test_compiled_masked_training_equals_eager_deferred():
     def mask_of(step):
         mask = torch.ones(4, 12, dtype=torch.bool)
@@ -189,6 +195,7 @@ def test_compiled_masked_training_equals_eager_deferred():
         assert (indices == -1).sum() > 0  # padding positions carry -1
 
 
+@pytest.mark.slow
 def test_compiled_mask_matches_the_row_dropping_eager_path():
     """The fixed-shape masked path (all rows, padding weighted 0) against the immediate one
     (padding rows dropped): same codes, output, loss and EMA state, without random draws."""
@@ -211,6 +218,7 @@ def test_compiled_mask_matches_the_row_dropping_eager_path():
     torch.testing.assert_close(eager.cluster_size, compiled_module.cluster_size, **CLOSE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ema", "affine", "heads-shared-proj"])
 def test_compiled_eval_equals_eager_and_changes_nothing(name, kernel):
     eager, compiled_module, outputs, _ = run_both(name, steps=2, train=False)
@@ -220,6 +228,7 @@ def test_compiled_eval_equals_eager_and_changes_nothing(name, kernel):
     assert_same_run(eager, compiled_module, outputs)
 
 
+@pytest.mark.slow
 def test_compiled_eval_gives_nan_for_non_finite_rows_and_counts_nothing():
     layer = make("ema").eval()
     x = batch(0)
@@ -233,6 +242,7 @@ def test_compiled_eval_gives_nan_for_non_finite_rows_and_counts_nothing():
     assert int(layer.nonfinite_calls) == 0  # eval changes nothing, counters included
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ema", "kmeans-dead-cosine", "learnable-dead", "affine"])
 def test_compiled_non_finite_batch_changes_no_buffer_and_raises_at_read_back(name):
     layer = make(name).train()
@@ -251,6 +261,7 @@ def test_compiled_non_finite_batch_changes_no_buffer_and_raises_at_read_back(nam
         vqvae.raise_deferred(layer)
 
 
+@pytest.mark.slow
 def test_topk_compiles_in_eval():
     layer = make("ema").eval()
     compiled = torch.compile(layer, fullgraph=True, backend=BACKEND)
@@ -260,8 +271,133 @@ def test_topk_compiles_in_eval():
     torch.testing.assert_close(a[0], b[0], **CLOSE)
 
 
+@pytest.mark.slow
 def test_compiled_in_place_optimizer_is_refused_with_a_clear_error():
     layer = VectorQuantize(dim=8, codebook_size=16, decay=None,
                            in_place_codebook_optimizer=torch.optim.SGD).train()
     with pytest.raises(Exception, match="in_place_codebook_optimizer cannot be compiled"):
         torch.compile(layer, fullgraph=True, backend=BACKEND)(torch.randn(2, 3, 8))
+
+
+# ---------------------------------------------------------------------------- deferred eager
+
+
+@pytest.mark.parametrize("name", ["ema", "kmeans-dead-cosine", "learnable-dead", "affine",
+                                  "heads-separate"])
+def test_deferred_non_finite_batch_changes_no_buffer_and_raises_at_read_back(name):
+    layer = make(name).train()
+    with vqvae.input_checks("deferred"):
+        layer(batch(0))
+        vqvae.raise_deferred(layer)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        # 1e30: its square overflows (but a unit row of it is fine for cosine similarity)
+        bad_values = (float("nan"), float("inf")) if layer.use_cosine_sim \
+            else (float("nan"), float("inf"), 1e30)
+        for bad in bad_values:
+            x = batch(1)
+            x[2, 3, 4] = bad
+            out = layer(x)
+            assert torch.isnan(out[0][2, 3]).all()
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    calls = len(bad_values)
+    assert int(layer.nonfinite_calls) == calls
+    with pytest.raises(vqvae.quantizers.QuantizerInputError, match=rf"\({calls} call\(s\)\)"):
+        vqvae.raise_deferred(layer)
+
+
+def test_deferred_refused_first_batch_leaves_kmeans_undone():
+    layer = make("kmeans").train()
+    x = batch(0)
+    x[0, 0, 0] = float("nan")
+    with vqvae.input_checks("deferred"):
+        layer(x)
+    assert not bool(layer.initialized) and not layer.codebook.any()
+    with pytest.raises(vqvae.quantizers.QuantizerInputError):
+        vqvae.raise_deferred(layer)
+    # on the CPU the flag is read from the buffer again: the next good batch initialises
+    with vqvae.input_checks("deferred"):
+        layer(batch(1))
+    assert bool(layer.initialized) and layer.codebook.abs().sum(-1).min() > 0
+
+
+@pytest.mark.parametrize("name", ["ema", "learnable", "heads-separate-ema", "affine"])
+def test_deferred_equals_immediate_without_random_draws(name):
+    immediate, deferred = make(name).train(), make(name).train()
+    for step in range(3):
+        x = batch(step)
+        with vqvae.input_checks("immediate"):
+            a = immediate(x)
+        with vqvae.input_checks("deferred"):
+            b = deferred(x)
+        assert torch.equal(a[1], b[1])
+        torch.testing.assert_close(a[0], b[0])
+        torch.testing.assert_close(a[2], b[2])
+    for key, value in immediate.state_dict().items():
+        torch.testing.assert_close(value, deferred.state_dict()[key], msg=key)
+
+
+def test_deferred_masked_call_equals_the_row_dropping_path():
+    immediate = VectorQuantize(dim=16, codebook_size=32, decay=0.5, commitment_weight=2.0,
+                               rotation_trick=False)
+    deferred = copy.deepcopy(immediate)
+    mask = torch.rand(4, 12, generator=torch.Generator().manual_seed(3)) > 0.3
+    x = batch(4).requires_grad_()
+    with vqvae.input_checks("immediate"):
+        a = immediate(x, mask=mask)
+    with vqvae.input_checks("deferred"):
+        b = deferred(x, mask=mask)
+    assert torch.equal(a[1], b[1]) and (b[1][~mask] == -1).all()
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[2], b[2])
+    grad_a, = torch.autograd.grad(a[0].sum() + a[2], x)
+    grad_b, = torch.autograd.grad(b[0].sum() + b[2], x)
+    torch.testing.assert_close(grad_a, grad_b)
+    torch.testing.assert_close(immediate.codebook, deferred.codebook)
+
+
+def test_kmeans_pending_follows_a_loaded_state_dict():
+    trained = make("kmeans").train()
+    trained(batch(0))
+    fresh = make("kmeans")
+    assert fresh.book.kmeans_pending and not fresh.book._initted_known
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.book._initted_known and not fresh.book.kmeans_pending
+
+
+def test_fixed_kmeans_ends_at_a_lloyd_fixed_point_checked_in_numpy():
+    """Separated clusters: the centroids are the (weighted) means of the rows nearest to
+    them, recomputed in float64 NumPy; rows of weight 0 pull no centroid."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[6.0, 0.0], [-6.0, 0.0], [0.0, 6.0], [0.0, -6.0]])
+    x = centres[torch.arange(200) % 4] + 0.3 * torch.randn(200, 2, generator=gen)
+    outliers = torch.full((10, 2), 50.0)
+    data = torch.cat([x, outliers])
+    weight = torch.cat([torch.ones(200), torch.zeros(10)])
+    torch.manual_seed(1)
+    centroids, counts = kmeans_fixed(data, 4, 10, weight=weight)
+    c, xs = centroids.double().numpy(), x.double().numpy()
+    nearest = ((xs[:, None] - c[None]) ** 2).sum(-1).argmin(-1)
+    for k in range(4):
+        np.testing.assert_allclose(c[k], xs[nearest == k].mean(0), rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == np.bincount(nearest, minlength=4).tolist() == [50] * 4
+    assert torch.cdist(centres, centroids).min(1).values.max() < 0.5
+
+
+def test_deferred_restart_picks_only_rows_of_positive_weight():
+    book = Codebook(8, 2, threshold_ema_dead_code=1.0)
+    with torch.no_grad():
+        book.cluster_size.fill_(0.0)  # every code dead
+    rows = torch.cat([torch.full((3, 2), 7.0), torch.arange(10.0).reshape(5, 2)])
+    weight = torch.tensor([1.0, 1.0, 1.0, 0, 0, 0, 0, 0])
+    torch.manual_seed(0)
+    before = book.codebook.clone()
+    book.restart_dead_codes(rows, ok=torch.tensor(True), row_weight=weight)
+    moved = (book.codebook != before).any(-1)
+    assert int(moved.sum()) == 3  # as many codes as rows that may be taken
+    assert (book.codebook[moved] == 7.0).all()
+    assert book.cluster_size[0][moved].tolist() == [1.0] * 3
+    refused = book.codebook.clone()
+    book.cluster_size.fill_(0.0)
+    book.restart_dead_codes(rows, ok=torch.tensor(False))
+    assert torch.equal(book.codebook, refused)
