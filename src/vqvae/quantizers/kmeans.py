@@ -3,6 +3,9 @@
 The statistics of each step (cluster sizes and sums) pass through ``all_reduce`` before the
 centroids are recomputed, so the same call gives one answer across processes when every process
 passes ``torch.distributed.all_reduce`` and the same ``init``; on one process it is a no-op.
+
+:func:`kmeans_fixed` is the variant that reads nothing back to the host (fixed shapes, a fixed
+number of steps): what codebooks initialise with inside a compiled graph or a deferred call.
 """
 
 from __future__ import annotations

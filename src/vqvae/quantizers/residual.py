@@ -17,6 +17,11 @@ forward arguments, return values, state_dict keys of the residual level). Code l
 
 ``indices[..., l]`` is the code of depth ``l`` (0 = coarsest). ``-1`` marks a depth that a
 training call skipped (quantize dropout) or a masked position.
+
+Both compile whole (``torch.compile(..., fullgraph=True)``) and never read a value back in
+deferred calls (see :mod:`.guard`): the non-finite check, k-means, restarts and quantize dropout
+(a mask over every depth, :meth:`ResidualVQ.dropout_mask`) are decided on the device. A ``mask``
+and teacher forcing (``indices=``) are eager only; docs/compile.md has the details.
 """
 
 from __future__ import annotations
@@ -153,7 +158,8 @@ class ResidualVQ(nn.Module):
     ``rand_quantize_dropout_fixed_seed``.
 
     Eval calls leave every buffer bit-identical. A batch with NaN or Inf raises
-    :class:`QuantizerInputError` before any codebook changes.
+    :class:`QuantizerInputError` before any codebook changes (in deferred and compiled calls it
+    changes nothing, comes out NaN, and :func:`vqvae.raise_deferred` reports it).
     """
 
     def __init__(
@@ -320,6 +326,10 @@ class ResidualVQ(nn.Module):
                                           f"{describe(x)}")
             x = x.movedim(1, -1)
         if indices is not None:
+            if tracing():
+                raise QuantizerInputError(
+                    "teacher forcing (indices=...) cannot be compiled or exported: the indices' "
+                    "range is checked on the host; call eagerly")
             out = self.cross_entropy(x, indices, mask=mask)
             quantized = out[0].movedim(-1, 1) if self.accept_image_fmap else out[0]
             return quantized, out[1]

@@ -11,6 +11,16 @@ The layer is a composition: the layout of the input (:func:`_to_tokens`), the pr
 the split into heads, a :class:`~vqvae.quantizers.codebook.Codebook` (or one of its variants
 in :mod:`.codebook_variants`) that searches and updates the codes, an output estimator from
 :mod:`.estimators` chosen once in ``__init__``, and the loss terms of :mod:`.vq_losses`.
+
+Non-finite input is checked as :mod:`.guard` says: raised from ``forward`` (immediate), or, in
+deferred calls (every ``torch.compile`` / ``torch.export`` trace, eager calls off the CPU by
+default), decided on the device: no update happens, the call is counted in ``nonfinite_calls``
+for :func:`.guard.raise_deferred`, and the rows of such input come out NaN. So
+``torch.compile(vq, fullgraph=True)`` captures a whole training call. Every option compiles
+except ``in_place_codebook_optimizer``, ``accum_ema_update=True``,
+``orthogonal_reg_active_codes_only`` and ``affine_param`` with a mask, which raise
+:class:`QuantizerInputError` saying so; ``decode`` and ``update_ema_indices`` read values back
+and are for eager use (docs/compile.md lists what is guaranteed where).
 """
 
 from __future__ import annotations
@@ -135,7 +145,8 @@ class VectorQuantize(nn.Module):
 
     Where this layer deliberately differs from the library (each covered by a test):
     an eval call never changes any state (no k-means, no affine statistics), non-finite input
-    raises :class:`QuantizerInputError` before any change, the masked commitment loss
+    raises :class:`QuantizerInputError` before any change (or, in deferred and compiled calls,
+    changes nothing and is reported by :func:`vqvae.raise_deferred`), the masked commitment loss
     compares with the projected (and normalised) rows, ``sync_update_v`` follows vqtorch's
     eq. 21 (the codes get ``ν`` times the gradient), the affine statistics are buffers from the
     start (a trained state dict loads into a fresh layer), and shared-head indices decode to
