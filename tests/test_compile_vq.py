@@ -41,6 +41,10 @@ CONFIGS = {
     "affine": dict(affine_param=True),
     "orthogonal": dict(orthogonal_reg_weight=0.1, orthogonal_reg_max_codes=8),
     "cross-entropy": dict(commitment_use_cross_entropy_loss=True),
+    "bridge": lambda: dict(vq_bridge=torch.nn.Linear(16, 16)),
+    "diveq": dict(directional_reparam=True, threshold_ema_dead_code=1.0),
+    "gumbel": dict(straight_through=True, rotation_trick=False),
+    "sync-update-v": dict(decay=None, sync_update_v=0.5),
 }
 # what inductor can compare to eager: no random draw in any call
 DETERMINISTIC = ("ema", "learnable", "heads-separate-ema", "affine")
@@ -48,7 +52,8 @@ DETERMINISTIC = ("ema", "learnable", "heads-separate-ema", "affine")
 
 def make(name: str) -> VectorQuantize:
     torch.manual_seed(0)
-    return VectorQuantize(dim=16, codebook_size=32, **CONFIGS[name])
+    options = CONFIGS[name]() if callable(CONFIGS[name]) else CONFIGS[name]
+    return VectorQuantize(dim=16, codebook_size=32, **options)
 
 
 def batch(seed: int, shape=(4, 12, 16)) -> torch.Tensor:
@@ -87,7 +92,8 @@ def kernel(request, monkeypatch):
     return request.param
 
 
-def run_both(name: str, steps: int = STEPS, *, mask_of=None, train: bool = True):
+def run_both(name: str, steps: int = STEPS, *, mask_of=None, train: bool = True,
+             call=None):
     """Eager (deferred checks) and compiled copies of one layer, called alike ``steps`` times
     with the same seed before each call; returns both modules, their outputs and the graphs."""
     eager = make(name).train(train)
@@ -102,8 +108,10 @@ def run_both(name: str, steps: int = STEPS, *, mask_of=None, train: bool = True)
         for module in (eager, compiled):
             xi = x.clone().requires_grad_(train)
             torch.manual_seed(100 + step)
+            kwargs = {} if mask is None else {"mask": mask}
+            kwargs.update(call or {})
             with vqvae.input_checks("deferred"):
-                out = module(xi) if mask is None else module(xi, mask=mask)
+                out = module(xi, **kwargs)
             if train:
                 (out[0].square().mean() + out[2]).backward()
             grads = {k.removeprefix("_orig_mod."): p.grad.clone()
@@ -141,7 +149,21 @@ def test_compiled_training_equals_eager_deferred(name, kernel):
     assert int(eager.steps) == STEPS
     # the C kernel's ops are in the graph exactly when the kernel is used
     uses_op = "nearest_code_cpu" in recorder.code()
-    assert uses_op == (kernel == "c-kernel" and name not in ("sampled", "cross-entropy"))
+    searched_by_logits = ("sampled", "cross-entropy", "gumbel")
+    assert uses_op == (kernel == "c-kernel" and name not in searched_by_logits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("call", [
+    dict(ema_update_weight=torch.linspace(0.0, 1.0, 32)),
+    dict(ema_update_weight=lambda sums, counts: (counts > 0).to(sums.dtype)),
+    dict(ema_update=False),
+    dict(lens=torch.tensor([12, 5, 7, 1])),
+    dict(return_loss_breakdown=True),
+], ids=["weight-tensor", "weight-function", "no-ema", "lens", "breakdown"])
+def test_compiled_forward_keywords_equal_eager_deferred(call):
+    eager, compiled_module, outputs, _ = run_both("dead-codes", call=call)
+    assert_same_run(eager, compiled_module, outputs)
 
 
 @pytest.mark.slow
