@@ -288,8 +288,14 @@ class Codebook(nn.Module):
         codes = self.vectors() if codes is None else codes
         if codes.shape[0] == 1:  # one codebook: indices of any shape
             return F.embedding(indices, codes[0])
-        flat = indices.reshape(indices.shape[0], -1)  # (C, M)
-        picked = codes.gather(1, flat[..., None].expand(-1, -1, codes.shape[-1]))
+        # codebook c's code j is row c·K + j of one (C·K, D) table. An embedding, not a
+        # gather: inductor recomputes a gather in backward from the codes, which the EMA
+        # update has overwritten by then (a wrong rotation-trick gradient); it saves an
+        # embedding's result instead, as for one codebook.
+        num, k = codes.shape[:2]
+        offsets = torch.arange(0, num * k, k, device=indices.device)
+        flat = indices.reshape(num, -1) + offsets[:, None]  # (C, M)
+        picked = F.embedding(flat, codes.reshape(num * k, codes.shape[-1]))
         return picked.reshape(*indices.shape, codes.shape[-1])
 
     @torch.no_grad()

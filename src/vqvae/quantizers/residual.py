@@ -48,7 +48,7 @@ from .codebook import CodeStatistics
 from .estimators import quantize, quantize_residual
 from .implicit_codebook import CodeMLP, ConditionedCodes
 from .tracing import tracing
-from .vector_quantize import VectorQuantize, VQOutput
+from .vector_quantize import VectorQuantize, VQOutput, unusable_rows_as_nan
 
 DROPPED = -1  # the index of a depth a training call did not use, or of a masked position
 
@@ -547,7 +547,7 @@ class ResidualVQ(nn.Module):
         if ok is not None:
             # a deferred call cannot raise: rows of non-finite (or too large) input come out
             # NaN instead of as valid-looking codes
-            out = out + h.detach().pow(2).sum(-1, keepdim=True).mul(0)
+            out = out + unusable_rows_as_nan(h)
         return out, torch.stack(codes, dim=-1), losses, None
 
     def _forward_layers(self, h, layers, sample_codebook_temp, freeze_codebook,

@@ -76,6 +76,15 @@ def check_rows_usable(rows: Tensor) -> None:
     raise too_large_to_square(rows)
 
 
+def unusable_rows_as_nan(rows: Tensor) -> Tensor:
+    """``(..., 1)``: 0 for each row of ``rows`` ``(..., D)`` whose squared norm is finite, NaN
+    for the others (NaN, Inf, or too large to square). Added to a deferred call's output, which
+    cannot raise: such rows come out NaN, not as valid-looking codes. A ``where``, not
+    ``x * 0``: compilers may fold a product with zero to zero, Inf or not."""
+    sq = rows.detach().pow(2).sum(-1, keepdim=True)
+    return torch.where(torch.isfinite(sq), torch.zeros_like(sq), torch.full_like(sq, math.nan))
+
+
 class VQOutput(NamedTuple):
     quantized: Tensor  # x.shape, the code vectors (gradient reaches x by the estimator)
     indices: Tensor  # x.shape[:-1] (channels last), int64 code indices
@@ -623,7 +632,7 @@ class VectorQuantize(nn.Module):
         if ok is not None:
             # a deferred call cannot raise: the rows of non-finite (or too large) input come
             # out NaN instead of as valid-looking codes
-            q = q + rows.detach().pow(2).sum(-1, keepdim=True).mul(0)
+            q = q + unusable_rows_as_nan(rows)
 
         if indices is not None:
             target = self._rows_of_indices(indices, b, n)
@@ -841,7 +850,7 @@ class VectorQuantize(nn.Module):
         idx = logits.topk(k, dim=-1).indices  # (1, M, k)
         q = book.lookup(idx, codes).to(rows.dtype)  # (1, M, k, d)
         if guard.deferred(rows):
-            q = q + rows.detach().pow(2).sum(-1)[..., None, None].mul(0)
+            q = q + unusable_rows_as_nan(rows)[..., None, :]
         per_candidate = (q.detach() - rows[:, :, None]).pow(2).mean(-1)  # (1, M, k)
         loss = per_candidate * self.commitment_weight if self.has_commitment_loss \
             or self.training else per_candidate
