@@ -423,3 +423,25 @@ def test_deferred_restart_picks_only_rows_of_positive_weight():
     book.cluster_size.fill_(0.0)
     book.restart_dead_codes(rows, ok=torch.tensor(False))
     assert torch.equal(book.codebook, refused)
+
+
+@pytest.mark.slow
+def test_inductor_gradients_match_float64_after_the_codebook_update():
+    """Inductor may recompute in backward what forward computed from the codes; the EMA update
+    overwrites the codes in the same graph, so a recomputed lookup would use the new codes.
+    Separate per-head codebooks with the rotation trick once did: the input's gradient against
+    an eager float64 run of the same step."""
+    torch.manual_seed(0)
+    layer = VectorQuantize(dim=16, codebook_size=32, heads=2, separate_codebook_per_head=True)
+    reference = copy.deepcopy(layer).double()
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    x = batch(0)
+    grads = []
+    for module, xi in ((compiled, x.clone()), (reference, x.double())):
+        xi.requires_grad_()
+        with vqvae.input_checks("deferred"):
+            out = module(xi)
+        (out[0].square().mean() + out[2]).backward()
+        grads.append(xi.grad.double())
+    assert not torch.equal(layer.codebook, make("heads-separate-ema").codebook)  # updated
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
