@@ -617,20 +617,20 @@ class Codebook(nn.Module):
                 continue
             device = data.device
             dead = (self.cluster_size[c] < threshold) & ok  # (K,)
-            code_order = torch.randperm(k, device=device)
+            code_order = _random_order(k, device)
             # rank of each dead code among the dead ones, in the random order of the codes
-            rank_in_order = dead[code_order].to(torch.long).cumsum(0) - 1
+            rank_in_order = dead.index_select(0, code_order).to(torch.long).cumsum(0) - 1
             rank = torch.empty_like(rank_in_order).scatter_(0, code_order, rank_in_order)
-            row_order = torch.randperm(n, device=device)  # (N,)
+            row_order = _random_order(n, device)  # (N,)
             if weights is None:
                 available = torch.full((), n, dtype=torch.long, device=device)
             else:
-                usable_row = weights[c][row_order] > 0
+                usable_row = weights[c].index_select(0, row_order) > 0
                 # the rows a restart may take first, still in random order
                 row_order = row_order[torch.argsort((~usable_row).to(torch.uint8), stable=True)]
                 available = usable_row.sum()
             take = dead & (rank < available)  # (K,)
-            picked = data[row_order[rank.clamp(0, n - 1)]]  # (K, D)
+            picked = data.index_select(0, row_order[rank.clamp(0, n - 1)])  # (K, D)
             if self.use_cosine_sim:
                 picked = F.normalize(picked, dim=-1)
             picked = picked.to(self.embed.dtype)
@@ -652,6 +652,13 @@ class Codebook(nn.Module):
                                       unexpected_keys, error_msgs)
         # the host's copy follows the loaded value (loading is eager: one read, once)
         self._initted_known = bool(self.initted)
+
+
+def _random_order(n: int, device: torch.device) -> Tensor:
+    """A uniformly random permutation of ``0..n-1`` (the order of ``n`` uniform draws). Not
+    ``randperm``: inductor rewrites ``x[randperm(len(x))]`` with a pattern that fails to compile
+    when the permutation is not sliced."""
+    return torch.rand(n, device=device).argsort()
 
 
 def convert_legacy_state(state: dict, prefix: str, eps: float) -> None:
