@@ -356,7 +356,7 @@ class ResidualVQ(nn.Module):
             result = result._replace(quantized=result.quantized.movedim(-1, 1))
         return result
 
-    def dropout_seed(self, *, device: torch.device | None = None) -> int:
+    def dropout_seed(self) -> int:
         """A seed for quantize dropout, from torch's generator (the same on every process)."""
         return int(self._dropout_seed_tensor())
 
