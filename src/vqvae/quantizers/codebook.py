@@ -33,6 +33,15 @@ State dicts of the earlier single-codebook layout (``codebook`` (K, D), ``cluste
 
 Subclasses whose codes are computed from the stored ones (an affine map, a learned bridge)
 override :meth:`vectors`; search and lookup read the codes only through it.
+
+Deferred calls (:mod:`.guard`): the changing methods take ``ok``, the 0-d bool verdict of
+:func:`.guard.usable` on the batch. With it they never read a value back to the host and change
+nothing unless ``ok`` is true, each write a ``torch.where`` on it: the step count, the EMA,
+k-means (:func:`.kmeans.kmeans_fixed`, fixed shapes) and dead-code restarts (a random
+permutation of the rows and of the codes: the ``j``-th dead code takes the ``j``-th row).
+Whether k-means is still to run is a Python flag that mirrors ``initted`` (read from the
+buffer on the CPU outside tracing, set by :meth:`initialize` and by loading a state dict), so a
+compiled graph branches on a constant and is compiled again once after initialisation.
 """
 
 from __future__ import annotations
@@ -46,8 +55,9 @@ from torch import Tensor, nn
 
 from . import cpu_kernel, distributed
 from .checks import QuantizerInputError, check_finite, require
-from .kmeans import kmeans
+from .kmeans import kmeans, kmeans_fixed
 from .search import DEFAULT_BLOCK_BYTES, nearest_code, sample_code
+from .tracing import tracing
 
 #: Starting codes: ``"kaiming_uniform"`` (U(-b, b), b = sqrt(6 / (K·D)), as
 #: ``nn.init.kaiming_uniform_`` on the (C, K, D) tensor, the reference library's choice) or
@@ -177,6 +187,8 @@ class Codebook(nn.Module):
         # buffer order of the reference library's state dict: initted, cluster_size, embed_avg,
         # embed (a parameter is listed before every buffer anyway)
         self.register_buffer("initted", torch.tensor(not kmeans_init))
+        # the host's copy of ``initted``: what a traced or accelerator call branches on
+        self._initted_known = not kmeans_init
         # Starting at 1 keeps a code that is never chosen where it was, instead of pulling it
         # to zero on the first update.
         self.register_buffer("cluster_size", torch.ones(num_codebooks, codebook_size))
@@ -204,8 +216,15 @@ class Codebook(nn.Module):
 
     @property
     def kmeans_pending(self) -> bool:
-        """Whether :meth:`initialize` is still to run (k-means asked for, not yet done)."""
-        return self.kmeans_init and not bool(self.initted)
+        """Whether :meth:`initialize` is still to run (k-means asked for, not yet done).
+
+        Read from ``initted`` on the CPU (free there, and it sees a buffer written directly);
+        while tracing, or on another device, from the host's copy of it (no read-back)."""
+        if not self.kmeans_init:
+            return False
+        if not (tracing() or self.initted.device.type != "cpu"):
+            self._initted_known = bool(self.initted)
+        return not self._initted_known
 
     @property
     def codebook(self) -> Tensor:
@@ -269,8 +288,14 @@ class Codebook(nn.Module):
         codes = self.vectors() if codes is None else codes
         if codes.shape[0] == 1:  # one codebook: indices of any shape
             return F.embedding(indices, codes[0])
-        flat = indices.reshape(indices.shape[0], -1)  # (C, M)
-        picked = codes.gather(1, flat[..., None].expand(-1, -1, codes.shape[-1]))
+        # codebook c's code j is row c·K + j of one (C·K, D) table. An embedding, not a
+        # gather: inductor recomputes a gather in backward from the codes, which the EMA
+        # update has overwritten by then (a wrong rotation-trick gradient); it saves an
+        # embedding's result instead, as for one codebook.
+        num, k = codes.shape[:2]
+        offsets = torch.arange(0, num * k, k, device=indices.device)
+        flat = indices.reshape(num, -1) + offsets[:, None]  # (C, M)
+        picked = F.embedding(flat, codes.reshape(num * k, codes.shape[-1]))
         return picked.reshape(*indices.shape, codes.shape[-1])
 
     @torch.no_grad()
@@ -304,8 +329,12 @@ class Codebook(nn.Module):
             # codebook c's code j is row c·K + j of one (C·K, D) table
             flat = (idx + torch.arange(num, device=idx.device)[:, None] * k).reshape(-1)
             rows = blocks.reshape(-1, blocks.shape[-1])
-            if weight is None:
+            if weight is None and blocks.device.type == "cpu" and not tracing():
                 counts = torch.bincount(flat, minlength=num * k).to(blocks.dtype)
+            elif weight is None:
+                # bincount's length depends on the largest index: a read-back elsewhere
+                counts = blocks.new_zeros(num * k).index_add_(
+                    0, flat, blocks.new_ones(flat.shape[0]))
             else:
                 w = (weight.unsqueeze(0) if single else weight).reshape(-1).to(blocks.dtype)
                 counts = blocks.new_zeros(num * k).index_add_(0, flat, w)
@@ -332,12 +361,21 @@ class Codebook(nn.Module):
         self.embed.data.copy_(codes.reshape(self.embed.shape))
         self.embed_avg.copy_(self.embed.detach() * self.smoothed_cluster_size()[..., None])
 
-    def accumulate(self, statistics: CodeStatistics) -> None:
+    def accumulate(self, statistics: CodeStatistics, ok: Tensor | None = None) -> None:
         """Keep ``statistics`` for the next :meth:`apply_ema`, which adds them to its own
-        (micro-batches: two accumulated halves make the update of the whole)."""
+        (micro-batches: two accumulated halves make the update of the whole). With ``ok``
+        false (a deferred call's refused batch) zeros are kept instead. Eager only: the
+        pending sums live in a Python attribute across calls."""
+        if tracing():
+            raise QuantizerInputError(
+                "accum_ema_update cannot be compiled or exported: the pending statistics live "
+                "in a Python attribute between calls; call the layer eagerly for it")
         counts, sums = statistics
         if counts.ndim == 1:
             counts, sums = counts.unsqueeze(0), sums.unsqueeze(0)
+        if ok is not None:
+            counts = torch.where(ok, counts, torch.zeros_like(counts))
+            sums = torch.where(ok, sums, torch.zeros_like(sums))
         stats = CodeStatistics(counts.detach().clone(), sums.detach().clone())
         self._pending = stats if self._pending is None else self._pending.add_(stats)
 
@@ -345,13 +383,21 @@ class Codebook(nn.Module):
     def update(self, statistics: CodeStatistics | None,
                rows: Tensor | Callable[[], Tensor],
                weight: Tensor | Callable[[Tensor, Tensor], Tensor] | None = None, *,
-               ema_update: bool | None = None) -> None:
+               ema_update: bool | None = None, ok: Tensor | None = None,
+               row_weight: Tensor | None = None) -> None:
         """Everything a training step changes: the step count, the EMA step with
         ``statistics`` (skipped when ``None`` or when the codebook keeps none), the codes
         recomputed from it (EMA codebook, unless manual; ``ema_update`` overrides the setting
         for this call), and, after the warm-up, restarts of dead codes onto ``rows`` (a tensor
         ``(N, D)`` / ``(C, N, D)``, or a function that makes one, called only when some code is
-        dead). ``weight`` as in :meth:`apply_ema`."""
+        dead). ``weight`` as in :meth:`apply_ema`.
+
+        ``ok`` (a 0-d bool tensor) makes this a deferred update: nothing is read back, and
+        nothing changes unless ``ok`` is true; ``row_weight`` (the shape of ``rows`` less its
+        last axis) then marks the rows a restart may pick (> 0), e.g. a padding mask."""
+        if ok is not None:
+            self._update_deferred(statistics, rows, weight, ema_update, ok, row_weight)
+            return
         self.steps += 1
         ema_update = self.ema_update if ema_update is None else ema_update
         if statistics is None or not (ema_update or self.threshold_ema_dead_code > 0):
@@ -364,14 +410,33 @@ class Codebook(nn.Module):
                 and bool((self.cluster_size < threshold).any()):
             self.restart_dead_codes(rows() if callable(rows) else rows)
 
+    def _update_deferred(self, statistics, rows, weight, ema_update, ok: Tensor,
+                         row_weight: Tensor | None) -> None:
+        """:meth:`update` decided on the device: every write is conditional on ``ok``."""
+        self.steps.add_(ok.to(self.steps.dtype))
+        ema_update = self.ema_update if ema_update is None else ema_update
+        if statistics is None or not (ema_update or self.threshold_ema_dead_code > 0):
+            return
+        self.apply_ema(statistics, weight, ok=ok)
+        if ema_update and not self.manual_ema_update:
+            self.update_ema(ok=ok)
+        if self.threshold_ema_dead_code > 0:
+            # the warm-up too is decided on the device: no int(steps)
+            allowed = ok & (self.steps > self.dead_code_warmup_steps)
+            self.restart_dead_codes(rows() if callable(rows) else rows, ok=allowed,
+                                    row_weight=row_weight)
+
     @torch.no_grad()
     def apply_ema(self, statistics: CodeStatistics,
-                  weight: Tensor | Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
+                  weight: Tensor | Callable[[Tensor, Tensor], Tensor] | None = None, *,
+                  ok: Tensor | None = None) -> None:
         """One EMA step of the cluster sizes and sums (plus any :meth:`accumulate`\\ d ones):
         ``s <- s + (1 - decay) · w · (batch - s)``.
 
         ``weight`` ``w`` is a per-code rate factor ``(K,)`` / ``(C, K)``, or a function of the
-        batch's ``(sums (C, K, D), counts (C, K))`` returning one; default 1.
+        batch's ``(sums (C, K, D), counts (C, K))`` returning one; default 1. With ``ok`` (0-d
+        bool) the step is kept only where ``ok`` is true (a NaN statistic cannot leak through a
+        zero rate: ``0 · NaN`` is NaN, so the choice is a ``where``).
         """
         counts, sums = statistics
         if counts.ndim == 1:
@@ -386,6 +451,20 @@ class Codebook(nn.Module):
         rate = 1.0 - self.decay
         if callable(weight):
             weight = weight(sums, counts)
+        if ok is not None:
+            counts, sums = counts.to(self.cluster_size.dtype), sums.to(self.embed_avg.dtype)
+            if weight is not None:
+                weight = torch.as_tensor(weight, dtype=self.cluster_size.dtype,
+                                         device=self.cluster_size.device)
+                rate = rate * weight.expand_as(self.cluster_size)  # (C, K)
+                size = self.cluster_size + rate * (counts - self.cluster_size)
+                avg = self.embed_avg + rate[..., None] * (sums - self.embed_avg)
+            else:
+                size = self.cluster_size.lerp(counts, rate)
+                avg = self.embed_avg.lerp(sums, rate)
+            self.cluster_size.copy_(torch.where(ok, size, self.cluster_size))
+            self.embed_avg.copy_(torch.where(ok, avg, self.embed_avg))
+            return
         if weight is None:
             self.cluster_size.lerp_(counts.to(self.cluster_size.dtype), rate)
             self.embed_avg.lerp_(sums.to(self.embed_avg.dtype), rate)
@@ -397,11 +476,14 @@ class Codebook(nn.Module):
         self.embed_avg.add_(rate[..., None] * (sums - self.embed_avg))
 
     @torch.no_grad()
-    def update_ema(self) -> None:
-        """Codes = EMA sums / Laplace-smoothed EMA sizes (unit rows for cosine similarity)."""
+    def update_ema(self, ok: Tensor | None = None) -> None:
+        """Codes = EMA sums / Laplace-smoothed EMA sizes (unit rows for cosine similarity);
+        with ``ok`` (0-d bool), only where it is true."""
         codes = self.embed_avg / self.smoothed_cluster_size()[..., None]
         if self.use_cosine_sim:
             codes = F.normalize(codes, dim=-1)
+        if ok is not None:
+            codes = torch.where(ok, codes, self.embed.detach())
         self.embed.data.copy_(codes)
 
     def smoothed_cluster_size(self) -> Tensor:
@@ -411,10 +493,21 @@ class Codebook(nn.Module):
         return (size + self.eps) / (n + self.codebook_size * self.eps) * n
 
     @torch.no_grad()
-    def initialize(self, x: Tensor) -> None:
+    def initialize(self, x: Tensor, ok: Tensor | None = None,
+                   row_weight: Tensor | None = None) -> None:
         """Set the codes to the k-means centroids of ``x`` (``(N, D)`` or ``(C, N, D)``; all
         processes' rows when synced) and mark the codebook initialised. Raises on non-finite
-        ``x``, changing nothing."""
+        ``x``, changing nothing.
+
+        With ``ok`` (0-d bool tensor; a deferred call) nothing is read back: the k-means of
+        :func:`.kmeans.kmeans_fixed` (rows weighted by ``row_weight``, the shape of ``x`` less
+        its last axis, 0 leaves a row out) is written only where ``ok`` is true, and the host's
+        flag counts the codebook as initialised either way (a refused batch leaves ``initted``
+        false and the codes as they were; the error comes from :func:`.guard.raise_deferred`).
+        """
+        if ok is not None:
+            self._initialize_deferred(x, ok, row_weight)
+            return
         check_finite(x)
         blocks, _ = self._blocks(x)
         synced = distributed.should_sync(self.sync)
@@ -438,14 +531,50 @@ class Codebook(nn.Module):
         # the sums that give back the centroids
         self.embed_avg.copy_(self.embed.detach() * self.smoothed_cluster_size()[..., None])
         self.initted.fill_(True)
+        self._initted_known = True
+
+    def _initialize_deferred(self, x: Tensor, ok: Tensor, row_weight: Tensor | None) -> None:
+        if distributed.should_sync(self.sync):
+            raise QuantizerInputError(
+                "k-means initialisation synchronised across processes reads sizes back to the "
+                "host: use immediate input checks (vqvae.set_input_checks('immediate')) and "
+                "call eagerly, or sync_kmeans=False")
+        blocks, single = self._blocks(x)
+        weights = None if row_weight is None else \
+            (row_weight.unsqueeze(0) if single else row_weight)
+        for c, rows in enumerate(blocks):
+            # a refused batch is clustered as zeros (no NaN reaches the random draws), and
+            # the result is then thrown away
+            safe = torch.where(ok, rows, torch.zeros_like(rows))
+            centroids, counts = kmeans_fixed(
+                safe, self.codebook_size, self.kmeans_iters, use_cosine_sim=self.use_cosine_sim,
+                weight=None if weights is None else weights[c],
+                max_block_bytes=self.max_search_bytes)
+            self.embed.data[c].copy_(torch.where(ok, centroids.to(self.embed.dtype),
+                                                 self.embed.detach()[c]))
+            self.cluster_size[c].copy_(torch.where(ok, counts.clamp(min=1).to(
+                self.cluster_size.dtype), self.cluster_size[c]))
+        self.embed_avg.copy_(torch.where(
+            ok, self.embed.detach() * self.smoothed_cluster_size()[..., None], self.embed_avg))
+        self.initted.copy_(self.initted | ok)
+        self._initted_known = True
 
     @torch.no_grad()
-    def restart_dead_codes(self, rows: Tensor) -> None:
+    def restart_dead_codes(self, rows: Tensor, ok: Tensor | None = None,
+                           row_weight: Tensor | None = None) -> None:
         """Move every code whose EMA cluster size is below ``threshold_ema_dead_code`` onto a
         distinct random row of ``rows`` (``(N, D)`` or ``(C, N, D)``; drawn by rank 0 from all
         processes' rows when synced); its cluster size becomes the threshold and its sum the
         row times the threshold. With more dead codes than rows, a random subset of them is
-        moved now, the rest at later steps."""
+        moved now, the rest at later steps.
+
+        With ``ok`` (0-d bool tensor) the same happens with fixed shapes and only if ``ok``
+        is true: a random order of the codes and one of the rows (those with ``row_weight``
+        > 0 first, when given); the ``j``-th dead code in the codes' order takes the ``j``-th
+        row, if there is one."""
+        if ok is not None:
+            self._restart_deferred(rows, ok, row_weight)
+            return
         blocks, _ = self._blocks(rows)
         threshold = float(self.threshold_ema_dead_code)
         synced = distributed.should_sync(self.sync)
@@ -471,6 +600,46 @@ class Codebook(nn.Module):
             self.cluster_size[c, dead] = threshold
             self.embed_avg[c, dead] = picked * threshold
 
+    def _restart_deferred(self, rows: Tensor, ok: Tensor, row_weight: Tensor | None) -> None:
+        if distributed.should_sync(self.sync):
+            raise QuantizerInputError(
+                "dead-code restarts synchronised across processes read sizes back to the host: "
+                "use immediate input checks (vqvae.set_input_checks('immediate')) and call "
+                "eagerly")
+        blocks, single = self._blocks(rows)
+        weights = None if row_weight is None else \
+            (row_weight.unsqueeze(0) if single else row_weight)
+        threshold = float(self.threshold_ema_dead_code)
+        k = self.codebook_size
+        for c, data in enumerate(blocks):
+            n = data.shape[0]
+            if n == 0:
+                continue
+            device = data.device
+            dead = (self.cluster_size[c] < threshold) & ok  # (K,)
+            code_order = _random_order(k, device)
+            # rank of each dead code among the dead ones, in the random order of the codes
+            rank_in_order = dead.index_select(0, code_order).to(torch.long).cumsum(0) - 1
+            rank = torch.empty_like(rank_in_order).scatter_(0, code_order, rank_in_order)
+            row_order = _random_order(n, device)  # (N,)
+            if weights is None:
+                available = torch.full((), n, dtype=torch.long, device=device)
+            else:
+                usable_row = weights[c].index_select(0, row_order) > 0
+                # the rows a restart may take first, still in random order
+                row_order = row_order[torch.argsort((~usable_row).to(torch.uint8), stable=True)]
+                available = usable_row.sum()
+            take = dead & (rank < available)  # (K,)
+            picked = data.index_select(0, row_order[rank.clamp(0, n - 1)])  # (K, D)
+            if self.use_cosine_sim:
+                picked = F.normalize(picked, dim=-1)
+            picked = picked.to(self.embed.dtype)
+            move = take[:, None]
+            self.embed.data[c].copy_(torch.where(move, picked, self.embed.detach()[c]))
+            self.cluster_size[c].copy_(torch.where(
+                take, self.cluster_size.new_full((), threshold), self.cluster_size[c]))
+            self.embed_avg[c].copy_(torch.where(move, picked * threshold, self.embed_avg[c]))
+
     # ------------------------------------------------------------------ checkpoints
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -481,6 +650,15 @@ class Codebook(nn.Module):
             convert_legacy_state(state_dict, prefix, self.eps)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        # the host's copy follows the loaded value (loading is eager: one read, once)
+        self._initted_known = bool(self.initted)
+
+
+def _random_order(n: int, device: torch.device) -> Tensor:
+    """A uniformly random permutation of ``0..n-1`` (the order of ``n`` uniform draws). Not
+    ``randperm``: inductor rewrites ``x[randperm(len(x))]`` with a pattern that fails to compile
+    when the permutation is not sliced."""
+    return torch.rand(n, device=device).argsort()
 
 
 def convert_legacy_state(state: dict, prefix: str, eps: float) -> None:

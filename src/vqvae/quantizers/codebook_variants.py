@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .codebook import Codebook, CodeStatistics
+from .tracing import tracing
 
 #: Floor of the variances before their square root (the reference library's value).
 MIN_VARIANCE = 1e-5
@@ -51,14 +52,24 @@ class AffineCodebook(Codebook):
         return mean, var
 
     @torch.no_grad()
-    def observe(self, rows: Tensor, *, training: bool) -> None:
+    def observe(self, rows: Tensor, *, training: bool, ok: Tensor | None = None,
+                row_weight: Tensor | None = None) -> None:
         """Take the statistics of this call's ``(C, N, D)`` rows (masked rows removed) and, in
-        training, of the codes, into the EMAs."""
+        training, of the codes, into the EMAs. With ``ok`` (0-d bool; a deferred call) every
+        choice is a ``torch.where`` and nothing changes unless ``ok`` is true."""
+        if row_weight is not None:
+            raise ValueError("AffineCodebook.observe takes the kept rows only (no row_weight)")
         mean, var = self._mean_var(rows.float())
         self._batch_now = None
         if not training:
-            if not bool(torch.isfinite(self.batch_mean).all()):
-                self._batch_now = (mean, var)  # used by this call only
+            # before any training the batch's own statistics, stored ones after: chosen on
+            # the device (the same values either way)
+            unset = ~torch.isfinite(self.batch_mean).all()
+            self._batch_now = (torch.where(unset, mean, self.batch_mean),
+                               torch.where(unset, var, self.batch_variance))
+            return
+        if ok is not None:
+            self._observe_deferred(mean, var, ok)
             return
         codes = self.embed.detach()
         c_mean, c_var = self._mean_var(codes)
@@ -76,9 +87,29 @@ class AffineCodebook(Codebook):
             else:
                 stored.lerp_(value, 1.0 - self.batch_decay)
 
+    def _observe_deferred(self, mean: Tensor, var: Tensor, ok: Tensor) -> None:
+        c_mean, c_var = self._mean_var(self.embed.detach())
+        for name, flag, value in (("codebook_mean", "codebook_mean_needs_init", c_mean),
+                                  ("codebook_variance", "codebook_variance_needs_init", c_var)):
+            stored, first = getattr(self, name), getattr(self, flag)
+            new = torch.where(first, value, stored.lerp(value, 1.0 - self.codebook_decay))
+            stored.copy_(torch.where(ok, new, stored))
+            first.copy_(first & ~ok)
+        for name, value in (("batch_mean", mean), ("batch_variance", var)):
+            stored = getattr(self, name)
+            new = torch.where(torch.isinf(stored).all(), value,
+                              stored.lerp(value, 1.0 - self.batch_decay))
+            stored.copy_(torch.where(ok, new, stored))
+
     def _affine(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(μ_E, σ_E, μ_x, σ_x)``, each ``(C, 1, D)``."""
-        if bool(self.codebook_mean_needs_init):  # eval before any training
+        if tracing() or self.embed.device.type != "cpu":
+            # chosen on the device: the codes' own statistics before any training
+            first = self.codebook_mean_needs_init
+            own_mean, own_var = self._mean_var(self.embed.detach())
+            c_mean = torch.where(first, own_mean, self.codebook_mean)
+            c_var = torch.where(first, own_var, self.codebook_variance)
+        elif bool(self.codebook_mean_needs_init):  # eval before any training
             c_mean, c_var = self._mean_var(self.embed.detach())
         else:
             c_mean, c_var = self.codebook_mean, self.codebook_variance

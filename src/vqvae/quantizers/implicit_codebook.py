@@ -47,10 +47,12 @@ class ConditionedCodes:
     def __init__(self, mlp: CodeMLP, base: Tensor, condition: Tensor):
         self.codes = mlp(base, condition.to(base.dtype))
 
-    @torch.no_grad()
     def search(self, x: Tensor, *, temperature: float | None = None) -> Tensor:
         """``(N,)`` index of each row's nearest own code (squared Euclidean distance)."""
-        return (x.unsqueeze(1) - self.codes.detach()).pow(2).sum(-1).argmin(-1)
+        # a with-block, not the decorator: torch.compile cannot wrap a decorated method of an
+        # object made inside the graph
+        with torch.no_grad():
+            return (x.unsqueeze(1) - self.codes.detach()).pow(2).sum(-1).argmin(-1)
 
     def lookup(self, indices: Tensor) -> Tensor:
         """``(N, D)``: row ``n``'s code ``indices[n]`` (with the MLP's gradient)."""

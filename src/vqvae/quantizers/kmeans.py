@@ -3,6 +3,9 @@
 The statistics of each step (cluster sizes and sums) pass through ``all_reduce`` before the
 centroids are recomputed, so the same call gives one answer across processes when every process
 passes ``torch.distributed.all_reduce`` and the same ``init``; on one process it is a no-op.
+
+:func:`kmeans_fixed` is the variant that reads nothing back to the host (fixed shapes, a fixed
+number of steps): what codebooks initialise with inside a compiled graph or a deferred call.
 """
 
 from __future__ import annotations
@@ -124,6 +127,71 @@ def kmeans(
         all_reduce(counts)
         all_reduce(sums)
         means = sums / counts.clamp(min=1).unsqueeze(-1)
+        if use_cosine_sim:
+            means = F.normalize(means, dim=-1)
+        centroids = torch.where((counts > 0).unsqueeze(-1), means, centroids)
+    return KMeansResult(centroids, counts)
+
+
+@torch.no_grad()
+def kmeans_fixed(
+    x: Tensor,
+    num_clusters: int,
+    num_iters: int = 10,
+    *,
+    use_cosine_sim: bool = False,
+    weight: Tensor | None = None,
+    max_rounds: int = 64,
+    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> KMeansResult:
+    """:func:`kmeans` with k-means++ seeding, without a single value read back to the host:
+    every shape is known from those of the arguments, so it runs inside one compiled graph and
+    never stalls an accelerator. What a compiled quantizer initialises its codebook with.
+
+    Differences from :func:`kmeans`, each so that no decision waits for a value: seeds are
+    drawn with replacement (two rounds may pick one row twice when ``K > max_rounds``; Lloyd's
+    steps then keep the spare centroid where it is); when every row already is a seed, the next
+    ones are drawn uniformly. ``weight`` ``(N,)`` weighs each row's part in the seeding and the
+    means (0 leaves a row out: a padding mask); rows all of weight 0 count as weight 1.
+    """
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"kmeans expects a non-empty (N, D) tensor, got shape {tuple(x.shape)}")
+    if num_clusters < 1:
+        raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+    dtype = distance_dtype(x.dtype)
+    x = x.to(dtype)
+    if use_cosine_sim:
+        x = F.normalize(x, dim=-1)
+    n = x.shape[0]
+    ones = x.new_ones(n)
+    if weight is None:
+        weight = ones
+    else:
+        weight = weight.to(dtype)
+        weight = torch.where(weight.sum() > 0, weight, ones)
+    # k-means++ (D² seeding) in at most max_rounds rounds, as kmeans_plus_plus
+    per_round = -(-num_clusters // max_rounds)
+    x_sq = x.pow(2).sum(-1)  # (N,)
+    seeds = [x[torch.multinomial(weight, 1)]]
+    nearest_sq = torch.full_like(x_sq, float("inf"))
+    chosen = 1
+    while chosen < num_clusters:
+        new = seeds[-1]  # (m, D)
+        dist_sq = code_distances(x, new, x_sq.unsqueeze(-1) + new.pow(2).sum(-1))  # (N, m)
+        nearest_sq = torch.minimum(nearest_sq, dist_sq.amin(dim=-1).clamp(min=0))
+        odds = nearest_sq * weight
+        odds = torch.where(odds.sum() > 0, odds, weight)
+        take = min(per_round, num_clusters - chosen)
+        seeds.append(x[torch.multinomial(odds, take, replacement=True)])
+        chosen += take
+    centroids = torch.cat(seeds)  # (K, D)
+    counts = x.new_zeros(num_clusters)
+    weighted = x * weight[:, None]
+    for _ in range(num_iters):
+        assignment = nearest_code(x, centroids, max_block_bytes=max_block_bytes)  # (N,)
+        counts = x.new_zeros(num_clusters).index_add_(0, assignment, weight)  # (K,)
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, weighted)  # (K, D)
+        means = sums / counts.clamp(min=1e-12).unsqueeze(-1)
         if use_cosine_sim:
             means = F.normalize(means, dim=-1)
         centroids = torch.where((counts > 0).unsqueeze(-1), means, centroids)

@@ -17,6 +17,11 @@ forward arguments, return values, state_dict keys of the residual level). Code l
 
 ``indices[..., l]`` is the code of depth ``l`` (0 = coarsest). ``-1`` marks a depth that a
 training call skipped (quantize dropout) or a masked position.
+
+Both compile whole (``torch.compile(..., fullgraph=True)``) and never read a value back in
+deferred calls (see :mod:`.guard`): the non-finite check, k-means, restarts and quantize dropout
+(a mask over every depth, :meth:`ResidualVQ.dropout_mask`) are decided on the device. A ``mask``
+and teacher forcing (``indices=``) are eager only; docs/compile.md has the details.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed
+from . import distributed, guard
 from .beam_search import beam_search
 from .checks import (
     QuantizerInputError,
@@ -42,7 +47,8 @@ from .checks import (
 from .codebook import CodeStatistics
 from .estimators import quantize, quantize_residual
 from .implicit_codebook import CodeMLP, ConditionedCodes
-from .vector_quantize import VectorQuantize, VQOutput
+from .tracing import tracing
+from .vector_quantize import VectorQuantize, VQOutput, unusable_rows_as_nan
 
 DROPPED = -1  # the index of a depth a training call did not use, or of a masked position
 
@@ -85,10 +91,11 @@ class _DepthLosses(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         weights, *residuals = ctx.saved_tensors
-        scale = (grad * weights * (2.0 / ctx.numel)).tolist()
+        # the scales stay on the device (0-d tensors): no read-back in backward
+        scale = grad * weights * (2.0 / ctx.numel)  # (L,)
         grad_x = residuals[0] * scale[0]
         for depth in range(1, len(residuals)):
-            grad_x = grad_x.add_(residuals[depth], alpha=scale[depth])
+            grad_x = grad_x.addcmul_(residuals[depth], scale[depth])
         return (grad_x, None, None, *([None] * len(residuals)))
 
 
@@ -97,12 +104,14 @@ class _ScaledStraightThrough(torch.autograd.Function):
     outputs whose inputs have ``d r_l / d x = a_l · I`` (``scale = Σ_l a_l``)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, q: Tensor, scale: float):
-        ctx.scale = scale
+    def forward(ctx, x: Tensor, q: Tensor, scale: float | Tensor):
+        ctx.scale = scale  # a 0-d tensor when quantize dropout is decided on the device
         return q
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if isinstance(ctx.scale, Tensor):
+            return grad * ctx.scale, None, None
         return grad * ctx.scale if ctx.scale != 1.0 else grad, None, None
 
 
@@ -149,7 +158,8 @@ class ResidualVQ(nn.Module):
     ``rand_quantize_dropout_fixed_seed``.
 
     Eval calls leave every buffer bit-identical. A batch with NaN or Inf raises
-    :class:`QuantizerInputError` before any codebook changes.
+    :class:`QuantizerInputError` before any codebook changes (in deferred and compiled calls it
+    changes nothing, comes out NaN, and :func:`vqvae.raise_deferred` reports it).
     """
 
     def __init__(
@@ -265,6 +275,7 @@ class ResidualVQ(nn.Module):
         self.layers = nn.ModuleList(
             VectorQuantize(self.codebook_dim, size, **{**LAYER_DEFAULTS, **layer_options})
             for size in sizes)
+        guard.register_counter(self)
         if shared_codebook:
             # one Codebook module held by every layer: one tensor, one set of EMA buffers
             for layer in self.layers[1:]:
@@ -315,26 +326,63 @@ class ResidualVQ(nn.Module):
                                           f"{describe(x)}")
             x = x.movedim(1, -1)
         if indices is not None:
+            if tracing():
+                raise QuantizerInputError(
+                    "teacher forcing (indices=...) cannot be compiled or exported: the indices' "
+                    "range is checked on the host; call eagerly")
             out = self.cross_entropy(x, indices, mask=mask)
             quantized = out[0].movedim(-1, 1) if self.accept_image_fmap else out[0]
             return quantized, out[1]
-        active = self.num_quantizers
+        return self._forward(x, mask=mask, return_all_codes=return_all_codes,
+                             sample_codebook_temp=sample_codebook_temp,
+                             freeze_codebook=freeze_codebook, beam_size=beam_size,
+                             seed=rand_quantize_dropout_fixed_seed)
+
+    def _forward(self, x: Tensor, *, mask, return_all_codes, sample_codebook_temp,
+                 freeze_codebook, beam_size, seed, ok: Tensor | None = None):
+        """:meth:`forward` once ``x`` is channels last (and without teacher forcing); ``ok``
+        is a verdict on the whole input already taken (by :class:`GroupedResidualVQ`)."""
+        active, depth_mask = self.num_quantizers, None
         if self.training and self.quantize_dropout:
-            active = self.dropout_layers(rand_quantize_dropout_fixed_seed)
+            if guard.deferred(x) and (seed is None or isinstance(seed, Tensor)):
+                # decided on the device: every depth runs, the dropped ones are masked out
+                depth_mask = self.dropout_mask(seed, device=x.device)
+            else:
+                active = self.dropout_layers(int(seed) if isinstance(seed, Tensor) else seed)
         result = self.quantize(x, active, mask=mask, sample_codebook_temp=sample_codebook_temp,
                                freeze_codebook=freeze_codebook, beam_size=beam_size,
-                               return_all_codes=return_all_codes)
+                               return_all_codes=return_all_codes, depth_mask=depth_mask, ok=ok)
         if self.accept_image_fmap:
             result = result._replace(quantized=result.quantized.movedim(-1, 1))
         return result
 
     def dropout_seed(self) -> int:
         """A seed for quantize dropout, from torch's generator (the same on every process)."""
-        seed = torch.randint(0, 10_000, ())
+        return int(self._dropout_seed_tensor())
+
+    def _dropout_seed_tensor(self, device: torch.device | None = None) -> Tensor:
+        seed = torch.randint(0, 10_000, (), device=device)
         first = self.layers[0]
         if distributed.should_sync(first.sync_codebook):
             seed = distributed.broadcast(seed.to(first.codebook.device), src=0)
-        return int(seed)
+        return seed
+
+    def dropout_mask(self, seed: Tensor | None = None, *,
+                     device: torch.device | None = None) -> Tensor:
+        """Which depths a training call with quantize dropout keeps, decided on the device:
+        ``(num_quantizers,)`` bool, true for depths ``0..last`` with ``last = cutoff + seed mod
+        (num_quantizers − cutoff)`` rounded up to ``quantize_dropout_multiple_of`` depths.
+        ``seed``: a 0-d integer tensor (default: drawn from torch's generator). What deferred
+        and compiled calls use instead of :meth:`dropout_layers`, which reads its draw back."""
+        if seed is None:
+            seed = self._dropout_seed_tensor(device)
+        cutoff = self.quantize_dropout_cutoff_index
+        last = cutoff + seed.to(torch.long) % (self.num_quantizers - cutoff)
+        multiple = self.quantize_dropout_multiple_of
+        if multiple != 1:
+            last = (last + multiple) // multiple * multiple - 1
+        depths = torch.arange(self.num_quantizers, device=seed.device)
+        return depths <= last
 
     def dropout_layers(self, seed: int | None = None) -> int:
         """How many depths a training call with quantize dropout uses."""
@@ -359,10 +407,18 @@ class ResidualVQ(nn.Module):
 
     def quantize(self, x: Tensor, active: int, *, mask: Tensor | None = None,
                  sample_codebook_temp: float | None = None, freeze_codebook: bool = False,
-                 beam_size: int | None = None, return_all_codes: bool = False):
+                 beam_size: int | None = None, return_all_codes: bool = False,
+                 depth_mask: Tensor | None = None, ok: Tensor | None = None):
         """:meth:`forward` (channels last, no teacher forcing) with the first ``active``
-        depths instead of a number drawn by quantize dropout."""
+        depths instead of a number drawn by quantize dropout, or, with ``depth_mask``
+        (``(num_quantizers,)`` bool on the device, see :meth:`dropout_mask`), with every depth
+        computed and those it marks false dropped (index -1, no output, no loss, no update).
+        ``ok``: a verdict (0-d bool) on the input taken by the caller (see :mod:`.guard`)."""
         check_input(x, self.dim)
+        if mask is not None and tracing():
+            raise QuantizerInputError(
+                "a mask is not supported in compiled or exported ResidualVQ calls (the kept "
+                "rows are selected by value); call eagerly, or pass every row")
         if not (isinstance(active, int) and 1 <= active <= self.num_quantizers):
             raise ValueError(f"active must be an int in [1, num_quantizers="
                              f"{self.num_quantizers}], got {active!r}")
@@ -382,7 +438,9 @@ class ResidualVQ(nn.Module):
         out, codes, losses, all_codes = self._quantize_rows(
             rows, active, sample_codebook_temp=sample_codebook_temp,
             freeze_codebook=freeze_codebook, beam_size=self._beam(beam_size),
-            want_codes=return_all_codes)
+            want_codes=return_all_codes, depth_mask=depth_mask, ok=ok)
+        if depth_mask is not None:
+            codes = codes.masked_fill(~depth_mask, DROPPED)
 
         if isinstance(self.project_out, nn.Linear):
             out = self.project_out(out.to(self.project_out.weight.dtype))
@@ -411,7 +469,7 @@ class ResidualVQ(nn.Module):
         return None
 
     def _quantize_rows(self, h: Tensor, active: int, *, sample_codebook_temp, freeze_codebook,
-                       beam_size, want_codes):
+                       beam_size, want_codes, depth_mask=None, ok=None):
         """``(out (N, d), codes (N, active), losses (active,), None)`` for rows ``h``."""
         training = self.training
         layers = list(self.layers[:active])
@@ -419,8 +477,13 @@ class ResidualVQ(nn.Module):
             empty = torch.empty(0, active, dtype=torch.long, device=h.device)
             return h.clone(), empty, h.new_zeros(active, dtype=torch.float32), None
         if self.layer_forward and beam_size <= 1:
-            return self._forward_layers(h, layers, sample_codebook_temp, freeze_codebook)
+            return self._forward_layers(h, layers, sample_codebook_temp, freeze_codebook,
+                                        depth_mask)
         update = training and not freeze_codebook
+        if ok is None and guard.deferred(h):
+            ok = guard.usable(h)
+        if ok is not None and training:
+            guard.record(self, ok)
         residuals: list[Tensor] = []  # r_l, what depth l quantized (no gradient)
         qs: list[Tensor] = []  # the code vectors each depth chose
         codes: list[Tensor] = []
@@ -431,14 +494,15 @@ class ResidualVQ(nn.Module):
             residual = h.detach()
             condition = None  # Σ of the codes so far (implicit neural codebooks)
             if beam_size > 1:
-                check_finite(residual)
+                if ok is None:
+                    check_finite(residual)
                 if training and any(layer.book.kmeans_pending for layer in layers):
                     # k-means of each depth on the residuals the greedy search leaves it
                     left = residual
                     for layer in layers:
                         book = layer.book
                         if book.kmeans_pending:
-                            book.initialize(book.prepare(left))
+                            book.initialize(book.prepare(left), ok)
                         left = left - book.lookup(book.search(book.prepare(left))).to(left.dtype)
                 chosen, beam_terms = beam_search(
                     residual, [layer.book for layer in layers], beam_size=beam_size,
@@ -450,7 +514,8 @@ class ResidualVQ(nn.Module):
                 search_in = book.prepare(residual)
                 if beam_terms is None:
                     if training and book.kmeans_pending:
-                        book.initialize(search_in)
+                        # (a dropped depth too, in a deferred call: its residual is there)
+                        book.initialize(search_in, ok)
                     codes_here = self.codes_at(depth, condition)
                     index = codes_here.search(search_in,
                                               temperature=self._temperature(
@@ -465,7 +530,7 @@ class ResidualVQ(nn.Module):
                 # the search input's error: the next residual itself unless it was normalised
                 diff = (next_residual if search_in is residual else search_in - q).reshape(-1)
                 sq.append(torch.dot(diff, diff))
-                if depth == 0 and not bool(torch.isfinite(sq[0])):
+                if depth == 0 and ok is None and not bool(torch.isfinite(sq[0])):
                     check_finite(h)  # raises before any codebook update
                     raise too_large_to_square(h)
                 residuals.append(search_in)
@@ -474,15 +539,27 @@ class ResidualVQ(nn.Module):
                 codes.append(index)
                 residual = next_residual
             if update:
-                self._update(layers, residuals, codes)
+                self._update(layers, residuals, codes, ok, depth_mask)
 
         out, losses = self._differentiable(h, layers, residuals, afters, qs, codes, sq,
-                                           eval_losses=beam_terms is not None)
+                                           eval_losses=beam_terms is not None,
+                                           depth_mask=depth_mask)
+        if ok is not None:
+            # a deferred call cannot raise: rows of non-finite (or too large) input come out
+            # NaN instead of as valid-looking codes
+            out = out + unusable_rows_as_nan(h)
         return out, torch.stack(codes, dim=-1), losses, None
 
-    def _forward_layers(self, h, layers, sample_codebook_temp, freeze_codebook):
+    def _forward_layers(self, h, layers, sample_codebook_temp, freeze_codebook,
+                        depth_mask=None):
         """Each depth through its layer's forward (the layer owns its losses and updates):
         ``r_{l+1} = r_l − frac(q̃_l)``, the output ``Σ_l q̃_l``."""
+        if depth_mask is not None:
+            raise QuantizerInputError(
+                "quantize dropout decided on the device (deferred or compiled calls) needs the "
+                "codebook path of the residual stack; the layer options "
+                "that make each depth call its layer's forward do not allow it. Pass "
+                "rand_quantize_dropout_fixed_seed (an int), or use immediate checks eagerly")
         call = {}
         if sample_codebook_temp is not None:
             call["sample_codebook_temp"] = sample_codebook_temp
@@ -500,7 +577,10 @@ class ResidualVQ(nn.Module):
                                        else frac * q + (1 - frac) * q.detach())
         return out, torch.stack(codes, dim=-1), torch.stack(losses).float(), None
 
-    def _update(self, layers, residuals, codes) -> None:
+    def _update(self, layers, residuals, codes, ok=None, depth_mask=None) -> None:
+        if ok is not None:
+            self._update_deferred(layers, residuals, codes, ok, depth_mask)
+            return
         if not self.shared_codebook:
             for layer, rows, index in zip(layers, residuals, codes, strict=True):
                 book = layer.book
@@ -527,8 +607,63 @@ class ResidualVQ(nn.Module):
         finally:
             book.decay = decay
 
-    def _differentiable(self, h, layers, residuals, afters, qs, codes, sq, *, eval_losses):
-        """The output and per-depth losses, with their gradients."""
+    def _update_deferred(self, layers, residuals, codes, ok: Tensor,
+                         depth_mask: Tensor | None) -> None:
+        """:meth:`_update` decided on the device: depth ``l`` changes only where ``ok`` and
+        ``depth_mask[l]`` are true."""
+        keeps = [ok if depth_mask is None else ok & depth_mask[depth]
+                 for depth in range(len(layers))]
+        if not self.shared_codebook:
+            for layer, rows, index, keep in zip(layers, residuals, codes, keeps, strict=True):
+                book = layer.book
+                book.update(book.statistics(rows, index) if book.is_ema else None, rows,
+                            ok=keep)
+            return
+        book = layers[0].book
+        rows = torch.cat(residuals)
+        if depth_mask is not None:
+            # the dropped depths' residuals are no candidates for a restart
+            row_weight = depth_mask.repeat_interleave(residuals[0].shape[0]).to(rows.dtype)
+        else:
+            row_weight = None
+        if not book.is_ema:
+            book.update(None, rows, ok=ok, row_weight=row_weight)
+            return
+        # As in _update: one EMA step of decay d^A (A depths kept) with the depths' statistics
+        # weighted (1-d)·d^(A-1-l) / (1-d^A); here A may be a tensor, so the step's rate
+        # 1 - d^A is given as the factor (1 - d^A) / (1 - d) of the codebook's own rate 1 - d.
+        decay, count = book.decay, len(layers)
+        kept = count if depth_mask is None else depth_mask.sum()
+        total = 1.0 - decay ** kept if decay < 1.0 else None
+        statistics = None
+        for depth, (rows_l, index) in enumerate(zip(residuals, codes, strict=True)):
+            stats = book.statistics(rows_l, index)
+            if total is None:  # decay 1: the statistics are frozen whatever they are
+                weight = 0.0
+            else:
+                weight = (1.0 - decay) * decay ** (kept - 1 - depth) / total
+                if depth_mask is not None:
+                    weight = weight * depth_mask[depth]
+            stats = CodeStatistics(stats.counts * weight, stats.sums * weight)
+            statistics = stats if statistics is None else statistics.add_(stats)
+        factor = 0.0 if total is None else total / (1.0 - decay)
+        book.update(statistics, rows, factor, ok=ok, row_weight=row_weight)
+
+    def _differentiable(self, h, layers, residuals, afters, qs, codes, sq, *, eval_losses,
+                        depth_mask=None):
+        """The output and per-depth losses, with their gradients; ``depth_mask`` zeroes the
+        dropped depths' outputs and losses (and so their gradients)."""
+        if depth_mask is None:
+            return self._differentiable_inner(h, layers, residuals, afters, qs, codes, sq,
+                                              eval_losses=eval_losses, keep=None)
+        keep = depth_mask.to(h.dtype)
+        out, losses = self._differentiable_inner(h, layers, residuals, afters, qs, codes, sq,
+                                                 eval_losses=eval_losses, keep=keep)
+        return out, losses * keep
+
+    def _differentiable_inner(self, h, layers, residuals, afters, qs, codes, sq, *,
+                              eval_losses, keep):
+        # keep: (L,) 1 for the depths kept, 0 for those quantize dropout removed, or None
         training = self.training
         with_loss = training or eval_losses
         numel = h.numel()
@@ -536,9 +671,14 @@ class ResidualVQ(nn.Module):
         needs_graph = torch.is_grad_enabled() and (h.requires_grad or any(learnable))
         weights = [(layer.commitment_weight + (layer.codebook_weight if learn else 0.0))
                    if with_loss else 0.0 for layer, learn in zip(layers, learnable, strict=True)]
+        if keep is not None:
+            # masked out of the sums (the codes stay as found, so every graph stays finite)
+            kept_qs = [q * keep[depth] for depth, q in enumerate(qs)]
+        else:
+            kept_qs = qs
         if not needs_graph:
-            out = qs[0].clone()
-            for q in qs[1:]:
+            out = kept_qs[0].clone()
+            for q in kept_qs[1:]:
                 out.add_(q)
             losses = torch.stack(sq) * torch.tensor(weights, device=h.device) / numel
             return out, losses.float()
@@ -551,8 +691,8 @@ class ResidualVQ(nn.Module):
             frac = self.quant_grad_frac
             factors = [1.0 if frac <= 0 or self.straight_through_sum else (1.0 - frac) ** depth
                        for depth in range(len(layers))]
-            q_sum = qs[0].clone()
-            for q in qs[1:]:
+            q_sum = kept_qs[0].clone()
+            for q in kept_qs[1:]:
                 q_sum.add_(q)
             if self.straight_through_sum and rotation:
                 out, _ = quantize_residual(h, q_sum, None, q_sum.new_zeros(()),
@@ -560,6 +700,9 @@ class ResidualVQ(nn.Module):
                                            rotation=layers[0].rotation_trick)
             else:
                 scale = 1.0 if self.straight_through_sum else sum(factors)
+                if keep is not None and not self.straight_through_sum:
+                    scale = (keep * torch.tensor(factors, dtype=h.dtype,
+                                                 device=h.device)).sum()
                 out = _ScaledStraightThrough.apply(h, q_sum, scale)
             commitment = torch.tensor([layer.commitment_weight if with_loss else 0.0
                                        for layer in layers], device=h.device, dtype=h.dtype)
@@ -589,6 +732,8 @@ class ResidualVQ(nn.Module):
                     codebook_weight=layer.codebook_weight if learnable[depth] and with_loss
                     else 0.0)
             losses.append(loss_l)
+            if keep is not None:
+                out_l = out_l * keep[depth]
             out = out_l if out is None else out + out_l
             if depth + 1 < len(layers):
                 step = out_l.detach() if frac <= 0 else frac * out_l + (1 - frac) * out_l.detach()
@@ -764,13 +909,22 @@ class GroupedResidualVQ(nn.Module):
             outs = [rvq(part, indices=index, mask=mask)
                     for rvq, part, index in zip(self.rvqs, parts, indices, strict=True)]
             return torch.cat([o[0] for o in outs], dim=axis), sum(o[1] for o in outs)
-        if self.training and self.groups > 1 and x.numel() and not bool(torch.isfinite(x).all()):
+        deferred = guard.deferred(x)
+        ok = None
+        if deferred and self.training:
+            ok = guard.usable(x)  # one verdict for every group: all update, or none
+        elif self.training and self.groups > 1 and x.numel() \
+                and not bool(torch.isfinite(x).all()):
             check_finite(x)  # checked here: an earlier group would already have updated
-        seed = self.rvqs[0].dropout_seed() if self.training and self.rvqs[0].quantize_dropout \
-            else None
-        outs = [rvq(part, mask=mask, return_all_codes=return_all_codes,
-                    sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
-                    rand_quantize_dropout_fixed_seed=seed)
+        seed = None
+        if self.training and self.rvqs[0].quantize_dropout:
+            # one draw for every group; kept on the device in a deferred call
+            seed = self.rvqs[0]._dropout_seed_tensor(x.device) if deferred \
+                else self.rvqs[0].dropout_seed()
+        outs = [rvq._forward(part.movedim(1, -1) if self.accept_image_fmap else part,
+                             mask=mask, return_all_codes=return_all_codes,
+                             sample_codebook_temp=sample_codebook_temp,
+                             freeze_codebook=freeze_codebook, beam_size=None, seed=seed, ok=ok)
                 for rvq, part in zip(self.rvqs, parts, strict=True)]
         quantized = torch.cat([o[0] for o in outs], dim=axis)
         result = (quantized, torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs]))

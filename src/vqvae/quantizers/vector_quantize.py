@@ -11,6 +11,16 @@ The layer is a composition: the layout of the input (:func:`_to_tokens`), the pr
 the split into heads, a :class:`~vqvae.quantizers.codebook.Codebook` (or one of its variants
 in :mod:`.codebook_variants`) that searches and updates the codes, an output estimator from
 :mod:`.estimators` chosen once in ``__init__``, and the loss terms of :mod:`.vq_losses`.
+
+Non-finite input is checked as :mod:`.guard` says: raised from ``forward`` (immediate), or, in
+deferred calls (every ``torch.compile`` / ``torch.export`` trace, eager calls off the CPU by
+default), decided on the device: no update happens, the call is counted in ``nonfinite_calls``
+for :func:`.guard.raise_deferred`, and the rows of such input come out NaN. So
+``torch.compile(vq, fullgraph=True)`` captures a whole training call. Every option compiles
+except ``in_place_codebook_optimizer``, ``accum_ema_update=True``,
+``orthogonal_reg_active_codes_only`` and ``affine_param`` with a mask, which raise
+:class:`QuantizerInputError` saying so; ``decode`` and ``update_ema_indices`` read values back
+and are for eager use (docs/compile.md lists what is guaranteed where).
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import estimators
+from . import estimators, guard
 from .checks import (
     QuantizerInputError,
     check_finite,
@@ -38,6 +48,7 @@ from .checks import (
 from .codebook import Codebook
 from .codebook_variants import AffineCodebook, BridgedCodebook
 from .search import DEFAULT_BLOCK_BYTES
+from .tracing import tracing
 from .vq_losses import (
     code_logits,
     cross_entropy_to_codes,
@@ -63,6 +74,15 @@ def check_rows_usable(rows: Tensor) -> None:
         return
     check_finite(rows)
     raise too_large_to_square(rows)
+
+
+def unusable_rows_as_nan(rows: Tensor) -> Tensor:
+    """``(..., 1)``: 0 for each row of ``rows`` ``(..., D)`` whose squared norm is finite, NaN
+    for the others (NaN, Inf, or too large to square). Added to a deferred call's output, which
+    cannot raise: such rows come out NaN, not as valid-looking codes. A ``where``, not
+    ``x * 0``: compilers may fold a product with zero to zero, Inf or not."""
+    sq = rows.detach().pow(2).sum(-1, keepdim=True)
+    return torch.where(torch.isfinite(sq), torch.zeros_like(sq), torch.full_like(sq, math.nan))
 
 
 class VQOutput(NamedTuple):
@@ -134,7 +154,8 @@ class VectorQuantize(nn.Module):
 
     Where this layer deliberately differs from the library (each covered by a test):
     an eval call never changes any state (no k-means, no affine statistics), non-finite input
-    raises :class:`QuantizerInputError` before any change, the masked commitment loss
+    raises :class:`QuantizerInputError` before any change (or, in deferred and compiled calls,
+    changes nothing and is reported by :func:`vqvae.raise_deferred`), the masked commitment loss
     compares with the projected (and normalised) rows, ``sync_update_v`` follows vqtorch's
     eq. 21 (the codes get ``ν`` times the gradient), the affine statistics are buffers from the
     start (a trained state dict loads into a fresh layer), and shared-head indices decode to
@@ -328,6 +349,7 @@ class VectorQuantize(nn.Module):
         self.in_place_codebook_optimizer = in_place_codebook_optimizer(book.parameters()) \
             if in_place_codebook_optimizer is not None else None
         self.register_load_state_dict_pre_hook(_nest_legacy_state)
+        guard.register_counter(self)
 
     def _choose_estimator(self) -> Callable[[Tensor, Tensor], Tensor]:
         if not self.route_gradients_to_input:
@@ -537,20 +559,34 @@ class VectorQuantize(nn.Module):
         h = self.project_in(tokens.x)  # (B, N, heads · d)
         all_rows = book.prepare(self._split_heads(h))  # (C, M, d)
         # NaN/Inf propagate into the sum of squares, and so do values too large to square
-        # (their distances would overflow): one reduction guards every update below
-        check_rows_usable(all_rows)
-        # A mask drops the padding rows here: search, statistics and losses see only the
-        # kept rows (so the common path below serves masked calls too), and the results are
-        # put back in place at the end.
+        # (their distances would overflow): one reduction guards every update below, read
+        # back here (immediate) or kept on the device as ``ok`` (deferred, see guard.py)
+        ok = None
+        if guard.deferred(all_rows):
+            ok = guard.usable(all_rows)
+            if self.training:
+                guard.record(self, ok)
+            self._check_deferrable(mask is not None)
+        else:
+            check_rows_usable(all_rows)
         row_mask = self._row_mask(mask)  # (M,) or None
-        if row_mask is not None:
+        padding = None  # deferred calls with a mask: (C, M) weights, 0 for the padding rows
+        if row_mask is not None and ok is not None:
+            # Fixed shapes: every row is searched, the padding weighs 0 in the statistics
+            # and the losses, and its results are replaced at the end.
+            padding = row_mask.to(all_rows.dtype).expand(all_rows.shape[:2])
+            row_mask = None
+        elif row_mask is not None:
+            # A mask drops the padding rows here: search, statistics and losses see only the
+            # kept rows (so the common path below serves masked calls too), and the results
+            # are put back in place at the end.
             row_mask = row_mask.nonzero().squeeze(1)  # (M',) positions of the kept rows
         rows = all_rows if row_mask is None else all_rows.index_select(1, row_mask)  # (C, M', d)
         kept = rows.detach()
         if self.training and book.kmeans_pending:
-            book.initialize(kept)
+            book.initialize(kept, ok, padding)
         if isinstance(book, AffineCodebook):
-            book.observe(kept, training=self.training)
+            book.observe(kept, training=self.training, ok=ok, row_weight=padding)
 
         training = self.training
         codes = book.vectors()  # (C, K, d)
@@ -586,16 +622,27 @@ class VectorQuantize(nn.Module):
         zero = rows.new_zeros(())
         inplace_loss = zero
         if training and not freeze and self.in_place_codebook_optimizer is not None:
-            inplace_loss, idx, q = self._in_place_step(rows, q, idx)
+            inplace_loss, idx, q = self._in_place_step(rows, q, idx, ok)
         elif training and not freeze:
             self._update_codebook(kept, idx, None, kept, ema_update_weight, accum_ema_update,
-                                  ema_update)
+                                  ema_update, ok=ok, padding=padding)
+        if padding is not None:
+            pad = padding == 0  # (C, M)
+            idx = idx.masked_fill(pad, -1)  # ignored by the cross-entropy terms, -1 outside
+        if ok is not None:
+            # a deferred call cannot raise: the rows of non-finite (or too large) input come
+            # out NaN instead of as valid-looking codes
+            q = q + unusable_rows_as_nan(rows)
 
         if indices is not None:
             target = self._rows_of_indices(indices, b, n)
             if row_mask is not None:
                 target = target.index_select(1, row_mask)
+            if padding is not None:
+                target = target.masked_fill(padding == 0, -1)
             out_rows = _expand(self._estimate(rows, q, training), row_mask, all_rows.shape[1])
+            if padding is not None:
+                out_rows = out_rows.masked_fill(pad[..., None], 0.0)
             out = self._finish(out_rows, tokens, h, mask)
             return out, cross_entropy_to_codes(logits, target)
 
@@ -603,7 +650,7 @@ class VectorQuantize(nn.Module):
         loss = zero
         out_rows = None
         if training and self.has_commitment_loss:
-            if self._fused_estimator and not self.sync_update_v \
+            if self._fused_estimator and not self.sync_update_v and padding is None \
                     and not self.commitment_use_cross_entropy_loss \
                     and not (self.learnable_codebook and not freeze):
                 # the common case in one autograd function: output (exactly q) and the
@@ -613,7 +660,7 @@ class VectorQuantize(nn.Module):
                     rotation=self.rotation_trick)
                 commitment = loss.detach() / self.commitment_weight
             else:
-                commitment = self._commitment(rows, q, idx, logits, freeze)
+                commitment = self._commitment(rows, q, idx, logits, freeze, padding)
                 loss = loss + commitment * self.commitment_weight
         if training:
             if self.codebook_diversity_loss_weight > 0:
@@ -629,6 +676,8 @@ class VectorQuantize(nn.Module):
 
         if out_rows is None:
             out_rows = self._estimate(rows, q, training)
+        if padding is not None:
+            out_rows = out_rows.masked_fill(pad[..., None], 0.0)
         quantized = self._finish(_expand(out_rows, row_mask, all_rows.shape[1]), tokens, h, mask)
         idx_out = self._merge_heads(_expand(idx, row_mask, all_rows.shape[1], -1), b, n)
         idx_out = idx_out.reshape(self._index_shape(tokens) + idx_out.shape[2:])
@@ -661,17 +710,25 @@ class VectorQuantize(nn.Module):
         return self._from_tokens(out, tokens).to(tokens.x.dtype)
 
     def _commitment(self, rows: Tensor, q: Tensor, idx: Tensor, logits: Tensor | None,
-                    freeze: bool) -> Tensor:
+                    freeze: bool, padding: Tensor | None = None) -> Tensor:
         if self.commitment_use_cross_entropy_loss:
-            return cross_entropy_to_codes(logits, idx)
+            return cross_entropy_to_codes(logits, idx)  # padding has index -1: ignored
+
+        def mse(a: Tensor, b: Tensor) -> Tensor:
+            if padding is None:
+                return F.mse_loss(a, b)
+            # the mean over the kept rows, as the row-dropping path computes it
+            sq = (a - b).pow(2).sum(-1) * padding
+            return sq.sum() / (padding.sum() * a.shape[-1]).clamp(min=1)
+
         learn_codes = self.learnable_codebook and not freeze
         if learn_codes and self._two_term_loss:
             # this project's two-term form: each side with its own weight
-            commit = F.mse_loss(rows, q.detach())
-            codebook = F.mse_loss(rows.detach(), q)
+            commit = mse(rows, q.detach())
+            codebook = mse(rows.detach(), q)
             ratio = self.codebook_weight / self.commitment_weight
             return commit + ratio * codebook
-        return F.mse_loss(rows, q if learn_codes else q.detach())
+        return mse(rows, q if learn_codes else q.detach())
 
     def _positions(self, logits: Tensor, b: int, n: int) -> Tensor:
         """Logits ``(C, M, K)`` as ``(..., N, K)``: the diversity term averages over all but
@@ -692,26 +749,57 @@ class VectorQuantize(nn.Module):
         return orthogonal_loss(codes)
 
     def _update_codebook(self, rows: Tensor, idx: Tensor, row_mask: Tensor | None,
-                         kept: Tensor, weight, accumulate: bool, ema_update: bool | None
-                         ) -> None:
+                         kept: Tensor, weight, accumulate: bool, ema_update: bool | None, *,
+                         ok: Tensor | None = None, padding: Tensor | None = None) -> None:
+        """The codebook's training update; ``ok`` (0-d bool) makes it a deferred one, and
+        ``padding`` ``(C, M)`` then weighs the rows (0: padding)."""
         book = self._codebook
         ema = book.ema_update if ema_update is None else ema_update
         if not (ema or book.threshold_ema_dead_code > 0):
-            book.steps += 1
+            if ok is None:
+                book.steps += 1
+            else:
+                book.steps.add_(ok.to(book.steps.dtype))
             return
-        row_weight = None
+        row_weight = padding
         if row_mask is not None:
             row_weight = row_mask.to(rows.dtype).expand(idx.shape)
         stats = book.statistics(rows, idx, row_weight)
         if accumulate:
-            book.accumulate(stats)
+            book.accumulate(stats, ok)
             return
-        book.update(stats, kept, weight, ema_update=ema)
+        if ok is None:
+            book.update(stats, kept, weight, ema_update=ema)
+        else:
+            book.update(stats, kept, weight, ema_update=ema, ok=ok, row_weight=row_weight)
 
-    def _in_place_step(self, rows: Tensor, q: Tensor, idx: Tensor):
+    def _check_deferrable(self, masked: bool) -> None:
+        """Refuse, in a deferred call, the options that need a value on the host."""
+        if self.in_place_codebook_optimizer is not None and tracing():
+            raise QuantizerInputError(
+                "in_place_codebook_optimizer cannot be compiled or exported: it runs an "
+                "optimiser step (backward, then step) inside forward; call the layer eagerly")
+        if self.orthogonal_reg_active_codes_only and self.training \
+                and self.orthogonal_reg_weight > 0:
+            raise QuantizerInputError(
+                "orthogonal_reg_active_codes_only picks a number of codes known only from the "
+                "batch's values, which a compiled graph or a call that must not read back "
+                "cannot do; use orthogonal_reg_max_codes, or vqvae.set_input_checks("
+                "'immediate') and call eagerly")
+        if masked and isinstance(self._codebook, AffineCodebook):
+            raise QuantizerInputError(
+                "a mask with affine_param is not supported in deferred or compiled calls; use "
+                "vqvae.set_input_checks('immediate') and call eagerly")
+
+    def _in_place_step(self, rows: Tensor, q: Tensor, idx: Tensor, ok: Tensor | None = None):
         """One optimiser step of the codes toward the rows they quantize, then the search
-        again with the new codes."""
+        again with the new codes. (Eager only; a deferred call reads its verdict back here:
+        an optimiser step cannot be made conditional on the device.)"""
         book = self._codebook
+        if ok is not None and not bool(ok):
+            raise QuantizerInputError(
+                "non-finite input (NaN or Inf, or values too large to square) reached the "
+                "in-place codebook optimiser; the codebook was not updated")
         loss = F.mse_loss(q, rows.detach())
         loss.backward()
         if not self.manual_in_place_optimizer_update:
@@ -755,11 +843,14 @@ class VectorQuantize(nn.Module):
         b, n = tokens.x.shape[:2]
         h = self.project_in(tokens.x)
         rows = book.prepare(self._split_heads(h))  # (1, M, d)
-        check_rows_usable(rows)
+        if not guard.deferred(rows):
+            check_rows_usable(rows)  # (no state changes here: a deferred call gives NaN)
         codes = book.vectors()
         logits = code_logits(rows.detach(), codes.detach(), use_cosine_sim=book.use_cosine_sim)
         idx = logits.topk(k, dim=-1).indices  # (1, M, k)
         q = book.lookup(idx, codes).to(rows.dtype)  # (1, M, k, d)
+        if guard.deferred(rows):
+            q = q + unusable_rows_as_nan(rows)[..., None, :]
         per_candidate = (q.detach() - rows[:, :, None]).pow(2).mean(-1)  # (1, M, k)
         loss = per_candidate * self.commitment_weight if self.has_commitment_loss \
             or self.training else per_candidate
