@@ -59,7 +59,6 @@ MAKERS = {
                                              kmeans_init=False, nested_dropout=0.5),
 }
 #: Classes that wrap this project's VectorQuantize, which must compile first.
-NEEDS_VECTOR_QUANTIZE = {"HierarchicalVQ"}
 #: Cases that draw random numbers in training (inductor's generator differs from eager's).
 RANDOM = {"ResidualSimVQ-dropout", "BinaryMapper", "HierarchicalVQ"}
 
@@ -111,11 +110,6 @@ def skip_unless_deterministic(name: str) -> None:
         pytest.skip("the compiled code draws from another random stream than eager kernels")
 
 
-def maybe_xfail(name: str) -> None:
-    if name in NEEDS_VECTOR_QUANTIZE:
-        pytest.xfail("wraps VectorQuantize, which must compile with fullgraph=True first")
-
-
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
@@ -139,11 +133,7 @@ def test_compiled_training_equals_deferred_eager(name):
             torch.manual_seed(100 + step)  # both runs draw the same random numbers
             xi = x.clone().requires_grad_()
             with guard.input_checks("deferred"):
-                try:
-                    out = call(module, name, xi)
-                except Exception:
-                    maybe_xfail(name)
-                    raise
+                out = call(module, name, xi)
             loss = objective(out)
             if loss is not None:
                 loss.backward()
@@ -171,11 +161,7 @@ def test_compiled_eval_equals_eager(name):
             torch.manual_seed(seed)
             expected = call(eager, name, x)
             torch.manual_seed(seed)
-            try:
-                got = call(compiled, name, x)
-            except Exception:
-                maybe_xfail(name)
-                raise
+            got = call(compiled, name, x)
             assert_same(expected, got)
 
 

@@ -37,9 +37,7 @@ def run_pair(tmp_path, quantizer: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("quantizer", [
     "simvq",
-    pytest.param("ours", marks=pytest.mark.xfail(
-        strict=False, reason="VectorQuantize reads back in forward until its checks are "
-                             "deferred; the model then falls back to compiled parts")),
+    "ours",
 ])
 def test_train_compile_compiles_the_whole_model(tmp_path, quantizer):
     eager, compiled = run_pair(tmp_path, quantizer)
