@@ -79,6 +79,20 @@ def _power_of_two(name: str, codebook_size: int) -> int:
     return codebook_size
 
 
+def _split_inv_temperature(name: str, options: dict) -> tuple[dict, dict]:
+    """LFQ's options without ``inv_temperature``, and the call options that pass it (it is an
+    argument of LFQ's forward, not of its constructor)."""
+    options = dict(options)
+    if "inv_temperature" not in options:
+        return options, {}
+    value = options.pop("inv_temperature")
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: inv_temperature must be a positive finite number, "
+                         f"got {value!r}")
+    return options, {"inv_temperature": float(value)}
+
+
 class Adapted(nn.Module):
     """A quantizer of the families behind the registry's contract.
 
@@ -96,12 +110,16 @@ class Adapted(nn.Module):
         grouped: the module puts the group axis first in its indices.
         channel_first_input: call the module on ``(N, dim, 1)`` (a class that reads axis 1 as
             the features whenever its size is ``dim``) instead of ``(1, N, dim)``.
+        call_options: keyword arguments of every call of the module (LFQ's
+            ``inv_temperature``, a forward argument rather than a constructor one).
     """
 
     def __init__(self, module: nn.Module, decode: Callable[[nn.Module, Tensor], Tensor], *,
-                 code_axes: int = 0, grouped: bool = False, channel_first_input: bool = False):
+                 code_axes: int = 0, grouped: bool = False, channel_first_input: bool = False,
+                 call_options: dict[str, Any] | None = None):
         super().__init__()
         self.module = module
+        self.call_options = dict(call_options or {})
         self._decode = decode
         self.code_axes = code_axes
         self.grouped = grouped
@@ -110,10 +128,10 @@ class Adapted(nn.Module):
     def forward(self, x: Tensor) -> VQOutput:
         shape, dim = x.shape, x.shape[-1]
         if self.channel_first_input:
-            out = self.module(x.reshape(-1, dim, 1))
+            out = self.module(x.reshape(-1, dim, 1), **self.call_options)
             quantized = out[0].reshape(shape)
         else:
-            out = self.module(x.reshape(1, -1, dim))
+            out = self.module(x.reshape(1, -1, dim), **self.call_options)
             quantized = out[0].reshape(shape)
         indices = out[1].long()  # the library's FSQ gives int32
         if self.grouped:
@@ -186,8 +204,9 @@ def _lucidrains_fsq(dim: int, codebook_size: int, options: dict) -> nn.Module:
 @register("lfq", help="our LFQ (log2 of the codebook size bits; no codebook)",
           defaults=LFQ_DEFAULTS)
 def _lfq(dim: int, codebook_size: int, options: dict) -> nn.Module:
+    options, call = _split_inv_temperature("lfq", options)
     module = LFQ(dim=dim, codebook_size=_power_of_two("lfq", codebook_size), **options)
-    return Adapted(module, _indices_to_codes)
+    return Adapted(module, _indices_to_codes, call_options=call)
 
 
 @register("rlfq", help="our ResidualLFQ", defaults=LFQ_DEFAULTS, layout=RESIDUAL)
@@ -208,9 +227,10 @@ def _grlfq(dim: int, codebook_size: int, options: dict) -> nn.Module:
 def _lucidrains_lfq(dim: int, codebook_size: int, options: dict) -> nn.Module:
     from vector_quantize_pytorch import LFQ as LibraryLFQ
 
+    options, call = _split_inv_temperature("lucidrains-lfq", options)
     module = LibraryLFQ(dim=dim, codebook_size=_power_of_two("lucidrains-lfq", codebook_size),
                         **options)
-    return Adapted(module, _indices_to_codes)
+    return Adapted(module, _indices_to_codes, call_options=call)
 
 
 # ---------------------------------------------------------------------------- SimVQ
