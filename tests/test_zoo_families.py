@@ -208,7 +208,7 @@ def test_lfq_entries_pass_inv_temperature_to_every_call(name):
                 + module.project_in.bias.double()
         a = 1.0
         if module.spherical:  # the preset's unit sphere: codes of size 1/sqrt(k) a feature
-            h = h / np.linalg.norm(h, axis=-1, keepdims=True)
+            h = h / h.norm(dim=-1, keepdim=True)
             a = 1 / math.sqrt(9)
         expected = module.entropy_loss_weight * full_lfq_penalty(
             h.numpy(), a, 100.0 if temp is None else temp)

@@ -40,15 +40,19 @@ from .registry import register
 #: chosen"); the class projects the 16 dimensions to len(levels) and back.
 FSQ_DEFAULTS: dict[str, Any] = {"levels": [8, 8, 8]}
 
-#: LFQ: ``codebook_size`` (the model's, 512 = 9 bits) decides the bits; these are the loss
-#: weights (the library's defaults). Measured (README, "How the FSQ, LFQ and SimVQ defaults
-#: were chosen"): no weight tried is stable for 10 epochs on full MNIST. At entropy 0.1 the codes
-#: used fall 502 -> 186 and the loss is NaN in epoch 4; at 0.05 they fall 481 -> 93 -> 62, the
-#: quantizer loss reaches 1.8e22 in epoch 3 (a bounded entropy term cannot: a numerical fault)
-#: and NaN in epoch 4; commitment 0.25 collapses the codes (11 used) in the first epoch.
-#: ``lucidrains-lfq`` gets the same weights.
-LFQ_DEFAULTS: dict[str, Any] = {"entropy_loss_weight": 0.1, "commitment_loss_weight": 0.0,
-                                "diversity_gamma": 1.0}
+#: The residual LFQ stacks: ``codebook_size`` (the model's, 512 = 9 bits) decides the bits; these
+#: are the loss weights (the library's defaults), unmeasured on the residual stacks.
+RESIDUAL_LFQ_DEFAULTS: dict[str, Any] = {"entropy_loss_weight": 0.1,
+                                         "commitment_loss_weight": 0.0, "diversity_gamma": 1.0}
+
+#: LFQ: the library's loss weights on the unit sphere (``spherical``, binary spherical
+#: quantisation, Zhao et al. 2024). Without it the entropy penalty lets the codes collapse
+#: (README, "How the FSQ, LFQ and SimVQ defaults were chosen"): its gradient reaches only inputs
+#: within about 1 / (4 inv_temperature) of a sign change, and the per-sample term rewards an
+#: encoder that grows its outputs (to ~3e6 in 5 epochs), so fewer and fewer inputs get any push
+#: toward unused codes. On the sphere the scale is fixed and a steady share of inputs stays in
+#: reach: all 512 codes in use. ``lucidrains-lfq`` gets the same options.
+LFQ_DEFAULTS: dict[str, Any] = {**RESIDUAL_LFQ_DEFAULTS, "spherical": True}
 
 #: SimVQ with the model's ``codebook_size`` codes; the estimator chosen by measurement.
 SIMVQ_DEFAULTS: dict[str, Any] = {"rotation_trick": True}
@@ -209,13 +213,14 @@ def _lfq(dim: int, codebook_size: int, options: dict) -> nn.Module:
     return Adapted(module, _indices_to_codes, call_options=call)
 
 
-@register("rlfq", help="our ResidualLFQ", defaults=LFQ_DEFAULTS, layout=RESIDUAL)
+@register("rlfq", help="our ResidualLFQ", defaults=RESIDUAL_LFQ_DEFAULTS, layout=RESIDUAL)
 def _rlfq(dim: int, codebook_size: int, options: dict) -> nn.Module:
     module = ResidualLFQ(dim=dim, codebook_size=_power_of_two("rlfq", codebook_size), **options)
     return Adapted(module, _output_from_indices, code_axes=1)
 
 
-@register("grlfq", help="our GroupedResidualLFQ", defaults=LFQ_DEFAULTS, layout=GROUPED)
+@register("grlfq", help="our GroupedResidualLFQ", defaults=RESIDUAL_LFQ_DEFAULTS,
+          layout=GROUPED)
 def _grlfq(dim: int, codebook_size: int, options: dict) -> nn.Module:
     module = GroupedResidualLFQ(dim=dim, codebook_size=_power_of_two("grlfq", codebook_size),
                                 **options)
