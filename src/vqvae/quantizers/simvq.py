@@ -302,22 +302,27 @@ class SimVQ(nn.Module):
         """The implicit codebook without autograd, recomputed only when the frozen codebook or
         the linear map changed: evaluation calls then skip the ``(K, d₀) x (d₀, dim)`` matmul.
 
-        A change is found by comparing their values with copies taken when the cache was filled,
-        not by tensor versions: a fused optimizer step (``Adam(fused=True)``, what training
-        uses) updates parameters in place without bumping their version counter, and a cache
-        keyed on versions returned the codebook of the previous evaluation.
+        The map's parameters are compared by value with copies taken when the cache was
+        filled, not by tensor versions: a fused optimizer step (``Adam(fused=True)``, what
+        training uses) updates them in place without bumping their version counter, and a
+        cache keyed on versions returned the codebook of the previous evaluation. The frozen
+        codebook, a buffer no optimizer steps, is matched by identity and version (a copy of
+        it would double the largest tensor).
         """
         linear = self.code_transform
-        parts = (self.frozen_codebook, linear.weight, linear.bias)
+        frozen = self.frozen_codebook
+        params = (linear.weight, linear.bias)
         cached = self.__dict__.get("_codebook_cache")
-        if cached is not None and all(_same_values(a, b)
-                                      for a, b in zip(cached[0], parts, strict=True)):
-            return cached[1]
+        if cached is not None and cached[0] is frozen and cached[1] == frozen._version \
+                and all(_same_values(a, b) for a, b in zip(cached[2], params, strict=True)):
+            return cached[3]
         codebook = self.codebook
         if torch.is_inference_mode_enabled():  # an inference tensor must not leak out of it
             return codebook
-        copies = tuple(None if t is None else t.detach().clone() for t in parts)
-        self.__dict__["_codebook_cache"] = (copies, codebook)
+        copies = tuple(None if t is None else t.detach().clone() for t in params)
+        # the cache holds the buffer itself, so `is` cannot match a new tensor that took a
+        # freed one's address
+        self.__dict__["_codebook_cache"] = (frozen, frozen._version, copies, codebook)
         return codebook
 
     def _plain_linear(self) -> nn.Linear | None:
