@@ -2,6 +2,7 @@
 
     bash benchmarks/gpu.sh                                # a CUDA machine; installs nothing
     PYTHONPATH=src python benchmarks/gpu.py --dry-run     # CPU: tiny shapes, interpreted kernels
+    PYTHONPATH=src python benchmarks/gpu.py --device cpu --sections compiled   # CPU, real sizes
 
 Sections, in order. Each case is guarded: an error is recorded in the JSON and the run goes on;
 cases that would start after ``--budget-s`` are skipped and listed as such. The JSON is
@@ -23,7 +24,12 @@ rewritten after every section, so a run cut short still leaves what it measured.
 5. epoch      seconds per 60,000-image epoch of the course's MLP VQ-VAE at batch 128 on random
               MNIST-shaped data on the device: ours, ours with bf16 autocast, ours on the chunked
               search, the library (with and without autocast), and no quantizer.
-6. bars       the issue's bars against what was measured.
+6. compiled   the training step of that model eager and compiled as ``vqvae train --compile``
+              compiles it (vqvae.compiled.compile_model: the whole model as one graph, or the
+              encoder and decoder only where the quantizer cannot be traced), for ours, SimVQ,
+              FSQ and the library; steady-state ms per step, and the compilation time apart
+              (the warm-up steps' wall time less as many steady steps).
+7. bars       the issue's bars against what was measured.
 
 Output: markdown tables on stdout, progress on stderr, ``gpu.json`` and ``gpu.md`` under ``$OUT``
 when set (else ``--out``, default benchmarks/results).
@@ -42,6 +48,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -484,8 +491,11 @@ EPOCH_VARIANTS = [  # (name, quantizer, autocast, search backend)
 
 
 def make_model(run: Run, quantizer: str, autocast: bool, compiled: bool = False):
+    """``(model, optimizer)``; with ``compiled``, the model compiled as ``vqvae train
+    --compile`` does (its ``forward.mode`` says whether as one graph)."""
+    from vqvae.compiled import compile_model
     from vqvae.models import VQVAE, ModelConfig
-    from vqvae.train import TrainConfig, compile_networks, make_optimizer
+    from vqvae.train import TrainConfig, make_optimizer
 
     torch.manual_seed(0)
     config = TrainConfig(batch_size=run.args.batch_size, device=run.device.type,
@@ -494,7 +504,7 @@ def make_model(run: Run, quantizer: str, autocast: bool, compiled: bool = False)
         {"codebook_size": run.args.epoch_codebook_size}
     model = VQVAE(ModelConfig(quantizer=quantizer, **options)).to(run.device)
     if compiled:
-        compile_networks(model)
+        compile_model(model, backend=run.args.compile_backend)
     return model, make_optimizer(model, config, run.device)
 
 
@@ -559,7 +569,81 @@ def section_epoch(run: Run) -> None:
                   for r in rows])
 
 
-# ---------------------------------------------------------------------------- section 6: bars
+# ---------------------------------------------------------------------------- section 6: compiled
+
+
+def graph_mode(model) -> str:
+    forward = model.__dict__.get("forward")
+    return getattr(forward, "mode", "eager")
+
+
+def section_compiled(run: Run) -> None:
+    """Eager against compiled training steps, per quantizer; compilation timed apart."""
+    args = run.args
+    data = torch.rand(args.epoch_images, 1, 28, 28, device=run.device)  # MNIST-shaped
+    quantizers = [q.strip() for q in args.compiled_quantizers.split(",") if q.strip()]
+    variants, warmup_s = {}, {}
+    for quantizer in quantizers:
+        for compiled in (False, True):
+            name = f"{quantizer}{', compiled' if compiled else ''}"
+            built = run.guard("compiled", f"{name} (build)", make_model, run, quantizer, False,
+                              compiled)
+            if built is FAILED:
+                continue
+            sync(run.device)
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a fallback is recorded as the graph mode
+                warm = run.guard("compiled", f"{name} (warm-up)", train_steps, *built, data, 0,
+                                 args.compiled_warmup, args.batch_size, False, None)
+            sync(run.device)
+            if warm is not FAILED:
+                variants[name] = built
+                warmup_s[name] = time.perf_counter() - start
+                log(f"compiled: {name} warm-up {warmup_s[name]:.1f} s "
+                    f"({graph_mode(built[0])})")
+    per_step: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(args.epoch_rounds):
+        for name, (model, optimizer) in list(variants.items()):
+            sync(run.device)
+            start = time.perf_counter()
+            ok = run.guard("compiled", f"{name} (round {r})", train_steps, model, optimizer,
+                           data, args.compiled_warmup + r * args.epoch_steps, args.epoch_steps,
+                           args.batch_size, False, None)
+            sync(run.device)
+            if ok is FAILED:
+                variants.pop(name)
+                continue
+            per_step[name].append((time.perf_counter() - start) / args.epoch_steps)
+    ms = {n: statistics.median(t) * 1e3 for n, t in per_step.items() if t}
+    rows = []
+    for quantizer in quantizers:
+        eager, compiled = ms.get(quantizer), ms.get(f"{quantizer}, compiled")
+        model = variants.get(f"{quantizer}, compiled", (None,))[0]
+        forward = model.__dict__.get("forward") if model is not None else None
+        rows.append({
+            "quantizer": quantizer, "eager_ms": eager, "compiled_ms": compiled,
+            "ratio": compiled / eager if eager and compiled else None,
+            "graph": graph_mode(model) if model is not None else None,
+            "fallback_reason": getattr(forward, "reason", None),
+            "compile_s": warmup_s[f"{quantizer}, compiled"]
+            - args.compiled_warmup * compiled / 1e3 if compiled else None,
+            "eager_warmup_s": warmup_s.get(quantizer)})
+    run.results["compiled"] = {"rows": rows, "batch_size": args.batch_size,
+                               "backend": args.compile_backend, "rounds": args.epoch_rounds,
+                               "steps_per_round": args.epoch_steps,
+                               "warmup_steps": args.compiled_warmup}
+    run.table(f"Training step of the course MLP VQ-VAE, batch {args.batch_size}, fp32: eager "
+              f"against compiled ({args.compile_backend}), median ms of {args.epoch_rounds} rounds "
+              f"of {args.epoch_steps} steps; compile s = warm-up less as many steady steps",
+              [["quantizer", "graph", "eager ms", "compiled ms", "compiled / eager",
+                "compile s"]] + [
+                  [r["quantizer"], r["graph"] or "-", fmt(r["eager_ms"], 3),
+                   fmt(r["compiled_ms"], 3), fmt(r["ratio"], 3), fmt(r["compile_s"], 1)]
+                  for r in rows])
+
+
+# ---------------------------------------------------------------------------- section 7: bars
 
 
 def section_bars(run: Run, shapes) -> None:
@@ -644,7 +728,11 @@ def parse_args(argv=None):
                         help="output folder (default: $OUT, else benchmarks/results)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="cases that would start later than this are skipped")
-    parser.add_argument("--sections", default="search,agreement,layer,memory,epoch,bars")
+    parser.add_argument("--sections",
+                        default="search,agreement,layer,memory,epoch,compiled,bars")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: cuda when available; cpu runs the sections on the CPU "
+                             "(the Triton kernels interpreted: for --sections epoch,compiled)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--large-repeats", type=int, default=10)
     parser.add_argument("--search-repeats", type=int, default=10)
@@ -656,6 +744,14 @@ def parse_args(argv=None):
     parser.add_argument("--epoch-steps", type=int, default=100)
     parser.add_argument("--epoch-codebook-size", type=int, default=None,
                         help="default: the course model's 512")
+    parser.add_argument("--compiled-quantizers", default="ours,simvq,fsq,lucidrains",
+                        help="quantizers of the compiled section")
+    parser.add_argument("--compiled-warmup", type=int, default=10,
+                        help="steps before the timed rounds of the compiled section (where the "
+                             "compiler runs, and again after k-means initialisation)")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend (default: inductor; aot_eager with "
+                             "--dry-run, which checks the graphs without generating code)")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = Path(os.environ["OUT"]) if os.environ.get("OUT") \
@@ -666,19 +762,23 @@ def parse_args(argv=None):
         args.batch_size, args.epoch_codebook_size = 8, 32
         args.epoch_images, args.epoch_warmup = 64, 1
         args.epoch_rounds, args.epoch_steps = 2, 1
+        args.compiled_warmup = 3  # the k-means recompile is on the second step
+    if args.compile_backend is None:
+        args.compile_backend = "aot_eager" if args.dry_run else "inductor"
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and args.device != "cpu":
         device = torch.device("cuda")
-    elif args.dry_run:
+    elif args.dry_run or args.device == "cpu":
         device = torch.device("cpu")
         # before Triton is first imported: the interpreter runs the kernels on CPU tensors
         os.environ.setdefault("TRITON_INTERPRET", "1")
     else:
-        print("no CUDA device: run with --dry-run to check the script on CPU", file=sys.stderr)
+        print("no CUDA device: run with --dry-run (or --device cpu) to check the script on "
+              "CPU", file=sys.stderr)
         return 2
     shapes = DRY_SHAPES if args.dry_run else SHAPES
     run = Run(args, device)
@@ -698,6 +798,7 @@ def main(argv=None) -> int:
         "layer": lambda: section_layer(run, shapes),
         "memory": lambda: section_memory(run, *shapes[-1]),
         "epoch": lambda: section_epoch(run),
+        "compiled": lambda: section_compiled(run),
         "bars": lambda: section_bars(run, shapes),
     }
     for name in sections:

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU bar of the fused nearest-code search in one run (see benchmarks/gpu.py).
+# Every GPU bar of the fused nearest-code search in one run, and the training step eager against
+# compiled (vqvae train --compile) (see benchmarks/gpu.py).
 #
-#     bash benchmarks/gpu.sh            # from anywhere; results go to $OUT (or benchmarks/results)
+#     bash benchmarks/gpu.sh                        # from anywhere; results go to $OUT
+#                                                   # (or benchmarks/results)
+#     bash benchmarks/gpu.sh --sections compiled    # the compiled training step alone
+#     bash benchmarks/gpu.sh --dry-run              # a CPU smoke run: tiny sizes
+#     bash benchmarks/gpu.sh --device cpu --sections compiled --compiled-quantizers simvq,fsq
 #
 # Installs nothing: it needs a Python with a CUDA torch and Triton (CUDA torch wheels bring
 # it); vector-quantize-pytorch is optional (without it the library's columns record the

@@ -45,6 +45,14 @@ def test_dry_run_writes_every_section(tmp_path):
         "ours, bf16 autocast, compiled", "library",
         "library, bf16 autocast"}
 
+    compiled = {r["quantizer"]: r for r in result["compiled"]["rows"]}
+    assert set(compiled) == {"ours", "simvq", "fsq", "lucidrains"}
+    for row in compiled.values():
+        assert row["eager_ms"] > 0 and row["compiled_ms"] > 0 and row["compile_s"] is not None
+    # SimVQ and FSQ compile as one graph; the library's code cannot be traced into one
+    assert compiled["simvq"]["graph"] == compiled["fsq"]["graph"] == "whole"
+    assert compiled["lucidrains"]["graph"] == "parts" and compiled["lucidrains"]["fallback_reason"]
+
     fused = [a for a in result["agreement"] if a["method"].startswith("fused")]
     assert len(fused) == 6  # three precisions, two data sets
     assert all(a["disagree_fp64"] == 0 for a in fused)
@@ -52,4 +60,5 @@ def test_dry_run_writes_every_section(tmp_path):
     assert len(code_bars) == 6 and all(b["met"] for b in code_bars)
 
     tables = (tmp_path / "gpu.md").read_text()
+    assert "eager against compiled" in tables
     assert "Forward + backward" in tables and "Forward + backward" in run.stdout

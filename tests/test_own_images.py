@@ -201,3 +201,24 @@ def test_comparison_table_has_psnr_and_ssim():
     assert "PSNR (dB)" in lines[0] and "SSIM" in lines[0]
     assert "| ours | 441 | 0.00296 | 25.87 | 0.9675 | 378.2 | 512 / 512 | 13.50 |" in lines
     assert "| old | 441 | 0.00296 |  |  | 378.2 | 512 / 512 | 13.50 |" in lines  # older runs
+
+
+def test_colour_images_are_written_in_colour(tmp_path):
+    """decode/sample outputs of an RGB run keep their channels: PNG files in RGB and .npy arrays
+    channels last; grayscale stays (N, H, W) as MNIST is stored."""
+    from vqvae.workflow import save_images, write_png_images
+
+    images = torch.rand(2, 3, 8, 12, generator=torch.Generator().manual_seed(0))
+    paths = write_png_images(images, tmp_path / "png", ["a.png", "b.png"])
+    with Image.open(paths[1]) as image:
+        assert image.mode == "RGB" and image.size == (12, 8)
+        pixels = np.asarray(image)
+    expected = (images[1].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(pixels, expected)
+    array = np.load(save_images(images, tmp_path / "x.npy"))
+    assert array.shape == (2, 8, 12, 3)
+    assert np.allclose(array[0, 2, 5], images[0, :, 2, 5].numpy())
+    gray = np.load(save_images(images[:, :1], tmp_path / "g.npy"))
+    assert gray.shape == (2, 8, 12)
+    with pytest.raises(ValueError, match="1 or 3"):
+        write_png_images(torch.rand(1, 2, 4, 4), tmp_path / "bad", ["c.png"])

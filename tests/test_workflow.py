@@ -69,11 +69,16 @@ def test_figures_are_real_images(tiny_run):
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, tiny_run):
-    # --compile: torch.compile'd encoder and decoder, same seed and data order as tiny_run
+    # --compile: the whole model compiled (or, for a quantizer that cannot be traced, the
+    # encoder and decoder), same seed and data order as tiny_run
     config = TrainConfig(epochs=2, out_dir=str(tmp_path / "compiled"), compile=True, **QUICK)
     run = train(config, ModelConfig())
-    for network in (run.model.encoder, run.model.decoder):
-        assert hasattr(network.forward, "_torchdynamo_orig_callable")  # really compiled
+    forward = run.model.forward
+    if forward.mode == "whole":
+        assert hasattr(forward.compiled, "_torchdynamo_orig_callable")  # really compiled
+    else:
+        for network in (run.model.encoder, run.model.decoder):
+            assert hasattr(network.forward, "_torchdynamo_orig_callable")
     assert run.metrics["test_mse"] == pytest.approx(tiny_run.metrics["test_mse"], rel=0.1)
     # the checkpoint has the eager model's parameter names and loads into a plain model
     plain = load_model(run.run_dir)

@@ -30,8 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .compiled import compile_model
 from .data import DatasetError, load_dataset
 from .models import VQVAE, ModelConfig
+from .quantizers import guard
+from .quantizers.checks import QuantizerInputError
 from .quantizers.metrics import code_counts_per_codebook, usage_from_counts
 from .rundir import (
     CHECKPOINT,
@@ -66,9 +69,10 @@ class TrainConfig:
     # "bf16" runs encoder and decoder under autocast (the quantizer's distances stay float32);
     # "auto" does so where the hardware has native bf16 (see uses_bf16)
     precision: str = "auto"
-    # torch.compile the encoder and decoder (the quantizer stays eager: its updates depend on
-    # the data). Costs seconds of compilation at the start and is for GPUs, where it fuses the
-    # small kernels; on small CPUs it made the step slower (README, "GPU").
+    # torch.compile the whole model as one graph, quantizer included, where the quantizer
+    # allows; else the encoder and decoder only, with a warning (see vqvae.compiled). Costs
+    # seconds of compilation at the start (and once more for evaluation); for GPUs above all,
+    # where it fuses the small kernels (benchmarks/train_epoch.py --compiled measures it).
     compile: bool = False
     train_subset: int | None = None  # first N training images (quick runs and tests)
     test_subset: int | None = None
@@ -212,16 +216,6 @@ def make_optimizer(model: VQVAE, config: TrainConfig, device: torch.device):
     return optimizer
 
 
-def compile_networks(model: VQVAE) -> None:
-    """``torch.compile`` the encoder's and decoder's ``forward`` in place.
-
-    The modules stay the same objects, so parameter names, ``state_dict`` and checkpoints do not
-    change (compiling the whole module would prefix every key with ``_orig_mod.``).
-    """
-    for network in (model.encoder, model.decoder):
-        network.forward = torch.compile(network.forward)
-
-
 def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
     """Multiplier of ``config.lr`` at ``step``: 1, or :func:`~vqvae.schedule.warmup_cosine`."""
     if config.lr_schedule == "constant":
@@ -240,6 +234,12 @@ class StepOutput(NamedTuple):
     indices: Tensor  # (B, *code_shape) codes of the batch
 
 
+def _restore_buffers(model, buffers: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+
+
 def train_step(model, optimizer, batch: Tensor, autocast=None,
                loss_scale: float = 1.0) -> StepOutput:
     """One optimiser step on ``batch`` ``(B, C, H, W)``: forward (under ``autocast``), loss
@@ -255,10 +255,16 @@ def train_step(model, optimizer, batch: Tensor, autocast=None,
         reconstruction, indices, vq_loss = model(batch)
     recon = F.mse_loss(reconstruction.float(), batch)
     loss = recon + vq_loss
-    if not bool(torch.isfinite(loss)):
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
+    finite = bool(torch.isfinite(loss))
+    try:
+        # calls a quantizer refused on the device (see quantizers/guard.py) are reported at
+        # this read-back, the one the step already has; their report names the cause
+        guard.raise_deferred(model)
+    except QuantizerInputError:
+        _restore_buffers(model, buffers)
+        raise
+    if not finite:
+        _restore_buffers(model, buffers)
         raise FloatingPointError(
             f"non-finite loss ({float(loss)}: reconstruction {float(recon)}, quantizer "
             f"{float(vq_loss)}) on a batch whose largest magnitude is "
@@ -468,7 +474,7 @@ def _train_in(run_dir, train_config, model_config, resume_from, on_epoch_end, pr
     model = VQVAE(model_config).to(device)
     optimizer = make_optimizer(model, train_config, device)
     if train_config.compile:
-        compile_networks(model)
+        compile_model(model)
     history: list[dict] = []
     if resume_from is not None and (run_dir / CHECKPOINT).is_file():
         checkpoint = load_checkpoint(run_dir, map_location=device)

@@ -166,8 +166,10 @@ def add_training_options(parser: argparse.ArgumentParser, *, quantizer: bool) ->
                             "distances stay float32); auto does so where the hardware has "
                             "native bf16 (default: auto)")
     group.add_argument("--compile", action="store_true", default=None,
-                       help="torch.compile the encoder and decoder: seconds of compilation "
-                            "first, then fused kernels on GPU (slower on small CPUs)")
+                       help="torch.compile the whole model, quantizer included, as one graph "
+                            "(the encoder and decoder only, with a warning, for a quantizer "
+                            "that cannot be traced): seconds of compilation first, then fused "
+                            "kernels, on GPU above all")
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", type=dataset_name, metavar="NAME",
                        help=f"{', '.join(DATASET_NAMES)}, or images:DIR for a folder of "

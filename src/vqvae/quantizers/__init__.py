@@ -6,6 +6,7 @@ from .codebook import Codebook, CodeStatistics
 from .evo_lfq import EvoLFQ
 from .fsp import FSP
 from .fsq import FSQ
+from .guard import input_checks, raise_deferred, set_input_checks
 from .hierarchical import HierarchicalVQ
 from .kmeans import KMeansResult, kmeans
 from .latent_quantize import LatentQuantize
@@ -41,6 +42,9 @@ __all__ = [
     "LFQ",
     "nearest_code",
     "QuantizerInputError",
+    "input_checks",
+    "raise_deferred",
+    "set_input_checks",
     "RandomProjectionQuantizer",
     "ResidualFSQ",
     "ResidualLFQ",

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .search import DEFAULT_BLOCK_BYTES, nearest_code, search_defaults
+from .tracing import tracing
 
 UNIT = 2.0 ** -8  # bfloat16 unit roundoff (8 significant bits, round to nearest)
 # below this many distances the float32 search is as fast as the two-stage one
@@ -53,8 +54,10 @@ def native_bf16() -> bool:
 
 
 def usable(x: Tensor, codebook: Tensor) -> bool:
-    """The two-stage search applies: float32 CPU inputs, a big enough search, native bf16."""
-    return (x.device.type == "cpu" and codebook.device.type == "cpu"
+    """The two-stage search applies: float32 CPU inputs, a big enough search, native bf16, and
+    not while ``torch.compile``/``torch.export`` traces (the candidate lists have data-dependent
+    sizes, which one graph cannot hold)."""
+    return (x.device.type == "cpu" and codebook.device.type == "cpu" and not tracing()
             and x.dtype == torch.float32 and codebook.dtype == torch.float32
             and x.ndim == 2 and x.shape[0] * codebook.shape[0] >= MIN_WORK
             and native_bf16())

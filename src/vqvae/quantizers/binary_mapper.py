@@ -10,6 +10,11 @@ beyond a free budget) keeps the bits from collapsing. A drop-in for
 
     mapper = BinaryMapper(bits=8)
     one_hot, indices, aux_loss = mapper(logits, return_indices=True)  # (..., 8) -> (..., 256)
+
+NaN/Inf logits raise :class:`QuantizerInputError` in an immediate call. A deferred call
+(compiled, or on an accelerator; see :mod:`vqvae.quantizers.guard`) cannot raise: the one-hot
+rows of such logits come out NaN (their index is a code drawn at probability 1/2 per bit, not a
+meaningful one). The mapper has no state for a bad batch to corrupt.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import guard
 from .lfq_entropy import per_sample_entropy
 from .vector_quantize import QuantizerInputError
 
@@ -56,6 +62,8 @@ class BinaryMapper(nn.Module):
         if logits.ndim < 1 or logits.shape[-1] != self.bits:
             raise QuantizerInputError(f"logits must have a last dimension of {self.bits}, "
                                       f"got shape {tuple(logits.shape)}")
+        if guard.deferred(logits):
+            return  # see the module docstring
         if not torch.isfinite(logits).all():
             raise QuantizerInputError("logits contain NaN or infinite values")
 
@@ -88,9 +96,17 @@ class BinaryMapper(nn.Module):
             calc_aux_loss = self.training
 
         prob = torch.sigmoid(logits / temperature)
+        nonfinite = None
+        if guard.deferred(logits):
+            # 0 per row, NaN for a row holding a NaN or ±Inf; such a row is drawn at 1/2 per
+            # bit (bernoulli refuses a NaN probability) and its one-hot made NaN below
+            nonfinite = (logits.detach() - logits.detach()).sum(-1, keepdim=True)
+            prob = torch.where(torch.isnan(nonfinite), 0.5, prob)
         sampled = (prob > 0.5) if deterministic else torch.bernoulli(prob).bool()
         indices = (sampled.long() * self.power_two).sum(-1)
         one_hot = F.one_hot(indices, self.num_codes).float()
+        if nonfinite is not None:
+            one_hot = one_hot + nonfinite.float()
 
         aux = self.calc_aux_loss(logits, reduce_aux_kl_loss) if calc_aux_loss else self.zero
 

@@ -19,6 +19,14 @@ pooled positions that cover no valid position are not quantized (index ``-1``, z
 others average valid positions only, and the reconstruction is zero outside the mask. Nested
 dropout (training): with probability ``nested_dropout``, keep only levels ``0..c`` for a random
 ``c``, both in the reconstruction and in the loss.
+
+Deferred calls (compiled, or on an accelerator; see :mod:`vqvae.quantizers.guard`) read nothing
+back: NaN/Inf input is left to the level quantizers' own device-side rule (no codebook changes,
+the error at the trainer's read-back) and makes the reconstruction NaN where the input was; the
+nested-dropout cutoff is drawn on the device and applied as a mask over the levels (the cutoff
+returned with ``return_cutoff`` is then a 0-d tensor, ``-1`` for none). A ``mask`` selects a
+data-dependent number of positions, which only an eager call can do (on an accelerator it
+waits for that number).
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import guard
 from .simvq import check_finite
+from .tracing import tracing
 from .vector_quantize import QuantizerInputError, VectorQuantize
 
 DROPPED = -1  # index of a pooled position that covers no valid input position
@@ -51,6 +61,15 @@ def _sync_seed(device: torch.device) -> int:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(seed)
     return int(seed.item())
+
+
+def _sync_uniform(device: torch.device) -> Tensor:
+    """A 0-d float64 draw in [0, 1) on ``device``, equal on all processes (no read back)."""
+    draw = torch.rand((), device=device, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(draw)
+        draw = draw - draw.floor()  # the sum of uniforms, wrapped: still uniform
+    return draw
 
 
 class _Phi(nn.Module):
@@ -242,6 +261,18 @@ class HierarchicalVQ(nn.Module):
             return None
         return rand.randrange(self.nested_dropout_min_levels - 1, self.num_levels - 1)
 
+    def sample_nested_cutoff_on_device(self, device: torch.device) -> Tensor | None:
+        """:meth:`sample_nested_cutoff` without a read back: a 0-d int64 tensor, ``-1`` for no
+        cutoff (all levels kept); ``None`` where no call can drop levels."""
+        if not self.training or self.nested_dropout <= 0 or self.num_levels <= 1:
+            return None
+        if self.nested_dropout_min_levels >= self.num_levels:
+            return None
+        low, high = self.nested_dropout_min_levels - 1, self.num_levels - 1
+        applies, pick = _sync_uniform(device), _sync_uniform(device)
+        cutoff = low + (pick * (high - low)).long().clamp_(max=high - low - 1)
+        return torch.where(applies < self.nested_dropout, cutoff, -1)
+
     # ------------------------------------------------------------------ forward
 
     def _check(self, x: object, mask: Tensor | None, lens: Tensor | None):
@@ -265,7 +296,12 @@ class HierarchicalVQ(nn.Module):
                 raise QuantizerInputError(
                     f"mask must have shape {(x.shape[0], *full_shape)}, got {tuple(mask.shape)}")
             mask = mask.to(device=x.device, dtype=torch.bool)
-        check_finite(x)
+        if mask is not None and tracing():
+            raise QuantizerInputError(
+                "a mask (or lens) selects a data-dependent number of positions, which one "
+                "compiled graph cannot hold: call HierarchicalVQ eagerly with a mask")
+        if not guard.deferred(x):
+            check_finite(x)
         return full_shape, mask
 
     def forward(self, x: Tensor, indices: Tensor | None = None, mask: Tensor | None = None,
@@ -293,11 +329,24 @@ class HierarchicalVQ(nn.Module):
         finally:
             self._restore_temperature(saved_temps)
 
-        cutoff = self.sample_nested_cutoff(x.device)
-        if cutoff is not None:
-            reconstruction = cumulative[cutoff]
-            losses = losses[:cutoff + 1]
-        loss = torch.stack(losses).mean()
+        if guard.deferred(x):
+            cutoff = self.sample_nested_cutoff_on_device(x.device)
+            if cutoff is not None:  # levels past the cutoff masked out
+                kept_levels = cutoff.where(cutoff >= 0, self.num_levels - 1)
+                reconstruction = torch.stack(cumulative).index_select(
+                    0, kept_levels.reshape(1)).squeeze(0)
+                kept = torch.arange(self.num_levels, device=x.device) <= kept_levels
+                loss = (torch.stack(losses) * kept).sum() / (kept_levels + 1)
+            else:
+                loss = torch.stack(losses).mean()
+            # the codes look valid whatever the input was: NaN where the input was not
+            reconstruction = reconstruction + (h.detach() - h.detach())
+        else:
+            cutoff = self.sample_nested_cutoff(x.device)
+            if cutoff is not None:
+                reconstruction = cumulative[cutoff]
+                losses = losses[:cutoff + 1]
+            loss = torch.stack(losses).mean()
         if mask is not None:
             reconstruction = reconstruction * mask.unsqueeze(1).to(reconstruction.dtype)
         if not self.channel_first:

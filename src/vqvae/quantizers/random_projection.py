@@ -6,6 +6,11 @@ random unit code of largest cosine similarity. Nothing in it learns; it only giv
 with ``indices=`` given, the cross-entropy of the cosine similarities against them).
 
 A drop-in for ``vector_quantize_pytorch.RandomProjectionQuantizer``.
+
+NaN/Inf input raises :class:`QuantizerInputError` in an immediate call; a deferred call
+(compiled, or on an accelerator; see :mod:`vqvae.quantizers.guard`) cannot raise, and labels
+such rows ``-1`` (no code, which the cross-entropy ignores) instead of a valid-looking index;
+its cross-entropy comes out NaN. Nothing here has state, so nothing else can go wrong.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import guard
 from .bf16_presearch import nearest
 from .simvq import check_finite
 from .vector_quantize import QuantizerInputError, check_input
@@ -90,7 +96,9 @@ class RandomProjectionQuantizer(nn.Module):
 
     def forward(self, x: Tensor, indices: Tensor | None = None) -> Tensor:
         check_input(x, self.dim)
-        check_finite(x)
+        deferred = guard.deferred(x)
+        if not deferred:
+            check_finite(x)
         lead = x.shape[:-1]
         if indices is not None:
             return self._cross_entropy(x, indices)
@@ -101,6 +109,9 @@ class RandomProjectionQuantizer(nn.Module):
         codes = self.codebook.to(flat.dtype)
         heads = [nearest(flat @ self.rand_projs[h].to(flat.dtype), codes[h])
                  for h in range(self.num_codebooks)]
+        if deferred:
+            finite = torch.isfinite(flat).all(-1)  # (N,)
+            heads = [torch.where(finite, head, -1) for head in heads]
         if self.num_codebooks == 1:
             return heads[0].reshape(lead)
         return torch.stack(heads, dim=-1).reshape(*lead, self.num_codebooks)

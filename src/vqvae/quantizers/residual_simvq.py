@@ -4,6 +4,11 @@ ones left (SoundStream, Zeghidour et al., 2021, arXiv 2107.03312, Algorithm 1).
 ``r_1 = x``, ``q_l = SimVQ_l(r_l)``, ``r_{l+1} = r_l - sg(q_l)``; the output is ``Σ_l q_l``, each
 ``q_l`` carrying its own layer's estimator gradient to ``x``. A drop-in for
 ``vector_quantize_pytorch.ResidualSimVQ``: ``(quantized, indices (..., q), losses (q,))``.
+
+Quantize dropout draws how many layers a training call runs. An immediate call draws it on the
+host and runs only those layers; a deferred call (compiled, or on an accelerator; see
+:mod:`vqvae.quantizers.guard`) draws it on the device, runs every layer and masks out the
+dropped ones, so the number of layers never has to be read back.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import guard
 from .simvq import SimVQ
 from .vector_quantize import QuantizerInputError
 
@@ -27,6 +33,19 @@ def _dropout_seed(device: torch.device) -> int:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(seed)
     return int(seed.item())
+
+
+def _dropout_last_on_device(device: torch.device, low: int, high: int, multiple: int) -> Tensor:
+    """The index of the last layer a call runs, drawn uniformly from ``[low, high)`` and
+    rounded up to a multiple, as a 0-d int64 tensor on ``device`` (no read back). Summed over
+    processes before it is reduced to the range, so all of them drop alike."""
+    seed = torch.randint(0, 2**30, (), device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(seed)
+    last = low + seed % (high - low)
+    if multiple != 1:  # ceil((last + 1) / multiple) · multiple - 1
+        last = (last + multiple) // multiple * multiple - 1
+    return last
 
 
 class ResidualSimVQ(nn.Module):
@@ -106,18 +125,23 @@ class ResidualSimVQ(nn.Module):
                 rand_quantize_dropout_fixed_seed: int | None = None):
         self.layers[0]._check_input(x)
         h = x.movedim(1, -1) if self.channel_first else x  # (B, ..., dim)
-        last = self._last_layer(x.device, rand_quantize_dropout_fixed_seed)
+        last = self._last_layer(x.device, rand_quantize_dropout_fixed_seed, guard.deferred(h))
 
         residual = h
         quantized_out = None
         all_indices, all_losses = [], []
         for index, layer in enumerate(self.layers):
-            if index > last:
+            if isinstance(last, int) and index > last:
                 all_indices.append(torch.full(h.shape[:-1], DROPPED, dtype=torch.long,
                                               device=h.device))
                 all_losses.append(torch.zeros((), device=h.device))
                 continue
             quantized, indices, loss = layer.quantize_last(residual)
+            if isinstance(last, Tensor) and index > self.quantize_dropout_cutoff_index:
+                kept = last >= index  # 0-d bool: this layer runs in this call
+                quantized = torch.where(kept, quantized, 0.0)
+                indices = torch.where(kept, indices, DROPPED)
+                loss = torch.where(kept, loss, 0.0)
             residual = residual - quantized.detach()
             quantized_out = quantized if quantized_out is None else quantized_out + quantized
             all_indices.append(indices)
@@ -129,12 +153,18 @@ class ResidualSimVQ(nn.Module):
         losses = torch.stack(all_losses, dim=-1)  # (q,)
         if not return_all_codes:
             return quantized_out, indices, losses
-        return quantized_out, indices, losses, self.get_codes_from_indices(indices)
+        return quantized_out, indices, losses, self._codes(indices)
 
-    def _last_layer(self, device: torch.device, seed: int | None) -> int:
-        """Index of the last layer this call runs (quantize dropout in training)."""
+    def _last_layer(self, device: torch.device, seed: int | None,
+                    on_device: bool = False) -> int | Tensor:
+        """Index of the last layer this call runs (quantize dropout in training); drawn as a
+        0-d tensor when ``on_device`` and no ``seed`` is given."""
         if not (self.training and self.quantize_dropout):
             return self.num_quantizers - 1
+        if seed is None and on_device:
+            return _dropout_last_on_device(device, self.quantize_dropout_cutoff_index,
+                                           self.num_quantizers,
+                                           self.quantize_dropout_multiple_of)
         seed = _dropout_seed(device) if seed is None else seed
         last = random.Random(seed).randrange(self.quantize_dropout_cutoff_index,
                                              self.num_quantizers)
@@ -169,6 +199,12 @@ class ResidualSimVQ(nn.Module):
             raise QuantizerInputError(
                 f"indices must lie in [0, {self.codebook_size}) or be -1, got values in "
                 f"[{int(indices.min())}, {int(indices.max())}]")
+        return self._codes(indices)
+
+    def _codes(self, indices: Tensor) -> Tensor:
+        """:meth:`get_codes_from_indices` of int64 ``indices`` already checked (forward's own,
+        whose check would read them back)."""
+        depth = indices.shape[-1]
         codes = []
         for index, layer in enumerate(self.layers):
             if index >= depth:

@@ -20,6 +20,13 @@ with ``w_in = input_to_quantize_commit_loss_weight``. The first term trains the 
 codes toward inputs), the second the encoder.
 The output passes no gradient to the codes; its gradient reaches ``x`` by the rotation trick
 (Fifty et al., 2024; the default) or straight through.
+
+Non-finite input (:mod:`vqvae.quantizers.guard`): SimVQ keeps no state that ``forward`` writes
+(the codebook changes only by the optimiser), so a bad batch corrupts nothing; what matters is
+that it is not hidden. An immediate call raises :class:`QuantizerInputError`. A deferred call
+(compiled, or on an accelerator) reads nothing back: its ``quantized`` is NaN where the input
+held a NaN or Inf, its loss is non-finite, and a training call counts itself refused, so
+:func:`vqvae.train.train_step` raises the error at its loss read-back.
 """
 
 from __future__ import annotations
@@ -31,9 +38,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import guard
 from .bf16_presearch import nearest
 from .checks import check_finite
 from .search import DEFAULT_BLOCK_BYTES
+from .tracing import tracing
 from .vector_quantize import QuantizerInputError, check_input
 
 
@@ -141,23 +150,33 @@ class _LinearCodes(torch.autograd.Function):
     Through autograd, the gradient of the gathered rows is scattered into a dense ``(K, dim)``
     matrix that then meets the whole frozen codebook in ``Wᵀ``'s gradient, though only the codes
     used by the batch have non-zero rows (about 60% at 1024 codes for 1024 vectors).
+
+    ``fixed_shapes``: the dense form after all, for calls that must not read back (the number
+    of codes used is data-dependent: a compiled graph cannot hold it, an accelerator would
+    stall to learn it).
     """
 
     @staticmethod
     def forward(ctx, weight: Tensor, bias: Tensor | None, frozen: Tensor, codebook: Tensor,
-                 indices: Tensor) -> Tensor:
+                 indices: Tensor, fixed_shapes: bool) -> Tensor:
         ctx.save_for_backward(frozen, indices)
         ctx.has_bias = bias is not None
+        ctx.fixed_shapes = fixed_shapes
         return codebook.index_select(0, indices)  # (N, dim)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         frozen, indices = ctx.saved_tensors
+        if ctx.fixed_shapes:
+            per_code = grad.new_zeros(frozen.shape[0], grad.shape[1]).index_add_(0, indices, grad)
+            grad_weight = per_code.t().mm(frozen.to(grad.dtype))  # (dim, d0)
+            grad_bias = per_code.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+            return grad_weight, grad_bias, None, None, None, None
         used, inverse = torch.unique(indices, return_inverse=True)  # (U,), (N,)
         per_code = grad.new_zeros(used.shape[0], grad.shape[1]).index_add_(0, inverse, grad)
         grad_weight = per_code.t().mm(frozen.index_select(0, used).to(grad.dtype))  # (dim, d0)
         grad_bias = per_code.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
-        return grad_weight, grad_bias, None, None, None
+        return grad_weight, grad_bias, None, None, None, None
 
 
 class SimVQ(nn.Module):
@@ -190,7 +209,8 @@ class SimVQ(nn.Module):
       ``torch.cdist`` refuses mixed dtypes); ``quantized`` comes back in the input's dtype.
     - ``codebook_dim`` exists (``dim``): the library's ``ResidualSimVQ.codebook_dim`` reads it
       from its layers, which lack it, and raises ``AttributeError``.
-    - NaN/Inf input raises :class:`QuantizerInputError`.
+    - NaN/Inf input raises :class:`QuantizerInputError` (in a deferred call: NaN output, and
+      the error at the trainer's next read-back; see the module docstring).
     """
 
     frozen_codebook: Tensor
@@ -237,6 +257,7 @@ class SimVQ(nn.Module):
         if codebook_transform is None:
             codebook_transform = nn.Linear(frozen_codebook_dim, dim, bias=False)
         self.code_transform = codebook_transform
+        guard.register_counter(self)
 
     @property
     def codebook(self) -> Tensor:
@@ -264,6 +285,7 @@ class SimVQ(nn.Module):
         flat = h.reshape(-1, self.dim)  # (N, dim)
         if flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()
+        deferred = guard.deferred(flat)
         linear = self._plain_linear()
         if codebook is None:
             # float32 codes under autocast too: the search, loss and gradients then match a
@@ -272,7 +294,8 @@ class SimVQ(nn.Module):
                 if linear is not None:  # gradient by _LinearCodes; the search needs no graph
                     with torch.no_grad():
                         codebook = self.codebook
-                elif not torch.is_grad_enabled() and type(self.code_transform) is nn.Linear:
+                elif not torch.is_grad_enabled() and type(self.code_transform) is nn.Linear \
+                        and not tracing():  # (a compiled graph computes it anyway)
                     codebook = self._cached_codebook()
                 else:
                     codebook = self.codebook  # (K, dim)
@@ -285,15 +308,21 @@ class SimVQ(nn.Module):
                           max_block_bytes=self.max_search_bytes)  # (N,)
         if linear is not None and not codebook.requires_grad:
             q = _LinearCodes.apply(linear.weight, linear.bias, self.frozen_codebook, codebook,
-                                   indices)
+                                   indices, deferred)
         else:
             q = codebook.index_select(0, indices)  # (N, dim)
         weight = float(self.commitment_weight)
         out, loss = _Estimator.apply(
             flat, q, weight * float(self.input_to_quantize_commit_loss_weight), weight,
             bool(self.rotation_trick))
-        # NaN/Inf in the input makes the loss non-finite: one scalar check finds it
-        if not math.isfinite(loss.item()):
+        if deferred:
+            if self.training:
+                guard.record(self, guard.usable(flat))
+            # a code vector looks valid whatever the input was: NaN where the input was not
+            # (x - x is 0 for a finite x, NaN for NaN and ±Inf)
+            out = out + (flat.detach() - flat.detach())
+        elif not math.isfinite(loss.item()):
+            # NaN/Inf in the input makes the loss non-finite: one scalar check finds it
             check_finite(h)
         return SimVQOutput(out.reshape(shape).to(h.dtype), indices.reshape(shape[:-1]),
                            loss.float())

@@ -44,16 +44,27 @@ def read_png_images(paths: Sequence[Path], size: int = 28, invert: bool = False,
     return torch.from_numpy(np.stack(images))
 
 
+def to_array(images: Tensor) -> np.ndarray:
+    """Images ``(N, C, H, W)`` as a float32 array in [0, 1]: ``(N, H, W)`` for one channel (as
+    MNIST is stored), channels last ``(N, H, W, C)`` otherwise (as image libraries take them)."""
+    array = images.detach().float().cpu().clamp(0, 1).numpy()
+    return array[:, 0] if array.shape[1] == 1 else np.moveaxis(array, 1, -1)
+
+
 def write_png_images(images: Tensor, directory: Path, names: Sequence[str]) -> list[Path]:
-    """One 8-bit grayscale PNG per image, named ``names[i]``."""
+    """One 8-bit PNG per image ``(N, C, H, W)``, named ``names[i]``: grayscale for one channel,
+    RGB for three."""
     from PIL import Image
 
+    channels = images.shape[1]
+    if images.ndim != 4 or channels not in (1, 3):
+        raise ValueError(f"PNG files take images (N, 1 or 3, H, W), got {tuple(images.shape)}")
     directory.mkdir(parents=True, exist_ok=True)
-    array = (images.detach().float().cpu().clamp(0, 1).numpy()[:, 0] * 255).round()
+    array = to_array(images)
     paths = []
-    for image, name in zip(array.astype(np.uint8), names, strict=True):
+    for image, name in zip((array * 255).round().astype(np.uint8), names, strict=True):
         path = directory / name
-        Image.fromarray(image, mode="L").save(path)
+        Image.fromarray(image, mode="L" if channels == 1 else "RGB").save(path)
         paths.append(path)
     return paths
 
@@ -118,14 +129,15 @@ def _integer_codes(values, path: Path) -> Tensor:
 
 
 def save_images(images: Tensor, out: Path, columns: int = 8, title: str | None = None) -> Path:
-    """``out`` ending in ``.npy``: an ``(N, H, W)`` float32 array in [0, 1]; otherwise an image
-    grid of ``columns`` columns."""
+    """``out`` ending in ``.npy``: a float32 array in [0, 1], ``(N, H, W)`` for one channel and
+    ``(N, H, W, C)`` for colour (see :func:`to_array`); otherwise an image grid of ``columns``
+    columns."""
     from .. import plots
 
     out = Path(out)
     if out.suffix == ".npy":
         out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, images[:, 0].float().cpu().numpy())
+        np.save(out, to_array(images))
         return out
     if out.suffix.lower() in ("", ".png"):
         return plots.image_grid(images, out, columns=columns, title=title)
