@@ -182,6 +182,53 @@ def test_agrees_with_library_loss_where_library_is_right():
     assert parts.batch_entropy.item() == pytest.approx(parts_r.batch_entropy.item(), rel=1e-5)
 
 
+def test_gradient_at_the_default_temperature_matches_textbook_and_library():
+    # the preset's setting (2^9 codes, inv_temperature 100): ours, the library in float32 and
+    # autograd on the textbook expression in float64 give the entropy penalty one gradient, so
+    # the codes collapsing without `spherical` is the penalty's doing, not a formula's
+    torch.manual_seed(4)
+    k, temp = 9, 100.0
+    x = torch.randn(300, k, dtype=torch.float64) * 0.02
+    codes = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=k)), dtype=torch.float64)
+    x_ref = x.clone().requires_grad_()
+    p = (2 * temp * x_ref @ codes.T).softmax(-1)  # -T ||x - c||^2 up to a per-row constant
+    h = lambda q: -(q * q.clamp_min(1e-300).log()).sum(-1)  # noqa: E731
+    (h(p).mean() - h(p.mean(0))).backward()
+    grads = []
+    for quantizer in (LFQ(dim=k, entropy_loss_weight=1.0),
+                      library.LFQ(dim=k, entropy_loss_weight=1.0)):
+        xi = x.float()[None].requires_grad_()
+        quantizer(xi, inv_temperature=temp)[2].backward()
+        grads.append(xi.grad[0].double())
+    scale = x_ref.grad.norm()
+    assert (grads[0] - x_ref.grad).norm() < 1e-4 * scale
+    assert (grads[1] - x_ref.grad).norm() < 2e-2 * scale  # the library's clamp at 1e-5
+
+
+def test_entropy_penalty_rewards_growing_inputs_unless_spherical():
+    # the per-sample entropy falls and the batch entropy's gradient vanishes as the inputs grow
+    # (so an encoder can escape the penalty by growing its outputs); on the sphere the scale
+    # does not exist
+    torch.manual_seed(5)
+    k, temp = 9, 100.0
+    x = torch.randn(1, 500, k) * 0.05
+    per_sample, grad_norm = [], []
+    for factor in (1.0, 100.0):
+        xi = (x * factor).requires_grad_()
+        (_, _, _), parts = LFQ(dim=k)(xi, inv_temperature=temp, return_loss_breakdown=True)
+        parts.batch_entropy.backward()
+        per_sample.append(parts.per_sample_entropy.item())
+        grad_norm.append(xi.grad.norm().item())  # what reaches the encoder
+    xn = (x / x.norm(dim=-1, keepdim=True)).double().numpy().reshape(500, 1, k)
+    assert per_sample[1] < 0.05 * per_sample[0] and grad_norm[1] < 0.3 * grad_norm[0]
+    spherical = LFQ(dim=k, spherical=True)
+    expected = full_entropies(xn, k, 1 / math.sqrt(k), temp)  # unit inputs, codes of norm 1
+    for factor in (1.0, 100.0):
+        _, parts = spherical(x * factor, inv_temperature=temp, return_loss_breakdown=True)
+        assert parts.per_sample_entropy.item() == pytest.approx(expected[0], rel=1e-4, abs=1e-5)
+        assert parts.batch_entropy.item() == pytest.approx(expected[1], rel=1e-5)
+
+
 def test_options_frac_softclamp_softplus_rotation_cosine():
     torch.manual_seed(4)
     x = torch.randn(2, 16, 12)

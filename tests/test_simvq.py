@@ -609,3 +609,24 @@ def test_simvq_eval_reuses_the_codebook_until_the_map_changes():
         vq.frozen_codebook.mul_(2.0)
         doubled = vq(x)
         assert torch.equal(doubled.quantized, vq.codebook[doubled.indices])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_simvq_eval_sees_every_optimizer_step(fused):
+    # Adam(fused=True), what training uses, updates the map in place without bumping its
+    # version counter: evaluation after a step must still use the new codebook
+    torch.manual_seed(1)
+    vq = SimVQ(dim=16, codebook_size=64)
+    optimizer = torch.optim.Adam(vq.parameters(), lr=0.05, fused=fused)
+    x = torch.randn(200, 16)
+    for _ in range(3):
+        vq.eval()
+        with torch.no_grad():
+            quantized, indices, _ = vq(x)
+        codes = vq.frozen_codebook.double() @ vq.code_transform.weight.detach().double().T
+        assert torch.equal(indices, torch.cdist(x.double(), codes).argmin(-1))
+        torch.testing.assert_close(quantized.double(), codes[indices], rtol=1e-6, atol=1e-6)
+        vq.train()
+        optimizer.zero_grad()
+        vq(x)[2].backward()
+        optimizer.step()

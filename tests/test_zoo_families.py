@@ -174,3 +174,52 @@ def test_the_cli_offers_the_families():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     quantizer = next(a for a in train._actions if a.dest == "quantizer")
     assert set(ENTRIES) <= set(quantizer.choices)
+
+
+def full_lfq_penalty(h: np.ndarray, a: float, temp: float, gamma: float = 1.0) -> float:
+    """LFQ's entropy penalty from the full distribution over every code, float64: per-sample
+    entropy minus gamma times the entropy of the mean distribution, with
+    ``q(c | x) = softmax_c(-temp ||x - c||²)`` over codes ``c`` in ``{-a, a}^k``; ``h`` is
+    ``(M, k)``, the inputs after the projection."""
+    k = h.shape[-1]
+    bits = ((np.arange(2**k)[:, None] >> np.arange(k - 1, -1, -1)) & 1).astype(np.float64)
+    codes = (2 * bits - 1) * a  # (2^k, k)
+    logits = -temp * ((h[:, None, :] - codes) ** 2).sum(-1)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+
+    def entropy(q):
+        return -(q * np.log(np.where(q > 0, q, 1.0))).sum(-1)
+
+    return float(entropy(p).mean() - gamma * entropy(p.mean(0)))
+
+
+@pytest.mark.parametrize("name", ["lfq", "lucidrains-lfq"])
+def test_lfq_entries_pass_inv_temperature_to_every_call(name):
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 16) * 0.2
+    losses = {}
+    for temp in (None, 2.5):
+        options = {} if temp is None else {"inv_temperature": temp}
+        quantizer = build(name, quantizer_options=options).quantizer.train()
+        module = quantizer.module
+        with torch.no_grad():
+            h = x.double().reshape(-1, 16) @ module.project_in.weight.double().T \
+                + module.project_in.bias.double()
+        a = 1.0
+        if module.spherical:  # the preset's unit sphere: codes of size 1/sqrt(k) a feature
+            h = h / h.norm(dim=-1, keepdim=True)
+            a = 1 / math.sqrt(9)
+        expected = module.entropy_loss_weight * full_lfq_penalty(
+            h.numpy(), a, 100.0 if temp is None else temp)
+        losses[temp] = float(quantizer(x)[2].detach())
+        # the library's log clamp (1e-5) leaves it slightly off the exact value at T = 100
+        tolerance = 2e-4 if name == "lfq" else 2e-3
+        assert losses[temp] == pytest.approx(expected, rel=tolerance, abs=1e-6)
+    assert abs(losses[None] - losses[2.5]) > 1e-3  # the option changes what is computed
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), "10", True])
+def test_lfq_inv_temperature_must_be_a_positive_number(value):
+    with pytest.raises(ValueError, match="inv_temperature"):
+        build("lfq", quantizer_options={"inv_temperature": value})

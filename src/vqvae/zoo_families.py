@@ -40,15 +40,19 @@ from .registry import register
 #: chosen"); the class projects the 16 dimensions to len(levels) and back.
 FSQ_DEFAULTS: dict[str, Any] = {"levels": [8, 8, 8]}
 
-#: LFQ: ``codebook_size`` (the model's, 512 = 9 bits) decides the bits; these are the loss
-#: weights (the library's defaults). Measured (README, "How the FSQ, LFQ and SimVQ defaults
-#: were chosen"): no weight tried is stable for 10 epochs on full MNIST. At entropy 0.1 the codes
-#: used fall 502 -> 186 and the loss is NaN in epoch 4; at 0.05 they fall 481 -> 93 -> 62, the
-#: quantizer loss reaches 1.8e22 in epoch 3 (a bounded entropy term cannot: a numerical fault)
-#: and NaN in epoch 4; commitment 0.25 collapses the codes (11 used) in the first epoch.
-#: ``lucidrains-lfq`` gets the same weights.
-LFQ_DEFAULTS: dict[str, Any] = {"entropy_loss_weight": 0.1, "commitment_loss_weight": 0.0,
-                                "diversity_gamma": 1.0}
+#: The residual LFQ stacks: ``codebook_size`` (the model's, 512 = 9 bits) decides the bits; these
+#: are the loss weights (the library's defaults), unmeasured on the residual stacks.
+RESIDUAL_LFQ_DEFAULTS: dict[str, Any] = {"entropy_loss_weight": 0.1,
+                                         "commitment_loss_weight": 0.0, "diversity_gamma": 1.0}
+
+#: LFQ: the library's loss weights on the unit sphere (``spherical``, binary spherical
+#: quantisation, Zhao et al. 2024). Without it the entropy penalty lets the codes collapse
+#: (README, "How the FSQ, LFQ and SimVQ defaults were chosen"): its gradient reaches only inputs
+#: within about 1 / (4 inv_temperature) of a sign change, and the per-sample term rewards an
+#: encoder that grows its outputs (to ~3e6 in 5 epochs), so fewer and fewer inputs get any push
+#: toward unused codes. On the sphere the scale is fixed and a steady share of inputs stays in
+#: reach: all 512 codes in use. ``lucidrains-lfq`` gets the same options.
+LFQ_DEFAULTS: dict[str, Any] = {**RESIDUAL_LFQ_DEFAULTS, "spherical": True}
 
 #: SimVQ with the model's ``codebook_size`` codes; the estimator chosen by measurement.
 SIMVQ_DEFAULTS: dict[str, Any] = {"rotation_trick": True}
@@ -79,6 +83,20 @@ def _power_of_two(name: str, codebook_size: int) -> int:
     return codebook_size
 
 
+def _split_inv_temperature(name: str, options: dict) -> tuple[dict, dict]:
+    """LFQ's options without ``inv_temperature``, and the call options that pass it (it is an
+    argument of LFQ's forward, not of its constructor)."""
+    options = dict(options)
+    if "inv_temperature" not in options:
+        return options, {}
+    value = options.pop("inv_temperature")
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: inv_temperature must be a positive finite number, "
+                         f"got {value!r}")
+    return options, {"inv_temperature": float(value)}
+
+
 class Adapted(nn.Module):
     """A quantizer of the families behind the registry's contract.
 
@@ -96,12 +114,16 @@ class Adapted(nn.Module):
         grouped: the module puts the group axis first in its indices.
         channel_first_input: call the module on ``(N, dim, 1)`` (a class that reads axis 1 as
             the features whenever its size is ``dim``) instead of ``(1, N, dim)``.
+        call_options: keyword arguments of every call of the module (LFQ's
+            ``inv_temperature``, a forward argument rather than a constructor one).
     """
 
     def __init__(self, module: nn.Module, decode: Callable[[nn.Module, Tensor], Tensor], *,
-                 code_axes: int = 0, grouped: bool = False, channel_first_input: bool = False):
+                 code_axes: int = 0, grouped: bool = False, channel_first_input: bool = False,
+                 call_options: dict[str, Any] | None = None):
         super().__init__()
         self.module = module
+        self.call_options = dict(call_options or {})
         self._decode = decode
         self.code_axes = code_axes
         self.grouped = grouped
@@ -110,10 +132,10 @@ class Adapted(nn.Module):
     def forward(self, x: Tensor) -> VQOutput:
         shape, dim = x.shape, x.shape[-1]
         if self.channel_first_input:
-            out = self.module(x.reshape(-1, dim, 1))
+            out = self.module(x.reshape(-1, dim, 1), **self.call_options)
             quantized = out[0].reshape(shape)
         else:
-            out = self.module(x.reshape(1, -1, dim))
+            out = self.module(x.reshape(1, -1, dim), **self.call_options)
             quantized = out[0].reshape(shape)
         indices = out[1].long()  # the library's FSQ gives int32
         if self.grouped:
@@ -186,17 +208,19 @@ def _lucidrains_fsq(dim: int, codebook_size: int, options: dict) -> nn.Module:
 @register("lfq", help="our LFQ (log2 of the codebook size bits; no codebook)",
           defaults=LFQ_DEFAULTS)
 def _lfq(dim: int, codebook_size: int, options: dict) -> nn.Module:
+    options, call = _split_inv_temperature("lfq", options)
     module = LFQ(dim=dim, codebook_size=_power_of_two("lfq", codebook_size), **options)
-    return Adapted(module, _indices_to_codes)
+    return Adapted(module, _indices_to_codes, call_options=call)
 
 
-@register("rlfq", help="our ResidualLFQ", defaults=LFQ_DEFAULTS, layout=RESIDUAL)
+@register("rlfq", help="our ResidualLFQ", defaults=RESIDUAL_LFQ_DEFAULTS, layout=RESIDUAL)
 def _rlfq(dim: int, codebook_size: int, options: dict) -> nn.Module:
     module = ResidualLFQ(dim=dim, codebook_size=_power_of_two("rlfq", codebook_size), **options)
     return Adapted(module, _output_from_indices, code_axes=1)
 
 
-@register("grlfq", help="our GroupedResidualLFQ", defaults=LFQ_DEFAULTS, layout=GROUPED)
+@register("grlfq", help="our GroupedResidualLFQ", defaults=RESIDUAL_LFQ_DEFAULTS,
+          layout=GROUPED)
 def _grlfq(dim: int, codebook_size: int, options: dict) -> nn.Module:
     module = GroupedResidualLFQ(dim=dim, codebook_size=_power_of_two("grlfq", codebook_size),
                                 **options)
@@ -208,9 +232,10 @@ def _grlfq(dim: int, codebook_size: int, options: dict) -> nn.Module:
 def _lucidrains_lfq(dim: int, codebook_size: int, options: dict) -> nn.Module:
     from vector_quantize_pytorch import LFQ as LibraryLFQ
 
+    options, call = _split_inv_temperature("lucidrains-lfq", options)
     module = LibraryLFQ(dim=dim, codebook_size=_power_of_two("lucidrains-lfq", codebook_size),
                         **options)
-    return Adapted(module, _indices_to_codes)
+    return Adapted(module, _indices_to_codes, call_options=call)
 
 
 # ---------------------------------------------------------------------------- SimVQ

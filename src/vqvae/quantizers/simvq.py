@@ -70,6 +70,15 @@ def check_indices(indices: object, codebook_size: int) -> Tensor:
     return indices.long()
 
 
+def _same_values(copy: Tensor | None, tensor: Tensor | None) -> bool:
+    """Whether ``tensor`` still holds the values ``copy`` was taken from (the O(size) check is
+    cheaper than the codebook matmul it guards)."""
+    if copy is None or tensor is None:
+        return copy is None and tensor is None
+    return (copy.shape == tensor.shape and copy.dtype == tensor.dtype
+            and copy.device == tensor.device and torch.equal(copy, tensor))
+
+
 # the library's norm floor (safe_div): a zero input or code keeps a finite gradient
 NORM_EPS = 1e-6
 
@@ -279,14 +288,17 @@ class SimVQ(nn.Module):
         deferred = guard.deferred(flat)
         linear = self._plain_linear()
         if codebook is None:
-            if linear is not None:  # gradient by _LinearCodes; the search needs no graph
-                with torch.no_grad():
-                    codebook = self.codebook
-            elif not torch.is_grad_enabled() and type(self.code_transform) is nn.Linear \
-                    and not tracing():  # (a compiled graph computes it anyway)
-                codebook = self._cached_codebook()
-            else:
-                codebook = self.codebook  # (K, dim)
+            # float32 codes under autocast too: the search, loss and gradients then match a
+            # float32 run (a bfloat16 codebook rounds the codes and their gradient to 8 bits)
+            with torch.autocast(flat.device.type, enabled=False):
+                if linear is not None:  # gradient by _LinearCodes; the search needs no graph
+                    with torch.no_grad():
+                        codebook = self.codebook
+                elif not torch.is_grad_enabled() and type(self.code_transform) is nn.Linear \
+                        and not tracing():  # (a compiled graph computes it anyway)
+                    codebook = self._cached_codebook()
+                else:
+                    codebook = self.codebook  # (K, dim)
         if flat.dtype != codebook.dtype:
             flat = flat.to(codebook.dtype)
         if flat.shape[0] == 0:
@@ -317,31 +329,36 @@ class SimVQ(nn.Module):
 
     def _cached_codebook(self) -> Tensor:
         """The implicit codebook without autograd, recomputed only when the frozen codebook or
-        the linear map changed (in place, as optimizers do, or replaced, as ``.to`` and
-        ``load_state_dict`` do): evaluation calls then skip the ``(K, d₀) x (d₀, dim)``
-        matmul."""
+        the linear map changed: evaluation calls then skip the ``(K, d₀) x (d₀, dim)`` matmul.
+
+        The map's parameters are compared by value with copies taken when the cache was
+        filled, not by tensor versions: a fused optimizer step (``Adam(fused=True)``, what
+        training uses) updates them in place without bumping their version counter, and a
+        cache keyed on versions returned the codebook of the previous evaluation. The frozen
+        codebook, a buffer no optimizer steps, is matched by identity and version (a copy of
+        it would double the largest tensor).
+        """
         linear = self.code_transform
-        parts = (self.frozen_codebook, linear.weight, linear.bias)
-        # the cache holds the tensors themselves, so `is` cannot match a new tensor that took a
-        # freed one's address
-        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in parts)
-        key += (torch.is_autocast_enabled(self.frozen_codebook.device.type),)
+        frozen = self.frozen_codebook
+        params = (linear.weight, linear.bias)
         cached = self.__dict__.get("_codebook_cache")
-        if cached is not None and cached[1] == key \
-                and all(a is b for a, b in zip(cached[0], parts, strict=True)):
-            return cached[2]
+        if cached is not None and cached[0] is frozen and cached[1] == frozen._version \
+                and all(_same_values(a, b) for a, b in zip(cached[2], params, strict=True)):
+            return cached[3]
         codebook = self.codebook
         if torch.is_inference_mode_enabled():  # an inference tensor must not leak out of it
             return codebook
-        self.__dict__["_codebook_cache"] = (parts, key, codebook)
+        copies = tuple(None if t is None else t.detach().clone() for t in params)
+        # the cache holds the buffer itself, so `is` cannot match a new tensor that took a
+        # freed one's address
+        self.__dict__["_codebook_cache"] = (frozen, frozen._version, copies, codebook)
         return codebook
 
     def _plain_linear(self) -> nn.Linear | None:
         """The transform when it is a plain ``nn.Linear`` (the default) and autograd is on."""
         transform = self.code_transform
         if type(transform) is nn.Linear and torch.is_grad_enabled() \
-                and not self.frozen_codebook.requires_grad \
-                and not torch.is_autocast_enabled(self.frozen_codebook.device.type):
+                and not self.frozen_codebook.requires_grad:
             return transform
         return None
 
