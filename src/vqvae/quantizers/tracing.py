@@ -7,7 +7,8 @@ exported program) cannot hold either. While tracing, the check is therefore left
 bounded activation (tanh, a clamp, a sign) would turn into a valid-looking code becomes NaN, so
 the output and the loss come out NaN instead.
 
-What is guaranteed where:
+What is guaranteed where, for the quantizers without state (the stateful ones, VectorQuantize,
+the residual family and SimVQ, follow :mod:`.guard`; both are summarised in docs/compile.md):
 
 - eager calls: non-finite input raises :class:`~.checks.QuantizerInputError` before anything
   is computed from it (as documented by each quantizer);
