@@ -580,6 +580,26 @@ def test_sequential_runs_the_modules_and_returns_the_quantizer_outputs():
     assert len(outputs) == 4 and outputs[3].shape == (2, 2, 5, 6)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: vqvae.FSQ(levels=[5, 4, 3], dim=4),
+    lambda: vqvae.ResidualFSQ(levels=[5, 4, 3], dim=4, num_quantizers=2),
+    lambda: vqvae.GroupedResidualFSQ(levels=[5, 4, 3], dim=4, groups=2, num_quantizers=2),
+    lambda: vqvae.FSP(levels=[5, 4, 3], dim=4),
+    lambda: vqvae.LatentQuantize(levels=[5, 4, 3], dim=4),
+    lambda: vqvae.LFQ(dim=4, codebook_size=16),
+    lambda: vqvae.ResidualLFQ(dim=4, codebook_size=16, num_quantizers=2),
+    lambda: vqvae.GroupedResidualLFQ(dim=4, codebook_size=16, groups=2, num_quantizers=2),
+    lambda: vqvae.VectorQuantize(dim=4, codebook_size=8),
+    lambda: vqvae.RandomProjectionQuantizer(dim=4, codebook_size=8, codebook_dim=4),
+], ids=lambda make: type(make()).__name__)
+def test_sequential_takes_every_quantizer_class_the_library_takes(make):
+    quantizer = make()
+    model = Sequential(nn.Linear(4, 4), quantizer)  # refused before
+    assert model(torch.randn(2, 3, 4)) is not None
+    with pytest.raises(ValueError, match="exactly one quantizer, got 2"):
+        Sequential(quantizer, make())
+
+
 def test_simvq_eval_reuses_the_codebook_until_the_map_changes():
     torch.manual_seed(0)
     vq = SimVQ(dim=16, codebook_size=32).eval()

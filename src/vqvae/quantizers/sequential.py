@@ -22,6 +22,14 @@ QUANTIZER_CLASSES: list[str] = [
     "vqvae.quantizers.residual_simvq:ResidualSimVQ",
     "vqvae.quantizers.random_projection:RandomProjectionQuantizer",
     "vqvae.quantizers.hierarchical:HierarchicalVQ",
+    "vqvae.quantizers.fsq:FSQ",
+    "vqvae.quantizers.residual_fsq:ResidualFSQ",
+    "vqvae.quantizers.residual_fsq:GroupedResidualFSQ",
+    "vqvae.quantizers.fsp:FSP",
+    "vqvae.quantizers.latent_quantize:LatentQuantize",
+    "vqvae.quantizers.lfq:LFQ",
+    "vqvae.quantizers.residual_lfq:ResidualLFQ",
+    "vqvae.quantizers.residual_lfq:GroupedResidualLFQ",
 ]
 
 
