@@ -33,6 +33,7 @@ import vqvae  # noqa: E402
 from vqvae.quantizers import guard  # noqa: E402
 
 SEQ = (4, 64, 16)  # (batch, tokens, dim)
+CHANNEL_FIRST = {"HierarchicalVQ": (4, 16, 32)}  # (batch, dim, length)
 
 
 def makers() -> dict:
@@ -67,13 +68,15 @@ def makers() -> dict:
                                                    kmeans_init=False),
         "Sequential": lambda: v.Sequential(nn.Linear(16, 16), v.FSQ(levels=[8, 5, 5], dim=16),
                                            nn.Linear(16, 16)),
+        "Sequential (SimVQ)": lambda: v.Sequential(nn.Linear(16, 16),
+                                                   v.SimVQ(dim=16, codebook_size=128)),
     }
 
 
 def call(module, x):
     """A uniform view of each class's forward: (output, indices, a loss or None)."""
-    if isinstance(module, vqvae.RandomProjectionQuantizer):
-        return None, module(x), None
+    if isinstance(getattr(module, "_orig_mod", module), vqvae.RandomProjectionQuantizer):
+        return None, module(x), None  # indices only
     out = module(x)
     if isinstance(out, torch.Tensor):
         return out, None, None
@@ -92,9 +95,10 @@ def objective(out) -> torch.Tensor | None:
     return total
 
 
-def steps(module, xs, optimiser):
+def steps(module, xs, optimiser, first: int = 0):
     outs, times = [], []
-    for x in xs:
+    for i, x in enumerate(xs, start=first):
+        torch.manual_seed(100 + i)  # eager and compiled runs draw the same numbers (aot_eager)
         start = time.perf_counter()
         with guard.input_checks("deferred"):
             out = call(module, x.clone().requires_grad_())
@@ -112,6 +116,8 @@ def steps(module, xs, optimiser):
 def same_indices(a, b) -> bool:
     if a is None or b is None:
         return a is None and b is None
+    if isinstance(a, tuple | list):  # one tensor per level (HierarchicalVQ)
+        return len(a) == len(b) and all(same_indices(x, y) for x, y in zip(a, b, strict=True))
     return torch.equal(a, b)
 
 
@@ -132,7 +138,8 @@ def measure(name, make, backend: str, n_steps: int) -> dict:
     compiled_module = copy.deepcopy(eager)
     compiled = torch.compile(compiled_module, fullgraph=True, backend=backend)
     gen = torch.Generator().manual_seed(1)
-    xs = [torch.randn(*SEQ, generator=gen) for _ in range(n_steps)]
+    shape = CHANNEL_FIRST.get(name, SEQ)
+    xs = [torch.randn(*shape, generator=gen) for _ in range(n_steps)]
     opt = [torch.optim.SGD(m.parameters(), lr=0.01) if list(m.parameters()) else None
            for m in (eager, compiled_module)]
     row = {"quantizer": name}
@@ -140,7 +147,7 @@ def measure(name, make, backend: str, n_steps: int) -> dict:
         start = time.perf_counter()
         first, _ = steps(compiled, xs[:1], opt[1])
         row["compile_s"] = time.perf_counter() - start
-        rest, compiled_times = steps(compiled, xs[1:], opt[1])
+        rest, compiled_times = steps(compiled, xs[1:], opt[1], first=1)
         row["train"] = "ok"
     except Exception as error:  # noqa: BLE001 - the table reports what failed
         row["train"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
@@ -154,7 +161,7 @@ def measure(name, make, backend: str, n_steps: int) -> dict:
     row["compiled_ms"] = 1e3 * statistics.median(compiled_times)
     eager.eval()
     compiled_module.eval()
-    x = torch.randn(*SEQ, generator=gen)
+    x = torch.randn(*shape, generator=gen)
     try:
         with torch.no_grad(), guard.input_checks("deferred"):
             got = call(compiled, x)
