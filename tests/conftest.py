@@ -46,3 +46,16 @@ def assert_state_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_caches():
+    """Forget what torch.compile built for earlier tests: dynamo's recompile limit counts the
+    graphs of a function across the whole process, so tests compiling many configurations of one
+    quantizer would otherwise exhaust it for the tests after them."""
+    from torch._dynamo.utils import counters
+
+    before = counters["frames"]["total"]
+    yield
+    if counters["frames"]["total"] != before:  # this test traced something
+        torch._dynamo.reset()
