@@ -120,16 +120,38 @@ def test_bf16_presearch_dispatch_and_row_blocks():
         check_against_float64(bf16_presearch.nearest(x, codes), x, codes)
     small = x[:10]
     assert not bf16_presearch.usable(small, codes)  # too small to pay: float32 search
+    narrow = torch.randn(600, bf16_presearch.MIN_DIM - 1), torch.randn(512, 32)
+    assert not bf16_presearch.usable(*narrow)  # the C kernel's widths: float32 search
+
+
+def test_bf16_presearch_falls_back_to_float32_when_its_bound_is_loose():
+    """Codes far from the origin and close together (a trained codebook): the worst-case bound
+    of the bf16 distances admits most codes; the search still gives float32's answer, without
+    re-checking them pair by pair."""
+    from vqvae.quantizers import bf16_presearch
+    from vqvae.quantizers.search import nearest_code
+
+    g = torch.Generator().manual_seed(5)
+    centre = 300 * torch.randn(64, generator=g)
+    codes = centre + torch.randn(256, 64, generator=g)
+    x = centre + torch.randn(1200, 64, generator=g)
+    code_sq = codes.pow(2).sum(-1)
+    approx = torch.addmm(code_sq.bfloat16(), x.bfloat16(), codes.bfloat16().t(), alpha=-2.0)
+    low = approx.amin(1).float()
+    bound = low + bf16_presearch._margin(x, x.bfloat16(), codes, codes.bfloat16(), code_sq, low)
+    admitted = int((approx.float() <= bound.unsqueeze(1)).sum())
+    assert admitted > bf16_presearch.MAX_CANDIDATES_PER_ROW * len(x)  # the loose case
+    assert torch.equal(bf16_presearch.nearest_code_bf16(x, codes), nearest_code(x, codes))
 
 
 def test_simvq_indices_on_near_ties_at_a_size_that_takes_the_bf16_path():
     from vqvae.quantizers import bf16_presearch
 
-    x, codes = near_tie_data(3, n=600, k=512, dim=32)
-    vq = SimVQ(dim=32, codebook_size=512, frozen_codebook_dim=32)
+    x, codes = near_tie_data(3, n=600, k=512, dim=40)
+    vq = SimVQ(dim=40, codebook_size=512, frozen_codebook_dim=40)
     with torch.no_grad():  # the implicit codebook equals `codes`: W = I, frozen = codes
         vq.frozen_codebook.copy_(codes)
-        vq.code_transform.weight.copy_(torch.eye(32))
+        vq.code_transform.weight.copy_(torch.eye(40))
     assert bf16_presearch.usable(x, vq.codebook) == bf16_presearch.native_bf16()
     _, indices, _ = vq(x.unsqueeze(0))
     check_against_float64(indices.squeeze(0), x, vq.codebook.detach())
