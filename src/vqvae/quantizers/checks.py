@@ -6,6 +6,8 @@ raise one error type with one wording.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -35,12 +37,19 @@ def check_input(x: object, dim: int) -> None:
             f"(..., {dim})), got shape {tuple(x.shape)}")
 
 
+def all_finite(x: Tensor) -> bool:
+    """Whether ``x`` holds only finite values. A sum is finite unless an entry is NaN/Inf or
+    the sum overflows, so the exact test runs only when the cheap one fails."""
+    x = x.detach()
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def check_finite(x: Tensor, what: str = "input") -> None:
     """Raise :class:`QuantizerInputError` if ``x`` (named ``what`` in the message) holds a NaN
     or an Inf."""
-    finite = torch.isfinite(x)
-    if bool(finite.all()):
+    if all_finite(x):
         return
+    finite = torch.isfinite(x)
     raise QuantizerInputError(
         f"{what} has {int((~finite).sum())} non-finite value(s) (NaN or Inf) out of "
         f"{x.numel()}; the codebook was not updated. Check the encoder output (learning "

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .checks import all_finite
 from .narrow_linear import narrow_outer
 from .tracing import spread_nonfinite, tracing
 from .vector_quantize import QuantizerInputError
@@ -55,13 +56,6 @@ def check_finite(x: Tensor) -> None:
     raise QuantizerInputError(
         f"input has {int(bad.sum())} non-finite value(s) (NaN or Inf) out of {x.numel()}; "
         "finite scalar quantization needs finite values. Check the encoder output.")
-
-
-def all_finite(x: Tensor) -> bool:
-    """Whether ``x`` holds only finite values. A sum is finite unless an entry is NaN/Inf or
-    the sum overflows, so the exact test runs only when the cheap one fails."""
-    x = x.detach()
-    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def check_tensor(z: object, dim: int, channel_axis: int) -> None:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import guard
-from .fsq import all_finite
+from .checks import all_finite
 from .simvq import check_finite
 from .tracing import tracing
 from .vector_quantize import QuantizerInputError, VectorQuantize

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import guard
 from .bf16_presearch import nearest
-from .fsq import all_finite
+from .checks import all_finite
 from .simvq import check_finite
 from .vector_quantize import QuantizerInputError, check_input
 
