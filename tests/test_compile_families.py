@@ -7,10 +7,10 @@ whether a module compiles at all, without a C++ toolchain per test); ``VQVAE_COM
 inductor`` runs the same tests through code generation."""
 
 import copy
-import os
 
 import pytest
 import torch
+from compile_support import BACKEND, CLOSE, STEPS
 
 from vqvae.quantizers.fsp import FSP
 from vqvae.quantizers.fsq import FSQ
@@ -21,10 +21,6 @@ from vqvae.quantizers.residual_lfq import GroupedResidualLFQ, ResidualLFQ
 
 pytestmark = pytest.mark.slow
 
-BACKEND = os.environ.get("VQVAE_COMPILE_BACKEND", "aot_eager")
-STEPS = 3
-# inductor fuses and reorders float reductions: sums agree to a few float32 ulps, not bit for bit
-CLOSE = dict(rtol=1e-4, atol=1e-5)
 
 MAKERS = {
     "FSQ": lambda: FSQ(levels=[5, 4, 3], dim=8),

@@ -9,19 +9,15 @@ inductor`` runs the cases without random draws through code generation.
 """
 
 import copy
-import os
 
 import pytest
 import torch
+from compile_support import BACKEND, STEPS, assert_same_run
 
 import vqvae
 from vqvae.quantizers import cpu_kernel
 from vqvae.quantizers.checks import QuantizerInputError
 from vqvae.quantizers.residual import DROPPED, GroupedResidualVQ, ResidualVQ
-
-BACKEND = os.environ.get("VQVAE_COMPILE_BACKEND", "aot_eager")
-STEPS = 3
-CLOSE = dict(rtol=1e-4, atol=1e-5)
 
 CONFIGS = {
     "ema": dict(),
@@ -90,20 +86,6 @@ def run_both(name: str, steps: int = STEPS, train: bool = True):
     return eager, compiled_module, outputs
 
 
-def assert_same_run(eager, compiled_module, outputs) -> None:
-    for (a, grad_a, grads_a), (b, grad_b, grads_b) in outputs:
-        assert torch.equal(a[1], b[1])
-        torch.testing.assert_close(a[0], b[0], **CLOSE)
-        torch.testing.assert_close(a[2], b[2], **CLOSE)
-        if grad_a is not None:
-            torch.testing.assert_close(grad_a, grad_b, **CLOSE)
-        assert grads_a.keys() == grads_b.keys()
-        for key in grads_a:
-            torch.testing.assert_close(grads_a[key], grads_b[key], **CLOSE, msg=key)
-    buffers_a, buffers_b = dict(eager.named_buffers()), dict(compiled_module.named_buffers())
-    assert buffers_a.keys() == buffers_b.keys()
-    for key in buffers_a:
-        torch.testing.assert_close(buffers_a[key], buffers_b[key], **CLOSE, msg=key)
 
 
 @pytest.mark.slow

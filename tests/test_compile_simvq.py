@@ -11,11 +11,11 @@ the deterministic cases through code generation too.
 """
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from compile_support import BACKEND, CLOSE, STEPS
 from torch import nn
 
 from vqvae.quantizers import guard
@@ -30,10 +30,6 @@ from vqvae.quantizers.simvq import SimVQ
 
 pytestmark = pytest.mark.slow
 
-BACKEND = os.environ.get("VQVAE_COMPILE_BACKEND", "aot_eager")
-STEPS = 3
-# inductor fuses and reorders float reductions: sums agree to a few float32 ulps, not bit for bit
-CLOSE = dict(rtol=1e-4, atol=1e-5)
 
 MAKERS = {
     "SimVQ": lambda: SimVQ(dim=8, codebook_size=32),

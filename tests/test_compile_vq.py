@@ -9,21 +9,17 @@ runs the deterministic cases through code generation (its random numbers differ 
 """
 
 import copy
-import os
 
 import numpy as np
 import pytest
 import torch
+from compile_support import BACKEND, CLOSE, STEPS, assert_same_run
 
 import vqvae
 from vqvae.quantizers import cpu_kernel
 from vqvae.quantizers.codebook import Codebook
 from vqvae.quantizers.kmeans import kmeans_fixed
 from vqvae.quantizers.vector_quantize import VectorQuantize
-
-BACKEND = os.environ.get("VQVAE_COMPILE_BACKEND", "aot_eager")
-STEPS = 3
-CLOSE = dict(rtol=1e-4, atol=1e-5)
 
 CONFIGS = {
     "ema": dict(),
@@ -123,20 +119,6 @@ def run_both(name: str, steps: int = STEPS, *, mask_of=None, train: bool = True,
     return eager, compiled_module, outputs, recorder
 
 
-def assert_same_run(eager, compiled_module, outputs) -> None:
-    for (a, grad_a, grads_a), (b, grad_b, grads_b) in outputs:
-        assert torch.equal(a[1], b[1])  # the same codes
-        torch.testing.assert_close(a[0], b[0], **CLOSE)
-        torch.testing.assert_close(a[2], b[2], **CLOSE)
-        if grad_a is not None:
-            torch.testing.assert_close(grad_a, grad_b, **CLOSE)
-        assert grads_a.keys() == grads_b.keys()
-        for key in grads_a:
-            torch.testing.assert_close(grads_a[key], grads_b[key], **CLOSE, msg=key)
-    buffers_a, buffers_b = dict(eager.named_buffers()), dict(compiled_module.named_buffers())
-    assert buffers_a.keys() == buffers_b.keys()
-    for key in buffers_a:
-        torch.testing.assert_close(buffers_a[key], buffers_b[key], **CLOSE, msg=key)
 
 
 @pytest.mark.slow
