@@ -39,7 +39,10 @@ MAKERS = {
     "SimVQ-mlp": lambda: SimVQ(dim=8, codebook_size=32, codebook_transform=nn.Sequential(
         nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))),
     "SimVQ-map": lambda: SimVQ(dim=8, codebook_size=32, channel_first=True),
+    "SimVQ-kmeans": lambda: SimVQ(dim=8, codebook_size=32, kmeans_init=True),
     "ResidualSimVQ": lambda: ResidualSimVQ(dim=8, codebook_size=32, num_quantizers=3),
+    "ResidualSimVQ-kmeans": lambda: ResidualSimVQ(dim=8, codebook_size=32, num_quantizers=2,
+                                                  kmeans_init=True),
     # depth drawn per call: on the device in both runs, from the same generator state
     "ResidualSimVQ-dropout": lambda: ResidualSimVQ(
         dim=8, codebook_size=32, num_quantizers=4, quantize_dropout=True,
@@ -56,7 +59,8 @@ MAKERS = {
 }
 #: Classes that wrap this project's VectorQuantize, which must compile first.
 #: Cases that draw random numbers in training (inductor's generator differs from eager's).
-RANDOM = {"ResidualSimVQ-dropout", "BinaryMapper", "HierarchicalVQ"}
+RANDOM = {"ResidualSimVQ-dropout", "BinaryMapper", "HierarchicalVQ", "SimVQ-kmeans",
+          "ResidualSimVQ-kmeans"}
 
 
 def batch(name: str, seed: int) -> torch.Tensor:
@@ -264,7 +268,8 @@ def nan_batch(shape=(4, 6, 8)) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("name", ["SimVQ", "ResidualSimVQ", "ResidualSimVQ-dropout"])
+@pytest.mark.parametrize("name", ["SimVQ", "SimVQ-kmeans", "ResidualSimVQ",
+                                  "ResidualSimVQ-dropout"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_deferred_nan_batch_changes_nothing_and_is_reported(name, compiled):
     torch.manual_seed(4)

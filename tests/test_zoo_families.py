@@ -117,8 +117,15 @@ def test_bad_settings_are_named(name, kwargs, match):
 
 
 def test_ours_and_the_library_share_settings():
-    for ours in ("fsq", "lfq", "simvq"):
+    for ours in ("fsq", "lfq"):
         assert registry.get(ours).defaults == registry.get(f"lucidrains-{ours}").defaults
+    # SimVQ: every option the library takes is the same; ours adds only its own k-means start
+    from vqvae.zoo_families import SIMVQ_OURS_ONLY
+
+    theirs = registry.get("lucidrains-simvq").defaults
+    extra = {k: v for k, v in registry.get("simvq").defaults.items() if k not in theirs}
+    assert extra == {"kmeans_init": True} and set(extra) <= set(SIMVQ_OURS_ONLY)
+    assert all(registry.get("simvq").defaults[k] == v for k, v in theirs.items())
 
 
 def mnist_available() -> bool:

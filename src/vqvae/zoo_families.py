@@ -54,8 +54,17 @@ RESIDUAL_LFQ_DEFAULTS: dict[str, Any] = {"entropy_loss_weight": 0.1,
 #: reach: all 512 codes in use. ``lucidrains-lfq`` gets the same options.
 LFQ_DEFAULTS: dict[str, Any] = {**RESIDUAL_LFQ_DEFAULTS, "spherical": True}
 
-#: SimVQ with the model's ``codebook_size`` codes; the estimator chosen by measurement.
-SIMVQ_DEFAULTS: dict[str, Any] = {"rotation_trick": True}
+#: SimVQ with the model's ``codebook_size`` codes; the estimator chosen by measurement. These
+#: are the options the library's SimVQ shares (``lucidrains-simvq`` gets them; ``rsimvq`` too).
+SIMVQ_SHARED_DEFAULTS: dict[str, Any] = {"rotation_trick": True}
+
+#: Ours also starts its codes at the k-means centroids of the first batch (an option the
+#: library's SimVQ lacks): test MSE 0.94x on average over four seeds, and no seed's run left
+#: behind with few codes in use (README, "SimVQ's initialisation").
+SIMVQ_DEFAULTS: dict[str, Any] = {**SIMVQ_SHARED_DEFAULTS, "kmeans_init": True}
+
+#: Options of our SimVQ that the library's does not take.
+SIMVQ_OURS_ONLY = ("kmeans_init", "kmeans_iters", "max_search_bytes")
 
 #: LatentQuantize: the FSQ levels, with learnable values.
 LATENT_DEFAULTS: dict[str, Any] = {"levels": [8, 8, 8]}
@@ -247,16 +256,22 @@ def _simvq(dim: int, codebook_size: int, options: dict) -> nn.Module:
     return Adapted(SimVQ(dim=dim, codebook_size=codebook_size, **options), _indices_to_codes)
 
 
-@register("rsimvq", help="our ResidualSimVQ", defaults=SIMVQ_DEFAULTS, layout=RESIDUAL)
+@register("rsimvq", help="our ResidualSimVQ", defaults=SIMVQ_SHARED_DEFAULTS,
+          layout=RESIDUAL)
 def _rsimvq(dim: int, codebook_size: int, options: dict) -> nn.Module:
     module = ResidualSimVQ(dim=dim, codebook_size=codebook_size, **options)
     return Adapted(module, _output_from_indices, code_axes=1)
 
 
 @register("lucidrains-simvq", help="the library's SimVQ, with the settings of ours",
-          defaults=SIMVQ_DEFAULTS)
+          defaults=SIMVQ_SHARED_DEFAULTS)
 def _lucidrains_simvq(dim: int, codebook_size: int, options: dict) -> nn.Module:
     from vector_quantize_pytorch import SimVQ as LibrarySimVQ
+
+    ours_only = sorted(set(options) & set(SIMVQ_OURS_ONLY))
+    if ours_only:
+        raise ValueError(f"lucidrains-simvq: {', '.join(ours_only)} is an option of our SimVQ "
+                         "only; the library's SimVQ does not take it")
 
     return Adapted(LibrarySimVQ(dim=dim, codebook_size=codebook_size, **options),
                    _indices_to_codes)
