@@ -164,3 +164,20 @@ def test_registry_presets():
     with pytest.raises(ValueError, match="kmeans_init is an option of our SimVQ only"):
         VQVAE(ModelConfig(quantizer="lucidrains-simvq",
                           quantizer_options={"kmeans_init": True}))
+
+
+@pytest.mark.parametrize("frozen_dim", [6, 9])
+def test_the_map_keeps_its_directions_with_every_singular_value_the_scale(frozen_dim):
+    torch.manual_seed(6)
+    x, _, _ = blobs(seed=6)
+    vq = SimVQ(dim=6, codebook_size=BLOBS, kmeans_init=True, kmeans_map_scale=0.05,
+               frozen_codebook_dim=frozen_dim).train()
+    before = vq.code_transform.weight.detach().double().numpy().copy()
+    vq(x.unsqueeze(0))
+    after = vq.code_transform.weight.detach().double().numpy()
+    np.testing.assert_allclose(np.linalg.svd(after, compute_uv=False), 0.05, rtol=1e-5)
+    # the nearest matrix with orthonormal rows to the initial map (its polar factor), scaled
+    u, _, vh = np.linalg.svd(before, full_matrices=False)
+    np.testing.assert_allclose(after, 0.05 * u @ vh, atol=1e-6)
+    with pytest.raises(ValueError, match="kmeans_map_scale"):
+        SimVQ(dim=6, codebook_size=8, kmeans_init=True, kmeans_map_scale=0.0)

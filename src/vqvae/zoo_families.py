@@ -64,7 +64,7 @@ SIMVQ_SHARED_DEFAULTS: dict[str, Any] = {"rotation_trick": True}
 SIMVQ_DEFAULTS: dict[str, Any] = {**SIMVQ_SHARED_DEFAULTS, "kmeans_init": True}
 
 #: Options of our SimVQ that the library's does not take.
-SIMVQ_OURS_ONLY = ("kmeans_init", "kmeans_iters", "max_search_bytes")
+SIMVQ_OURS_ONLY = ("kmeans_init", "kmeans_iters", "kmeans_map_scale", "max_search_bytes")
 
 #: LatentQuantize: the FSQ levels, with learnable values.
 LATENT_DEFAULTS: dict[str, Any] = {"levels": [8, 8, 8]}

@@ -22,9 +22,14 @@ The output passes no gradient to the codes; its gradient reaches ``x`` by the ro
 (Fifty et al., 2024; the default) or straight through.
 
 ``kmeans_init`` (ours; the library's SimVQ has no such option, its ``VectorQuantize`` has) starts
-the codes at the k-means centroids of the first training batch: the frozen codebook becomes
-``(centroids - b) · pinv(W)ᵀ`` for the map ``W`` (and bias ``b``) as initialised, so that the
-implicit codebook equals the centroids and the map then trains as usual. With the default
+the codes at the k-means centroids of the first training batch. The map ``W`` keeps the
+directions it was initialised with but all its singular values become ``s =
+kmeans_map_scale`` (``W ← s · U Vᵀ`` from ``W = U Σ Vᵀ``), and the frozen codebook becomes
+``(centroids - b) · W / s²``, which the map sends back to the centroids. ``s`` sets how fast the
+codes move under an adaptive optimiser: Adam moves each entry of ``W`` by about its learning rate
+whatever the scale, and a code by that times its frozen row, whose size is the code's over
+``s``. A random map's singular values spread over two orders of magnitude, so some directions
+of the codebook learned 100 times faster than others. With the default
 Gaussian start the codes are a cloud of norm about 0.6 wherever the encoder's outputs happen to
 be, a few codes take every input at first (a perplexity of about 20 of 512 after the first MNIST
 epoch) and how the run ends varies from seed to seed (README, "SimVQ's initialisation"). The
@@ -216,6 +221,8 @@ class SimVQ(nn.Module):
             weight has full row rank, e.g. the default); not in the library's SimVQ. In a
             distributed run rank 0 clusters the rows of all processes and sends the result.
         kmeans_iters: Lloyd iterations of that k-means.
+        kmeans_map_scale: the singular values the map gets at that initialisation: a code moves
+            by about the optimiser's step over this, relative to its size.
 
     Differences from the library, on purpose:
 
@@ -247,6 +254,7 @@ class SimVQ(nn.Module):
         max_search_bytes: int = DEFAULT_BLOCK_BYTES,
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
+        kmeans_map_scale: float = 0.03,
     ):
         super().__init__()
         if not (isinstance(dim, int) and dim >= 1):
@@ -259,6 +267,10 @@ class SimVQ(nn.Module):
                 f"frozen_codebook_dim must be a positive int, got {frozen_codebook_dim!r}")
         if not (isinstance(kmeans_iters, int) and kmeans_iters >= 0):
             raise ValueError(f"kmeans_iters must be an int >= 0, got {kmeans_iters!r}")
+        if not (isinstance(kmeans_map_scale, (int, float)) and kmeans_map_scale > 0
+                and math.isfinite(kmeans_map_scale)):
+            raise ValueError(
+                f"kmeans_map_scale must be a finite number > 0, got {kmeans_map_scale!r}")
         if input_to_quantize_commit_loss_weight < 0 or commitment_weight < 0:
             raise ValueError("input_to_quantize_commit_loss_weight and commitment_weight must "
                              "be >= 0")
@@ -280,6 +292,7 @@ class SimVQ(nn.Module):
         self.code_transform = codebook_transform
         self.kmeans_init = bool(kmeans_init)
         self.kmeans_iters = kmeans_iters
+        self.kmeans_map_scale = float(kmeans_map_scale)
         if self.kmeans_init:
             if type(codebook_transform) is not nn.Linear:
                 raise ValueError(
@@ -320,8 +333,9 @@ class SimVQ(nn.Module):
     @torch.no_grad()
     def initialize(self, rows: Tensor, ok: Tensor | None = None) -> None:
         """Make the codes the k-means centroids of ``rows`` ``(N, dim)`` and mark the codebook
-        initialised: the frozen codebook becomes ``(centroids - b) · pinv(W)ᵀ``, which the map
-        sends back to the centroids (exactly, up to rounding, when ``W`` has full row rank).
+        initialised: the map becomes ``s · U Vᵀ`` (its own singular vectors, every singular
+        value ``s``) and the frozen codebook ``(centroids - b) · W / s²``, which that map sends
+        back to the centroids.
         Raises on non-finite rows, changing nothing; with ``ok`` (a deferred call) nothing is
         read back and nothing changes unless ``ok`` is true."""
         linear = self.code_transform
@@ -346,16 +360,22 @@ class SimVQ(nn.Module):
             safe = torch.where(ok, rows, torch.zeros_like(rows))  # no NaN in the random draws
             centroids = kmeans_fixed(safe, self.codebook_size, self.kmeans_iters,
                                      max_block_bytes=self.max_search_bytes).centroids
-        weight = linear.weight.double()  # (dim, d0)
+        scale = self.kmeans_map_scale
+        u, _, vh = torch.linalg.svd(linear.weight.double(),
+                                         full_matrices=False)  # (dim, dim), (dim, d0)
+        weight = (u @ vh) * scale  # rows orthogonal, each of norm s
         shift = centroids.double()
         if linear.bias is not None:
             shift = shift - linear.bias.double()
-        frozen = (shift @ torch.linalg.pinv(weight).t()).to(self.frozen_codebook.dtype)
+        frozen = (shift @ weight / scale**2).to(self.frozen_codebook.dtype)
+        weight = weight.to(linear.weight.dtype)
         if ok is None:
             self.frozen_codebook.copy_(frozen)
+            linear.weight.copy_(weight)
             self.initted.fill_(True)
         else:
             self.frozen_codebook.copy_(torch.where(ok, frozen, self.frozen_codebook))
+            linear.weight.copy_(torch.where(ok, weight, linear.weight))
             self.initted.copy_(self.initted | ok)
         self._initted_known = True
 
