@@ -1,6 +1,7 @@
 """Shared test set-up: real MNIST comes from a local copy, never from the network."""
 
 import os
+import pickle
 from pathlib import Path
 
 # Triton reads this when it is first imported, and other test modules (torch.compile, the
@@ -46,6 +47,17 @@ def assert_state_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def forbid_pickle(monkeypatch) -> None:
+    """Make every pickle load (``pickle``'s and ``torch.load``) fail the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle was used")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(torch.serialization, "load", refuse)
 
 
 @pytest.fixture(autouse=True)
