@@ -15,6 +15,7 @@ from math import ceil
 import numpy as np
 import pytest
 import torch
+from dropin_support import f64, sq_dist
 
 lib = pytest.importorskip("vector_quantize_pytorch")
 
@@ -28,21 +29,9 @@ D, K, L = 4, 5, 3
 
 
 @pytest.fixture(autouse=True)
-def _seed_one_thread():
-    """Seeded, and one thread: the tensors are tiny and the machine is shared."""
+def _seed_one_thread(one_thread):
+    """Seeded, and one thread (conftest.one_thread): the tensors are tiny."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def f64(t):
-    return t.detach().double().numpy()
-
-
-def sq_dist(x, codes):
-    return ((x[:, None, :] - codes[None, :, :]) ** 2).sum(-1)
 
 
 def greedy(x, codebooks):
