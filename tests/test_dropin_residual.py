@@ -112,12 +112,18 @@ CHECKPOINT_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CHECKPOINT_CONFIGS))
-def test_library_checkpoint_loads(name):
+def checkpoint_config(name: str):
+    """A case's two classes (ours, the library's) and the constructor arguments both take."""
     ours_cls, lib_cls, extra = CHECKPOINT_CONFIGS[name]
     cfg = {"dim": D, "codebook_size": K, "num_quantizers": L, **extra}
     if cfg["num_quantizers"] is None:
         del cfg["num_quantizers"]
+    return ours_cls, lib_cls, cfg
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_CONFIGS))
+def test_library_checkpoint_loads(name):
+    ours_cls, lib_cls, cfg = checkpoint_config(name)
     torch.manual_seed(1)
     ref = lib_cls(**cfg)
     params = list(ref.parameters())
@@ -148,10 +154,7 @@ def test_library_checkpoint_loads(name):
                                   "grouped"])
 def test_training_steps_match_library(name):
     """From the same (library-made) state, deterministic training steps agree with the library."""
-    ours_cls, lib_cls, extra = CHECKPOINT_CONFIGS[name]
-    cfg = {"dim": D, "codebook_size": K, "num_quantizers": L, **extra}
-    if cfg["num_quantizers"] is None:
-        del cfg["num_quantizers"]
+    ours_cls, lib_cls, cfg = checkpoint_config(name)
     torch.manual_seed(2)
     ref = lib_cls(**cfg)
     ours = ours_cls(**cfg)
