@@ -8,12 +8,7 @@ inductor`` runs the same tests through code generation."""
 
 import pytest
 import torch
-from compile_support import (
-    BACKEND,
-    CLOSE,
-    assert_eval_equals_eager,
-    assert_training_equals_eager,
-)
+from compile_support import BACKEND, CLOSE, assert_eval_equals_eager, assert_training_equals_eager
 
 from vqvae.quantizers.fsp import FSP
 from vqvae.quantizers.fsq import FSQ

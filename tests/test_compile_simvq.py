@@ -15,12 +15,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from compile_support import (
-    BACKEND,
-    CLOSE,
-    assert_eval_equals_eager,
-    assert_training_equals_eager,
-)
+from compile_support import BACKEND, CLOSE, assert_eval_equals_eager, assert_training_equals_eager
 from torch import nn
 
 from vqvae.quantizers import guard
