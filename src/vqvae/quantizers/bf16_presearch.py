@@ -55,6 +55,9 @@ MIN_DIM = 33
 # more candidates than this per row on average: the re-check would cost more than the float32
 # search, so the rows of that block are searched in float32 instead
 MAX_CANDIDATES_PER_ROW = 8
+# codes per tile of the candidate test (_tile_candidates): the tile minima are one SIMD-friendly
+# amin, and a row's candidates fall in one or two tiles
+TILE = 64
 
 
 @functools.cache
@@ -127,14 +130,20 @@ def nearest_code_bf16(x: Tensor, codebook: Tensor, code_sq: Tensor | None = None
         code_sq = codebook.pow(2).sum(-1)
     x16, c16 = x.bfloat16(), codebook.bfloat16()
     approx = torch.addmm(code_sq.bfloat16(), x16, c16.t(), alpha=-2.0)  # (N, K) d̃ in bf16
-    low = approx.amin(1).float()  # (a bf16 argmin costs more than the whole test below)
-    threshold = low + _margin(x, x16, codebook, c16, code_sq, low)
-    # compared in float32 (exact for bf16 values): faster than torch's bfloat16 compare
-    candidates = approx.float() <= threshold.unsqueeze(1)
-    if int(candidates.sum()) > MAX_CANDIDATES_PER_ROW * x.shape[0]:  # a loose bound
-        return nearest_code(x, codebook)
-    rows, cols = candidates.nonzero(as_tuple=True)  # row-major
     num_codes = codebook.shape[0]
+    if num_codes % TILE:
+        low = approx.amin(1).float()  # (a bf16 argmin costs more than the whole test below)
+        threshold = low + _margin(x, x16, codebook, c16, code_sq, low)
+        # compared in float32 (exact for bf16 values): faster than torch's bfloat16 compare
+        candidates = approx.float() <= threshold.unsqueeze(1)
+        if int(candidates.sum()) > MAX_CANDIDATES_PER_ROW * x.shape[0]:  # a loose bound
+            return _float32_search(x, codebook)
+        rows, cols = candidates.nonzero(as_tuple=True)  # row-major
+    else:
+        found = _tile_candidates(approx, x, x16, codebook, c16, code_sq)
+        if found is None:
+            return _float32_search(x, codebook)
+        rows, cols = found
     out = torch.full((x.shape[0],), num_codes, dtype=torch.long)
     out.scatter_reduce_(0, rows, cols, "amin")  # the answer of the rows with one candidate
     several = torch.bincount(rows, minlength=x.shape[0])[rows] > 1
@@ -146,6 +155,39 @@ def nearest_code_bf16(x: Tensor, codebook: Tensor, code_sq: Tensor | None = None
     # the first code at the row's float32 minimum, as argmin picks among ties
     winner = torch.where(exact == best[rows], cols, num_codes)
     return out.index_fill_(0, rows, num_codes).scatter_reduce_(0, rows, winner, "amin")
+
+
+def _tile_candidates(approx: Tensor, x: Tensor, x16: Tensor, codebook: Tensor, c16: Tensor,
+                     code_sq: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The candidates ``(rows, cols)`` (row-major) of ``approx`` ``(N, K)``, ``K`` a multiple
+    of ``TILE``, or None when there are more than ``MAX_CANDIDATES_PER_ROW`` per row.
+
+    The same set as comparing every entry with the row's threshold, found from the minimum of
+    each tile of ``TILE`` codes: only the tiles whose minimum passes (one or two per row,
+    typically) are compared entry by entry. Three passes over the ``(N, K)`` block (a compare,
+    a count and ``nonzero``, 1.4 ms per million entries here) become one ``amin``.
+    """
+    num_rows, num_codes = approx.shape
+    per_row = num_codes // TILE
+    tile_min = approx.view(num_rows, per_row, TILE).amin(-1).float()  # (N, K / TILE)
+    low = tile_min.amin(1)
+    threshold = low + _margin(x, x16, codebook, c16, code_sq, low)
+    hot_rows, hot_tiles = (tile_min <= threshold.unsqueeze(1)).nonzero(as_tuple=True)
+    if hot_rows.shape[0] > MAX_CANDIDATES_PER_ROW * num_rows:  # each holds a candidate
+        return None
+    tiles = approx.view(-1, TILE).index_select(0, hot_rows * per_row + hot_tiles)  # (H, TILE)
+    passed = tiles.float() <= threshold.index_select(0, hot_rows).unsqueeze(1)
+    which, within = passed.nonzero(as_tuple=True)
+    if which.shape[0] > MAX_CANDIDATES_PER_ROW * num_rows:
+        return None
+    return hot_rows.index_select(0, which), hot_tiles.index_select(0, which) * TILE + within
+
+
+def _float32_search(x: Tensor, codebook: Tensor) -> Tensor:
+    """The float32 search, through oneDNN where that applies."""
+    if _f32_routed(x, codebook):
+        return nearest_code_f32(x, codebook)
+    return nearest_code(x, codebook)
 
 
 def nearest_code_f32(x: Tensor, codebook: Tensor, *,
