@@ -146,6 +146,9 @@ def nearest_code_bf16(x: Tensor, codebook: Tensor, code_sq: Tensor | None = None
         rows, cols = found
     out = torch.full((x.shape[0],), num_codes, dtype=torch.long)
     out.scatter_reduce_(0, rows, cols, "amin")  # the answer of the rows with one candidate
+    # a row without candidates holds NaN (its distances compare false): give it an index in
+    # range, as the float32 search does, so that the caller's finiteness check reports it
+    out.clamp_(max=num_codes - 1)
     several = torch.bincount(rows, minlength=x.shape[0])[rows] > 1
     if not bool(several.any()):
         return out
