@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from .checks import all_finite
-from .narrow_linear import narrow_outer
-from .onednn_linear import linear, routed
+from .narrow_linear import narrow_outer, narrow_routed
+from .onednn_linear import linear
 from .tracing import spread_nonfinite, tracing
 from .vector_quantize import QuantizerInputError
 
@@ -177,7 +177,7 @@ class _ProjectedFSQ(torch.autograd.Function):
         # w_out is (dim, codebook_dim) row-major; BLAS wants it as the transpose of a row-major
         # (codebook_dim, dim) here (4x faster at N = 8192, dim = 256)
         grad_h = (grad_out @ w_out.t().contiguous().t()) * local  # (N, codebook_dim)
-        if spare is None and routed(grad_h, w_in.t()):  # 0.26 ms against MKL's 0.83 (hot)
+        if spare is None and narrow_routed(grad_h, w_in.t()):  # 0.26 ms against 0.83 (hot)
             grad_x = linear(grad_h, w_in.t())
         else:  # into the gradient's copy: no new (N, dim) buffer
             grad_x = torch.mm(grad_h, w_in, out=spare) if spare is not None else grad_h @ w_in
