@@ -216,7 +216,8 @@ def nearest_code_f32(x: Tensor, codebook: Tensor, *,
 def _f32_routed(x: Tensor, codebook: Tensor) -> bool:
     """The float32 search goes through oneDNN: float32 CPU vectors too long for the C
     kernel, and a product big enough (:func:`.onednn_linear.routed`)."""
-    return (x.ndim == 2 and x.shape[1] >= MIN_DIM and x.shape[0] > 0
+    # tracing first: a traced size is symbolic, and comparing it would guard on it
+    return (not tracing() and x.ndim == 2 and x.shape[1] >= MIN_DIM and x.shape[0] > 0
             and routed(x, codebook))
 
 

@@ -36,7 +36,7 @@ def narrow_routed(x: Tensor, weight: Tensor) -> bool:
     where torch runs AVX-512 code. Held to AVX2 (``ATEN_CPU_CAPABILITY=avx2
     ONEDNN_MAX_CPU_ISA=AVX2``) oneDNN took 1.2 ms for the (8192, 4) x (8192, 256) weight
     gradient inside an FSQ call, MKL less: the FSQ call ran 5-15% faster without it."""
-    return _avx512() and routed(x, weight)
+    return not tracing() and _avx512() and routed(x, weight)  # (no cached call in a graph)
 
 
 def narrow_outer(a: Tensor, b: Tensor) -> Tensor:

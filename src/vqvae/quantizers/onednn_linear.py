@@ -37,11 +37,13 @@ def available() -> bool:
 
 def routed(x: Tensor, weight: Tensor) -> bool:
     """Whether :func:`linear` would take the oneDNN route for these operands."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    # tracing first: a traced size is symbolic, and comparing it would guard on it
+    return (not tracing() and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32
             and weight.device.type == "cpu" and x.ndim == 2 and weight.ndim == 2
             and x.shape[0] * x.shape[1] * weight.shape[0] >= MIN_MACS
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not tracing() and not torch.is_autocast_enabled("cpu") and available())
+            and not torch.is_autocast_enabled("cpu") and available())
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
