@@ -18,6 +18,7 @@ equal bits between two calls (a forward and a decode) must compute both with :fu
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 from torch import Tensor
@@ -30,9 +31,11 @@ MIN_MACS = 1 << 21
 
 @functools.cache
 def available() -> bool:
-    """Whether torch was built with oneDNN and has its linear kernel."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
-                                                             "_linear_pointwise")
+    """Whether torch was built with oneDNN and has its linear kernel, on an x86 CPU (the only
+    kind measured: elsewhere torch's own route stays)."""
+    return (platform.machine().lower() in ("x86_64", "amd64")
+            and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def routed(x: Tensor, weight: Tensor) -> bool:
