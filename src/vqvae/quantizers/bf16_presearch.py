@@ -199,7 +199,7 @@ def nearest_code_f32(x: Tensor, codebook: Tensor, *,
     """The float32 search of :func:`vqvae.quantizers.search.nearest_code` (``||c||² - 2 x·c``
     by row blocks, then the first minimum), its products through
     :func:`.onednn_linear.linear`: the same distances up to the last bits, at 2.2x MKL's speed
-    on the AMD EPYC (1.3x held to AVX2)."""
+    on the AMD EPYC (about even held to AVX2)."""
     if code_sq is None:
         code_sq = codebook.pow(2).sum(-1)
     weight = codebook * -2.0  # exact: a power of two, so x·(-2c) = -2(x·c) bit for bit

@@ -4,7 +4,7 @@ torch runs ``mm``/``addmm`` of float32 CPU tensors through MKL, which on AMD pro
 its AVX2 code even where AVX-512 is there; oneDNN, which torch also ships (its ``mkldnn``
 linear kernels), uses the widest instructions the CPU has, up to ``ONEDNN_MAX_CPU_ISA``.
 Measured on the project's AMD EPYC, one thread, ``(1024, 512) x (512, 1024)``: 4.5 ms
-against MKL's 11.1 ms, and 4.5 against 5.9 ms for ``(1024, 512) x (512, 512)`` held to AVX2;
+against MKL's 11.1 ms; held to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``) the two are about even;
 below about ``2**21`` multiply-adds oneDNN's fixed cost (some 10 µs a call) outweighs it.
 
 :func:`linear` is ``x @ weight.T (+ bias)``: through oneDNN for float32 CPU tensors big enough,

@@ -275,8 +275,8 @@ class SimVQ(nn.Module):
         """The implicit ``(K, dim)`` codebook, ``code_transform(frozen_codebook)``."""
         transform = self.code_transform
         if type(transform) is nn.Linear and not _hooked(transform):
-            # the oneDNN route on CPU (2.5x MKL's speed on AMD), and the one route forward,
-            # decode and the evaluation cache all take, so that their bits agree
+            # the oneDNN route on CPU (2.5x MKL's speed on the AMD EPYC with AVX-512), and the
+            # one route forward, decode and the evaluation cache all take: their bits agree
             return linear_with_grad(self.frozen_codebook, transform.weight, transform.bias)
         return transform(self.frozen_codebook)
 
