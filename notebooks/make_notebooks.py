@@ -171,6 +171,14 @@ def show_model(model, name, n=10, seed=0):
     show_rows([model.decode_codes(codes)], ["random"], f"{name}: uniformly random codes")
 """)
 
+
+def shared_cells(epochs_default: int) -> list:
+    """What every notebook starts with: the budget, the data, the MLP model, the training loop
+    and the plots, with ``epochs_default`` epochs per model in the full budget."""
+    return [BUDGET, code(f"EPOCHS_DEFAULT = {epochs_default}"), SETUP, MODEL_MD, MODEL, TRAIN,
+            PLOTS]
+
+
 # ---------------------------------------------------------------------------- notebook 1
 
 EXERCISE_1 = [
@@ -187,13 +195,7 @@ Here the quantizer is the reference library's `VectorQuantize`. It keeps its cod
 exponential moving average of the vectors assigned to each entry (`decay=0.8`), so the only
 loss it adds is the *commitment* term that keeps the encoder close to its chosen entries.
 """),
-    BUDGET,
-    code("EPOCHS_DEFAULT = 5"),
-    SETUP,
-    MODEL_MD,
-    MODEL,
-    TRAIN,
-    PLOTS,
+    *shared_cells(epochs_default=5),
     md("""
 ### Training with the library's layer
 
@@ -359,13 +361,7 @@ expected = 2 * (quantized.detach() - vectors.detach()).pow(2).mean()
 assert torch.allclose(loss, expected)
 print(f"loss {loss.item():.5f}")
 """),
-    BUDGET,
-    code("EPOCHS_DEFAULT = 5"),
-    SETUP,
-    MODEL_MD,
-    MODEL,
-    TRAIN,
-    PLOTS,
+    *shared_cells(epochs_default=5),
     md("""
 ### Training with the hand-written layer
 """),
@@ -435,13 +431,7 @@ Two questions the exercises leave open:
    codes in particular combinations. A *prior* is a model of those combinations: trained on the
    codes of the training set, it samples new code sequences that decode to digits.
 """),
-    BUDGET,
-    code("EPOCHS_DEFAULT = 3"),
-    SETUP,
-    MODEL_MD,
-    MODEL,
-    TRAIN,
-    PLOTS,
+    *shared_cells(epochs_default=3),
     md("""
 ## Residual quantization: what more depths buy
 

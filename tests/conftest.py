@@ -1,6 +1,7 @@
 """Shared test set-up: real MNIST comes from a local copy, never from the network."""
 
 import os
+import pickle
 from pathlib import Path
 
 # Triton reads this when it is first imported, and other test modules (torch.compile, the
@@ -48,14 +49,26 @@ def assert_state_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+def forbid_pickle(monkeypatch) -> None:
+    """Make every pickle load (``pickle``'s and ``torch.load``) fail the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle was used")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(torch.serialization, "load", refuse)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_compile_caches():
-    """Forget what torch.compile built for earlier tests: dynamo's recompile limit counts the
+    """Every test starts and ends with dynamo's caches empty: its recompile limit counts the
     graphs of a function across the whole process, so tests compiling many configurations of one
-    quantizer would otherwise exhaust it for the tests after them."""
-    from torch._dynamo.utils import counters
+    quantizer would otherwise exhaust it for the tests after them. Always, not only after tests
+    seen to trace: dynamo's frame counters miss ``fullgraph=True`` compiles, and a reset with
+    nothing cached takes microseconds."""
+    import torch._dynamo
 
-    before = counters["frames"]["total"]
+    torch._dynamo.reset()
     yield
-    if counters["frames"]["total"] != before:  # this test traced something
-        torch._dynamo.reset()
+    torch._dynamo.reset()

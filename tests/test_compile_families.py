@@ -6,11 +6,9 @@ The backend is ``aot_eager`` by default (the graph capture and autograd tracing 
 whether a module compiles at all, without a C++ toolchain per test); ``VQVAE_COMPILE_BACKEND=
 inductor`` runs the same tests through code generation."""
 
-import copy
-
 import pytest
 import torch
-from compile_support import BACKEND, CLOSE, STEPS
+from compile_support import BACKEND, CLOSE, assert_eval_equals_eager, assert_training_equals_eager
 
 from vqvae.quantizers.fsp import FSP
 from vqvae.quantizers.fsq import FSQ
@@ -62,48 +60,15 @@ def assert_same(a, b) -> None:
         torch.testing.assert_close(a[2], b[2], **CLOSE)
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("name", sorted(MAKERS))
 def test_compiled_training_equals_eager(name):
-    torch.manual_seed(0)
-    eager = MAKERS[name]().train()
-    compiled_module = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_module, fullgraph=True, backend=BACKEND)
-    optimisers = [torch.optim.SGD(m.parameters(), lr=0.1) if list(m.parameters()) else None
-                  for m in (eager, compiled_module)]
-    for step in range(STEPS):
-        x = batch(name, step)
-        outs = []
-        for module, optimiser in zip((eager, compiled), optimisers, strict=True):
-            xi = x.clone().requires_grad_()
-            out = module(xi)
-            objective(out).backward()
-            outs.append((out, xi.grad))
-            if optimiser is not None:
-                optimiser.step()
-                optimiser.zero_grad()
-        assert_same(outs[0][0], outs[1][0])
-        torch.testing.assert_close(outs[0][1], outs[1][1], **CLOSE)
-    for (key, a), (_, b) in zip(eager.state_dict().items(), compiled_module.state_dict().items(),
-                                strict=True):
-        torch.testing.assert_close(a, b, **CLOSE, msg=key)
+    assert_training_equals_eager(MAKERS[name], lambda step: batch(name, step), objective,
+                                 assert_same)
 
 
 @pytest.mark.parametrize("name", sorted(MAKERS))
 def test_compiled_eval_equals_eager(name):
-    torch.manual_seed(0)
-    eager = MAKERS[name]().eval()
-    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True, backend=BACKEND)
-    with torch.no_grad():
-        for seed in range(2):
-            x = batch(name, 10 + seed)
-            assert_same(eager(x), compiled(x))
+    assert_eval_equals_eager(MAKERS[name], lambda seed: batch(name, seed), assert_same)
 
 
 @pytest.mark.parametrize("name", ["FSQ", "ResidualFSQ", "LFQ"])

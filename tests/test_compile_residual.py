@@ -12,7 +12,14 @@ import copy
 
 import pytest
 import torch
-from compile_support import BACKEND, STEPS, assert_same_run
+from compile_support import (
+    BACKEND,
+    STEPS,
+    assert_deferred_equals_immediate,
+    assert_same_run,
+    batch,
+    run_deferred_pair,
+)
 
 import vqvae
 from vqvae.quantizers import cpu_kernel
@@ -51,41 +58,11 @@ def make(name: str):
     return ResidualVQ(dim=16, codebook_size=32, num_quantizers=3, **options)
 
 
-def batch(seed: int) -> torch.Tensor:
-    return torch.randn(4, 12, 16, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def run_both(name: str, steps: int = STEPS, train: bool = True):
     eager = make(name).train(train)
     compiled_module = copy.deepcopy(eager)
     compiled = torch.compile(compiled_module, fullgraph=True, backend=BACKEND)
-    outputs = []
-    for step in range(steps):
-        x = batch(step)
-        pair = []
-        for module in (eager, compiled):
-            xi = x.clone().requires_grad_(train)
-            torch.manual_seed(100 + step)
-            with vqvae.input_checks("deferred"):
-                out = module(xi)
-            if train:
-                (out[0].square().mean() + out[2].sum()).backward()
-            grads = {k.removeprefix("_orig_mod."): p.grad.clone()
-                     for k, p in module.named_parameters() if p.grad is not None}
-            pair.append((out, xi.grad, grads))
-            for p in module.parameters():
-                p.grad = None
-        outputs.append(pair)
-    return eager, compiled_module, outputs
-
-
+    return eager, compiled_module, run_deferred_pair(eager, compiled, steps, train=train)
 
 
 @pytest.mark.slow
@@ -211,17 +188,4 @@ def test_deferred_eval_gives_nan_rows_for_non_finite_input():
 
 
 def test_deferred_equals_immediate_without_random_draws():
-    """Deferred calls run the same arithmetic as immediate ones when nothing is drawn at
-    random: same codes, output, losses and EMA state."""
-    immediate, deferred = make("ema").train(), make("ema").train()
-    for step in range(3):
-        x = batch(step)
-        with vqvae.input_checks("immediate"):
-            a = immediate(x)
-        with vqvae.input_checks("deferred"):
-            b = deferred(x)
-        assert torch.equal(a[1], b[1])
-        torch.testing.assert_close(a[0], b[0])
-        torch.testing.assert_close(a[2], b[2])
-    for key, value in immediate.state_dict().items():
-        torch.testing.assert_close(value, deferred.state_dict()[key], msg=key)
+    assert_deferred_equals_immediate(lambda: make("ema"))

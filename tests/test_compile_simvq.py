@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from compile_support import BACKEND, CLOSE, STEPS
+from compile_support import BACKEND, CLOSE, assert_eval_equals_eager, assert_training_equals_eager
 from torch import nn
 
 from vqvae.quantizers import guard
@@ -110,59 +110,19 @@ def skip_unless_deterministic(name: str) -> None:
         pytest.skip("the compiled code draws from another random stream than eager kernels")
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("name", sorted(MAKERS))
 def test_compiled_training_equals_deferred_eager(name):
     skip_unless_deterministic(name)
-    torch.manual_seed(0)
-    eager = MAKERS[name]().train()
-    compiled_module = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_module, fullgraph=True, backend=BACKEND)
-    optimisers = [torch.optim.SGD(m.parameters(), lr=0.1) if list(m.parameters()) else None
-                  for m in (eager, compiled_module)]
-    for step in range(STEPS):
-        x = batch(name, step)
-        outs = []
-        for module, optimiser in zip((eager, compiled), optimisers, strict=True):
-            torch.manual_seed(100 + step)  # both runs draw the same random numbers
-            xi = x.clone().requires_grad_()
-            with guard.input_checks("deferred"):
-                out = call(module, name, xi)
-            loss = objective(out)
-            if loss is not None:
-                loss.backward()
-            outs.append((out, xi.grad))
-            if optimiser is not None:
-                optimiser.step()
-                optimiser.zero_grad()
-        assert_same(outs[0][0], outs[1][0])
-        if outs[0][1] is not None or outs[1][1] is not None:
-            torch.testing.assert_close(outs[0][1], outs[1][1], **CLOSE)
-    for (key, a), (_, b) in zip(eager.state_dict().items(), compiled_module.state_dict().items(),
-                                strict=True):
-        torch.testing.assert_close(a, b, **CLOSE, msg=key)
+    assert_training_equals_eager(MAKERS[name], lambda step: batch(name, step), objective,
+                                 assert_same, call=lambda m, x: call(m, name, x),
+                                 checks="deferred")
 
 
 @pytest.mark.parametrize("name", sorted(MAKERS))
 def test_compiled_eval_equals_eager(name):
     skip_unless_deterministic(name)
-    torch.manual_seed(0)
-    eager = MAKERS[name]().eval()
-    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True, backend=BACKEND)
-    with torch.no_grad():
-        for seed in range(2):
-            x = batch(name, 10 + seed)
-            torch.manual_seed(seed)
-            expected = call(eager, name, x)
-            torch.manual_seed(seed)
-            got = call(compiled, name, x)
-            assert_same(expected, got)
+    assert_eval_equals_eager(MAKERS[name], lambda seed: batch(name, seed), assert_same,
+                             call=lambda m, x: call(m, name, x))
 
 
 @pytest.mark.parametrize("backend", ["torch", "c"])

@@ -13,7 +13,15 @@ import copy
 import numpy as np
 import pytest
 import torch
-from compile_support import BACKEND, CLOSE, STEPS, assert_same_run
+from compile_support import (
+    BACKEND,
+    CLOSE,
+    STEPS,
+    assert_deferred_equals_immediate,
+    assert_same_run,
+    batch,
+    run_deferred_pair,
+)
 
 import vqvae
 from vqvae.quantizers import cpu_kernel
@@ -52,10 +60,6 @@ def make(name: str) -> VectorQuantize:
     return VectorQuantize(dim=16, codebook_size=32, **options)
 
 
-def batch(seed: int, shape=(4, 12, 16)) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
 class Recorder:
     """A backend that keeps the FX graphs dynamo captured, then hands them to ``BACKEND``."""
 
@@ -69,13 +73,6 @@ class Recorder:
 
     def code(self) -> str:
         return "\n".join(str(g.graph) for g in self.graphs)
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.fixture(params=["c-kernel", "torch"])
@@ -96,26 +93,13 @@ def run_both(name: str, steps: int = STEPS, *, mask_of=None, train: bool = True,
     compiled_module = copy.deepcopy(eager)
     recorder = Recorder()
     compiled = torch.compile(compiled_module, fullgraph=True, backend=recorder)
-    outputs = []
-    for step in range(steps):
-        x = batch(step)
-        mask = None if mask_of is None else mask_of(step)
-        pair = []
-        for module in (eager, compiled):
-            xi = x.clone().requires_grad_(train)
-            torch.manual_seed(100 + step)
-            kwargs = {} if mask is None else {"mask": mask}
-            kwargs.update(call or {})
-            with vqvae.input_checks("deferred"):
-                out = module(xi, **kwargs)
-            if train:
-                (out[0].square().mean() + out[2]).backward()
-            grads = {k.removeprefix("_orig_mod."): p.grad.clone()
-                     for k, p in module.named_parameters() if p.grad is not None}
-            pair.append((out, xi.grad, grads))
-            for p in module.parameters():
-                p.grad = None
-        outputs.append(pair)
+
+    def kwargs_of(step: int) -> dict:
+        kwargs = {} if mask_of is None else {"mask": mask_of(step)}
+        kwargs.update(call or {})
+        return kwargs
+
+    outputs = run_deferred_pair(eager, compiled, steps, train=train, kwargs_of=kwargs_of)
     return eager, compiled_module, outputs, recorder
 
 
@@ -327,18 +311,7 @@ def test_deferred_refused_first_batch_leaves_kmeans_undone():
 
 @pytest.mark.parametrize("name", ["ema", "learnable", "heads-separate-ema", "affine"])
 def test_deferred_equals_immediate_without_random_draws(name):
-    immediate, deferred = make(name).train(), make(name).train()
-    for step in range(3):
-        x = batch(step)
-        with vqvae.input_checks("immediate"):
-            a = immediate(x)
-        with vqvae.input_checks("deferred"):
-            b = deferred(x)
-        assert torch.equal(a[1], b[1])
-        torch.testing.assert_close(a[0], b[0])
-        torch.testing.assert_close(a[2], b[2])
-    for key, value in immediate.state_dict().items():
-        torch.testing.assert_close(value, deferred.state_dict()[key], msg=key)
+    assert_deferred_equals_immediate(lambda: make(name))
 
 
 def test_deferred_masked_call_equals_the_row_dropping_path():

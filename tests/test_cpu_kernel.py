@@ -39,9 +39,11 @@ def _expected_lanes() -> int | None:
             flags = next(line for line in f if line.startswith(("flags", "Features"))).split()
     except (OSError, StopIteration):
         return None
+    # torch's capability (lowered by ATEN_CPU_CAPABILITY) caps the kernels' instruction set
+    cap = {"AVX2": 8, "DEFAULT": 4}.get(torch.backends.cpu.get_cpu_capability(), 16)
     for flag, lanes in [("avx512f", 16), ("avx", 8), ("sse2", 4), ("asimd", 4)]:
         if flag in flags:
-            return lanes
+            return min(lanes, cap) if os.uname().machine == "x86_64" else lanes
     return None
 
 
@@ -53,6 +55,25 @@ def test_kernels_use_the_cpus_widest_vectors():
     if expected is None:
         pytest.skip("no /proc/cpuinfo flags to compare with")
     assert cpu_kernel.simd_lanes() == expected
+
+
+@requires_kernel
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 instruction sets")
+def test_aten_cpu_capability_avx2_holds_the_kernels_to_avx2(tmp_path):
+    # an AVX-512 machine stands in for an AVX2-only one when torch is told so: our kernels
+    # must follow, or a benchmark under ATEN_CPU_CAPABILITY=avx2 would time AVX-512 code
+    if (_expected_lanes() or 0) < 8:
+        pytest.skip("this CPU has no AVX2")
+    script = textwrap.dedent("""
+        import torch
+        from vqvae.quantizers import cpu_kernel
+        print(torch.backends.cpu.get_cpu_capability(), cpu_kernel.simd_lanes(),
+              "-mno-avx512f" in cpu_kernel.build_flags())
+    """)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", XDG_CACHE_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["AVX2", "8", "True"]
 
 
 @requires_kernel

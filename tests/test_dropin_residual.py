@@ -15,6 +15,7 @@ from math import ceil
 import numpy as np
 import pytest
 import torch
+from dropin_support import f64, sq_dist
 
 lib = pytest.importorskip("vector_quantize_pytorch")
 
@@ -28,21 +29,9 @@ D, K, L = 4, 5, 3
 
 
 @pytest.fixture(autouse=True)
-def _seed_one_thread():
-    """Seeded, and one thread: the tensors are tiny and the machine is shared."""
+def _seed_one_thread(one_thread):
+    """Seeded, and one thread (conftest.one_thread): the tensors are tiny."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def f64(t):
-    return t.detach().double().numpy()
-
-
-def sq_dist(x, codes):
-    return ((x[:, None, :] - codes[None, :, :]) ** 2).sum(-1)
 
 
 def greedy(x, codebooks):
@@ -123,12 +112,18 @@ CHECKPOINT_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CHECKPOINT_CONFIGS))
-def test_library_checkpoint_loads(name):
+def checkpoint_config(name: str):
+    """A case's two classes (ours, the library's) and the constructor arguments both take."""
     ours_cls, lib_cls, extra = CHECKPOINT_CONFIGS[name]
     cfg = {"dim": D, "codebook_size": K, "num_quantizers": L, **extra}
     if cfg["num_quantizers"] is None:
         del cfg["num_quantizers"]
+    return ours_cls, lib_cls, cfg
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_CONFIGS))
+def test_library_checkpoint_loads(name):
+    ours_cls, lib_cls, cfg = checkpoint_config(name)
     torch.manual_seed(1)
     ref = lib_cls(**cfg)
     params = list(ref.parameters())
@@ -159,10 +154,7 @@ def test_library_checkpoint_loads(name):
                                   "grouped"])
 def test_training_steps_match_library(name):
     """From the same (library-made) state, deterministic training steps agree with the library."""
-    ours_cls, lib_cls, extra = CHECKPOINT_CONFIGS[name]
-    cfg = {"dim": D, "codebook_size": K, "num_quantizers": L, **extra}
-    if cfg["num_quantizers"] is None:
-        del cfg["num_quantizers"]
+    ours_cls, lib_cls, cfg = checkpoint_config(name)
     torch.manual_seed(2)
     ref = lib_cls(**cfg)
     ours = ours_cls(**cfg)

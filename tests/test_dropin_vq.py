@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dropin_support import f64, sq_dist
 from torch import nn
 
 lib = pytest.importorskip("vector_quantize_pytorch")
@@ -26,17 +27,9 @@ D, K = 4, 6
 
 
 @pytest.fixture(autouse=True)
-def _seed_one_thread():
-    """Seeded, and one thread: the tensors are tiny and the machine is shared."""
+def _seed_one_thread(one_thread):
+    """Seeded, and one thread (conftest.one_thread): the tensors are tiny."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def f64(t):
-    return t.detach().double().numpy()
 
 
 def set_codebook(vq, codes):
@@ -46,11 +39,6 @@ def set_codebook(vq, codes):
         vq._codebook.embed.copy_(codes)
         vq._codebook.embed_avg.copy_(codes)
         vq._codebook.cluster_size.fill_(1.0)
-
-
-def sq_dist(x, codes):
-    """Squared Euclidean distances in float64, (N, K)."""
-    return ((x[:, None, :] - codes[None, :, :]) ** 2).sum(-1)
 
 
 def ema_reference(cluster_size, embed_avg, counts, sums, decay, eps=1e-5):

@@ -2,11 +2,10 @@
 
 import dataclasses
 import json
-import pickle
 
 import pytest
 import torch
-from conftest import requires_mnist
+from conftest import forbid_pickle, requires_mnist
 from safetensors.torch import load_file
 from torch import nn
 
@@ -14,16 +13,6 @@ from vqvae.models import VQVAE, ModelConfig
 from vqvae.pretrained import CONFIG_NAME, WEIGHTS_NAME, PretrainedMixin
 from vqvae.rundir import load_model, read_config, save_config
 from vqvae.train import TrainConfig, train
-
-
-def _forbid_pickle(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("pickle was used")
-
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(torch, "load", refuse)
-    monkeypatch.setattr(torch.serialization, "load", refuse)
 
 
 def _trained(config: ModelConfig) -> VQVAE:
@@ -71,7 +60,7 @@ def test_round_trip_is_bit_identical_and_pickle_free(name, tmp_path, monkeypatch
     # A fresh model under another seed differs, so equality below comes from the file
     torch.manual_seed(1)
     assert not all(torch.equal(v, state[k]) for k, v in VQVAE(config).state_dict().items())
-    _forbid_pickle(monkeypatch)
+    forbid_pickle(monkeypatch)
     loaded = VQVAE.from_pretrained(tmp_path, device="cpu")
     monkeypatch.undo()
 
@@ -184,7 +173,7 @@ def test_shared_and_strided_tensors(tmp_path, monkeypatch):
     for key, value in model.state_dict().items():
         assert torch.equal(tensors[key], value), key
     torch.manual_seed(1)
-    _forbid_pickle(monkeypatch)
+    forbid_pickle(monkeypatch)
     loaded = Tied.from_pretrained(tmp_path)
     x = torch.randn(3, 6)
     assert torch.equal(loaded(x), model(x))

@@ -2,13 +2,12 @@
 read by every command that needs only the weights, with checkpoint.pt gone and pickle refused."""
 
 import json
-import pickle
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import requires_mnist
+from conftest import forbid_pickle, requires_mnist
 from safetensors.torch import load_file
 
 import vqvae.workflow.runs
@@ -24,16 +23,6 @@ pytestmark = requires_mnist
 MODEL = ModelConfig(hidden_dim=16, num_embeddings=4, codebook_size=8)
 QUICK = dict(train_subset=256, test_subset=64, batch_size=64, progress=False, device="cpu",
              precision="fp32")
-
-
-def _forbid_pickle(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("pickle was used")
-
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(torch, "load", refuse)
-    monkeypatch.setattr(torch.serialization, "load", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +54,7 @@ def test_weights_file_is_plain_safetensors_of_the_trained_model(tiny_run):
 
 def test_from_pretrained_equals_the_checkpoint(tiny_run, monkeypatch):
     checkpoint = load_checkpoint(tiny_run.run_dir)
-    _forbid_pickle(monkeypatch)
+    forbid_pickle(monkeypatch)
     for model in (VQVAE.from_pretrained(tiny_run.run_dir), load_model(tiny_run.run_dir)):
         assert model.config == ModelConfig.from_dict(checkpoint["model_config"])
         assert model.state_dict().keys() == checkpoint["model"].keys()
@@ -89,7 +78,7 @@ def test_commands_run_without_checkpoint_and_without_pickle(tiny_run, tmp_path, 
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run.run_dir, run_dir)
     (run_dir / "checkpoint.pt").unlink()
-    _forbid_pickle(monkeypatch)
+    forbid_pickle(monkeypatch)
 
     codes_file = tmp_path / "codes.json"
     assert main(["encode", str(run_dir), "--indices", "0-3", "--out", str(codes_file)]) == 0
@@ -146,7 +135,7 @@ def test_prior_weights_round_trip_and_match_prior_pt(tiny_run, tmp_path, monkeyp
         {"model": from_pt.config.to_dict()}
     # the run's own config.json is the VQ-VAE's, untouched by the prior
     assert json.loads((run_dir / "config.json").read_text())["model"] == MODEL.to_dict()
-    _forbid_pickle(monkeypatch)
+    forbid_pickle(monkeypatch)
     loaded = load_run_prior(run_dir)
     assert loaded.config == from_pt.config and not loaded.training
     tokens = torch.randint(0, 8, (5, 4), generator=torch.Generator().manual_seed(0))

@@ -285,6 +285,24 @@ def test_simvq_half_precision_inputs(dtype):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_simvq_non_finite_input_at_search_sizes_raises_the_input_error(bad):
+    # big enough for the bfloat16 pre-search or the oneDNN float32 search (whichever this CPU
+    # takes), whose rows without a candidate must still get an index in range
+    from vqvae.quantizers.bf16_presearch import nearest
+
+    vq = SimVQ(dim=64, codebook_size=1024)
+    x = torch.randn(2, 512, 64)
+    x[1, 7, 3] = bad
+    with pytest.raises(QuantizerInputError, match="non-finite"):
+        vq(x)
+    found = nearest(x.view(-1, 64), vq.codebook.detach())
+    assert int(found.min()) >= 0 and int(found.max()) < 1024
+    clean = torch.ones(1024, dtype=torch.bool)
+    clean[512 + 7] = False
+    assert torch.equal(found[clean], cdist_argmin(x.view(-1, 64)[clean], vq.codebook))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_simvq_non_finite_input_raises_and_changes_nothing(bad):
     vq = SimVQ(dim=4, codebook_size=8)
     before = {k: v.clone() for k, v in vq.state_dict().items()}

@@ -20,7 +20,8 @@ test is bounded from the row minimum and the extreme code norms (see ``_margin``
 is one number per row and the test is one compare over the ``(N, K)`` block.
 
 Only used where :func:`usable` says so; elsewhere (AVX2-only CPUs, small searches, GPUs, other
-dtypes) callers use the float32 search.
+dtypes) callers use the float32 search: on CPU, for vectors longer than the C kernel's and big
+enough products, with the distance products through oneDNN (:func:`nearest_code_f32`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ import math
 import torch
 from torch import Tensor
 
-from .search import DEFAULT_BLOCK_BYTES, nearest_code, search_defaults
+from .onednn_linear import linear, routed
+from .search import (
+    ARGMIN_BLOCK,
+    DEFAULT_BLOCK_BYTES,
+    blockwise_argmin,
+    nearest_code,
+    search_defaults,
+)
 from .tracing import tracing
 
 UNIT = 2.0 ** -8  # bfloat16 unit roundoff (8 significant bits, round to nearest)
@@ -47,6 +55,9 @@ MIN_DIM = 33
 # more candidates than this per row on average: the re-check would cost more than the float32
 # search, so the rows of that block are searched in float32 instead
 MAX_CANDIDATES_PER_ROW = 8
+# codes per tile of the candidate test (_tile_candidates): the tile minima are one SIMD-friendly
+# amin, and a row's candidates fall in one or two tiles
+TILE = 64
 
 
 @functools.cache
@@ -119,16 +130,25 @@ def nearest_code_bf16(x: Tensor, codebook: Tensor, code_sq: Tensor | None = None
         code_sq = codebook.pow(2).sum(-1)
     x16, c16 = x.bfloat16(), codebook.bfloat16()
     approx = torch.addmm(code_sq.bfloat16(), x16, c16.t(), alpha=-2.0)  # (N, K) d̃ in bf16
-    low = approx.amin(1).float()  # (a bf16 argmin costs more than the whole test below)
-    threshold = low + _margin(x, x16, codebook, c16, code_sq, low)
-    # compared in float32 (exact for bf16 values): faster than torch's bfloat16 compare
-    candidates = approx.float() <= threshold.unsqueeze(1)
-    if int(candidates.sum()) > MAX_CANDIDATES_PER_ROW * x.shape[0]:  # a loose bound
-        return nearest_code(x, codebook)
-    rows, cols = candidates.nonzero(as_tuple=True)  # row-major
     num_codes = codebook.shape[0]
+    if num_codes % TILE:
+        low = approx.amin(1).float()  # (a bf16 argmin costs more than the whole test below)
+        threshold = low + _margin(x, x16, codebook, c16, code_sq, low)
+        # compared in float32 (exact for bf16 values): faster than torch's bfloat16 compare
+        candidates = approx.float() <= threshold.unsqueeze(1)
+        if int(candidates.sum()) > MAX_CANDIDATES_PER_ROW * x.shape[0]:  # a loose bound
+            return _float32_search(x, codebook)
+        rows, cols = candidates.nonzero(as_tuple=True)  # row-major
+    else:
+        found = _tile_candidates(approx, x, x16, codebook, c16, code_sq)
+        if found is None:
+            return _float32_search(x, codebook)
+        rows, cols = found
     out = torch.full((x.shape[0],), num_codes, dtype=torch.long)
     out.scatter_reduce_(0, rows, cols, "amin")  # the answer of the rows with one candidate
+    # a row without candidates holds NaN (its distances compare false): give it an index in
+    # range, as the float32 search does, so that the caller's finiteness check reports it
+    out.clamp_(max=num_codes - 1)
     several = torch.bincount(rows, minlength=x.shape[0])[rows] > 1
     if not bool(several.any()):
         return out
@@ -140,13 +160,78 @@ def nearest_code_bf16(x: Tensor, codebook: Tensor, code_sq: Tensor | None = None
     return out.index_fill_(0, rows, num_codes).scatter_reduce_(0, rows, winner, "amin")
 
 
+def _tile_candidates(approx: Tensor, x: Tensor, x16: Tensor, codebook: Tensor, c16: Tensor,
+                     code_sq: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The candidates ``(rows, cols)`` (row-major) of ``approx`` ``(N, K)``, ``K`` a multiple
+    of ``TILE``, or None when there are more than ``MAX_CANDIDATES_PER_ROW`` per row.
+
+    The same set as comparing every entry with the row's threshold, found from the minimum of
+    each tile of ``TILE`` codes: only the tiles whose minimum passes (one or two per row,
+    typically) are compared entry by entry. Three passes over the ``(N, K)`` block (a compare,
+    a count and ``nonzero``, 1.4 ms per million entries here) become one ``amin``.
+    """
+    num_rows, num_codes = approx.shape
+    per_row = num_codes // TILE
+    tile_min = approx.view(num_rows, per_row, TILE).amin(-1).float()  # (N, K / TILE)
+    low = tile_min.amin(1)
+    threshold = low + _margin(x, x16, codebook, c16, code_sq, low)
+    hot_rows, hot_tiles = (tile_min <= threshold.unsqueeze(1)).nonzero(as_tuple=True)
+    if hot_rows.shape[0] > MAX_CANDIDATES_PER_ROW * num_rows:  # each holds a candidate
+        return None
+    tiles = approx.view(-1, TILE).index_select(0, hot_rows * per_row + hot_tiles)  # (H, TILE)
+    passed = tiles.float() <= threshold.index_select(0, hot_rows).unsqueeze(1)
+    which, within = passed.nonzero(as_tuple=True)
+    if which.shape[0] > MAX_CANDIDATES_PER_ROW * num_rows:
+        return None
+    return hot_rows.index_select(0, which), hot_tiles.index_select(0, which) * TILE + within
+
+
+def _float32_search(x: Tensor, codebook: Tensor) -> Tensor:
+    """The float32 search, through oneDNN where that applies."""
+    if _f32_routed(x, codebook):
+        return nearest_code_f32(x, codebook)
+    return nearest_code(x, codebook)
+
+
+def nearest_code_f32(x: Tensor, codebook: Tensor, *,
+                     max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+                     code_sq: Tensor | None = None) -> Tensor:
+    """The float32 search of :func:`vqvae.quantizers.search.nearest_code` (``||c||² - 2 x·c``
+    by row blocks, then the first minimum), its products through
+    :func:`.onednn_linear.linear`: the same distances up to the last bits, at 2.2x MKL's speed
+    on the AMD EPYC (about even held to AVX2)."""
+    if code_sq is None:
+        code_sq = codebook.pow(2).sum(-1)
+    weight = codebook * -2.0  # exact: a power of two, so x·(-2c) = -2(x·c) bit for bit
+    num_codes = codebook.shape[0]
+    blockwise = num_codes % ARGMIN_BLOCK == 0 and num_codes >= 2 * ARGMIN_BLOCK
+    row_argmin = blockwise_argmin if blockwise else (lambda d: d.argmin(dim=-1))
+    step = max(1, max_block_bytes // (4 * num_codes))
+    if step >= x.shape[0]:
+        return row_argmin(linear(x, weight, code_sq))
+    return torch.cat([row_argmin(linear(x[start:start + step], weight, code_sq))
+                      for start in range(0, x.shape[0], step)])
+
+
+def _f32_routed(x: Tensor, codebook: Tensor) -> bool:
+    """The float32 search goes through oneDNN: float32 CPU vectors too long for the C
+    kernel, and a product big enough (:func:`.onednn_linear.routed`)."""
+    # tracing first: a traced size is symbolic, and comparing it would guard on it
+    return (not tracing() and x.ndim == 2 and x.shape[1] >= MIN_DIM and x.shape[0] > 0
+            and routed(x, codebook))
+
+
 def nearest(x: Tensor, codebook: Tensor, *, max_block_bytes: int = DEFAULT_BLOCK_BYTES,
             code_sq: Tensor | None = None) -> Tensor:
     """:func:`vqvae.quantizers.search.nearest_code` with the same answer, through the two-stage
     search where it applies (:func:`usable`, and the search backend left at ``"auto"``), by row
-    blocks whose bfloat16 distances stay under ``max_block_bytes``."""
-    if not (usable(x, codebook) and search_defaults()["backend"] == "auto"
-            and not torch.is_autocast_enabled("cpu")):
+    blocks whose bfloat16 distances stay under ``max_block_bytes``; elsewhere on CPU, the
+    float32 search with oneDNN's products (:func:`nearest_code_f32`) where it applies."""
+    auto = search_defaults()["backend"] == "auto" and not torch.is_autocast_enabled("cpu")
+    if not (usable(x, codebook) and auto):
+        if auto and _f32_routed(x, codebook):
+            return nearest_code_f32(x, codebook, max_block_bytes=max_block_bytes,
+                                    code_sq=code_sq)
         return nearest_code(x, codebook, max_block_bytes=max_block_bytes)
     if code_sq is None:
         code_sq = codebook.pow(2).sum(-1)

@@ -257,6 +257,18 @@ class Codebook(nn.Module):
             return x.unsqueeze(0), True
         return x, False
 
+    def _deferred_blocks(self, x: Tensor, row_weight: Tensor | None, refusal: str
+                         ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`_blocks` of ``x`` and of its row weights (``(C, N)`` or None) for a deferred
+        call, which cannot serve a synchronised codebook: syncing reads sizes back to the host,
+        so that raises ``refusal``."""
+        if distributed.should_sync(self.sync):
+            raise QuantizerInputError(refusal)
+        blocks, single = self._blocks(x)
+        if row_weight is not None and single:
+            row_weight = row_weight.unsqueeze(0)
+        return blocks, row_weight
+
     def prepare(self, x: Tensor) -> Tensor:
         """Vectors as the codebook compares them: float32 for half-precision input
         (distances in half precision pick other codes), unit rows with cosine similarity."""
@@ -534,14 +546,11 @@ class Codebook(nn.Module):
         self._initted_known = True
 
     def _initialize_deferred(self, x: Tensor, ok: Tensor, row_weight: Tensor | None) -> None:
-        if distributed.should_sync(self.sync):
-            raise QuantizerInputError(
-                "k-means initialisation synchronised across processes reads sizes back to the "
-                "host: use immediate input checks (vqvae.set_input_checks('immediate')) and "
-                "call eagerly, or sync_kmeans=False")
-        blocks, single = self._blocks(x)
-        weights = None if row_weight is None else \
-            (row_weight.unsqueeze(0) if single else row_weight)
+        blocks, weights = self._deferred_blocks(
+            x, row_weight,
+            "k-means initialisation synchronised across processes reads sizes back to the "
+            "host: use immediate input checks (vqvae.set_input_checks('immediate')) and call "
+            "eagerly, or sync_kmeans=False")
         for c, rows in enumerate(blocks):
             # a refused batch is clustered as zeros (no NaN reaches the random draws), and
             # the result is then thrown away
@@ -601,14 +610,10 @@ class Codebook(nn.Module):
             self.embed_avg[c, dead] = picked * threshold
 
     def _restart_deferred(self, rows: Tensor, ok: Tensor, row_weight: Tensor | None) -> None:
-        if distributed.should_sync(self.sync):
-            raise QuantizerInputError(
-                "dead-code restarts synchronised across processes read sizes back to the host: "
-                "use immediate input checks (vqvae.set_input_checks('immediate')) and call "
-                "eagerly")
-        blocks, single = self._blocks(rows)
-        weights = None if row_weight is None else \
-            (row_weight.unsqueeze(0) if single else row_weight)
+        blocks, weights = self._deferred_blocks(
+            rows, row_weight,
+            "dead-code restarts synchronised across processes read sizes back to the host: "
+            "use immediate input checks (vqvae.set_input_checks('immediate')) and call eagerly")
         threshold = float(self.threshold_ema_dead_code)
         k = self.codebook_size
         for c, data in enumerate(blocks):

@@ -13,10 +13,11 @@ there too, for any dimension: two calls instead of some twenty tensor operations
 microseconds each, which on CPU cost more than their arithmetic.
 
 Build and cache. The C file is compiled on first use with the system's C compiler (``$CC``, else
-``cc`` or ``gcc``) and ``-O3 -march=native``, into ``$XDG_CACHE_HOME/vqvae/kernels``
-(``~/.cache``) under a name that hashes the source, the compiler, the flags and the CPU, so a
-cache shared between machines never hands one the other's instructions. Loading a shared
-library runs its code, so the cache is treated as untrusted until checked:
+``cc`` or ``gcc``) and ``-O3 -march=native`` (held to AVX2 under ``ATEN_CPU_CAPABILITY=avx2``,
+as torch is; see :data:`ISA_LIMITS`), into ``$XDG_CACHE_HOME/vqvae/kernels`` (``~/.cache``)
+under a name that hashes the source, the compiler, the flags and the CPU, so a cache shared
+between machines never hands one the other's instructions. Loading a shared library runs its
+code, so the cache is treated as untrusted until checked:
 
 - the directories are created ``0700`` whatever the umask; the kernel directory must belong to
   this user and not be writable by group or others, and no directory above it may be writable
@@ -66,6 +67,11 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 SOURCE = Path(__file__).with_name("cpu_search.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+#: torch's CPU capability (``torch.backends.cpu.get_cpu_capability()``, which
+#: ``ATEN_CPU_CAPABILITY`` lowers) -> x86 flags that hold the kernels to the same instruction
+#: set: ``ATEN_CPU_CAPABILITY=avx2`` then makes an AVX-512 machine run our code as an AVX2-only
+#: one would (the bfloat16 pre-search, :mod:`.bf16_presearch`, follows the same setting).
+ISA_LIMITS = {"AVX2": ["-mno-avx512f"], "DEFAULT": ["-mno-avx"]}
 #: Longest vectors the kernel takes; from about 48 on, ``addmm`` is as fast or faster.
 MAX_DIM = 32
 ENV_SWITCH = "VQVAE_CPU_KERNEL"
@@ -81,6 +87,15 @@ def _cpu_identity() -> str:
         return "".join(sorted(set(lines)))
     except OSError:
         return f"{platform.machine()} {platform.processor()}"
+
+
+def build_flags() -> list[str]:
+    """The compiler flags: :data:`FLAGS`, and on x86 the limit of :data:`ISA_LIMITS` that
+    torch's CPU capability asks for."""
+    limit = []
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        limit = ISA_LIMITS.get(torch.backends.cpu.get_cpu_capability(), [])
+    return [*FLAGS, *limit]
 
 
 def _compiler() -> str | None:
@@ -102,7 +117,7 @@ def _cache_dir() -> Path:
 def _build_key(compiler: str) -> str:
     """SHA-256 of everything the library's bytes depend on."""
     return hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(),
-                                      " ".join(FLAGS).encode(),
+                                      " ".join(build_flags()).encode(),
                                       _cpu_identity().encode()])).hexdigest()
 
 
@@ -212,7 +227,7 @@ def _compile(compiler: str, directory: Path) -> bytes:
     """The bytes of a fresh build, compiled in a private directory under ``directory``."""
     with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as work:
         output = Path(work) / "cpu_search.so"
-        result = subprocess.run([compiler, *FLAGS, "-o", str(output), str(SOURCE)],
+        result = subprocess.run([compiler, *build_flags(), "-o", str(output), str(SOURCE)],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")

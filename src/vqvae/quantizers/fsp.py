@@ -243,6 +243,18 @@ class _FSPCall(torch.autograd.Function):
         return moment.addcmul_(grad_q, slope)
 
 
+def _keep_for_backward(ctx, tensors: tuple[Tensor, ...], fsp: FSP, b_in: Tensor | None,
+                       b_out: Tensor | None, level_indices: Tensor, stats: Tensor) -> None:
+    """What the forward of a fused projection (either layout) leaves its backward: ``tensors``,
+    the module, which projections have a bias; the indices and statistics take no gradient, and
+    an unused output hands back None rather than zeros."""
+    ctx.save_for_backward(*tensors)
+    ctx.fsp = fsp
+    ctx.has_bias = (b_in is not None, b_out is not None)
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(level_indices, stats)
+
+
 class _ProjectedFSP(torch.autograd.Function):
     """project_in -> ``_FSPCall`` -> project_out as one autograd node, for float32/float64
     rows (N, dim) projected to a few channels and back.
@@ -259,11 +271,8 @@ class _ProjectedFSP(torch.autograd.Function):
         h = x @ w_in.t() if b_in is None else torch.addmm(b_in, x, w_in.t())
         q, level_indices, loss, stats, accept_prob, saved = _fsp_forward(h, fsp, eps, rate)
         out = q @ w_out.t() if b_out is None else torch.addmm(b_out, q, w_out.t())
-        ctx.save_for_backward(x, w_in, w_out, q, *saved)
-        ctx.fsp = fsp
-        ctx.has_bias = (b_in is not None, b_out is not None)
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(level_indices, stats)
+        _keep_for_backward(ctx, (x, w_in, w_out, q, *saved), fsp, b_in, b_out, level_indices,
+                           stats)
         return out, level_indices, loss, stats, accept_prob
 
     @staticmethod
@@ -317,11 +326,8 @@ class _ProjectedFSPChannelFirst(torch.autograd.Function):
         q, level_indices, loss, stats, accept_prob, saved = _fsp_forward(h, fsp, eps, rate)
         q3 = q.view(batch, spots, -1).transpose(1, 2).contiguous()  # (b, C, n)
         out = _left(w_out, q3, b_out)
-        ctx.save_for_backward(z3, w_in, w_out, q3, *saved)
-        ctx.fsp = fsp
-        ctx.has_bias = (b_in is not None, b_out is not None)
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(level_indices, stats)
+        _keep_for_backward(ctx, (z3, w_in, w_out, q3, *saved), fsp, b_in, b_out, level_indices,
+                           stats)
         return out, level_indices, loss, stats, accept_prob
 
     @staticmethod

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from .checks import all_finite
-from .narrow_linear import narrow_outer
+from .narrow_linear import narrow_outer, narrow_routed
+from .onednn_linear import linear
 from .tracing import spread_nonfinite, tracing
 from .vector_quantize import QuantizerInputError
 
@@ -176,7 +177,10 @@ class _ProjectedFSQ(torch.autograd.Function):
         # w_out is (dim, codebook_dim) row-major; BLAS wants it as the transpose of a row-major
         # (codebook_dim, dim) here (4x faster at N = 8192, dim = 256)
         grad_h = (grad_out @ w_out.t().contiguous().t()) * local  # (N, codebook_dim)
-        grad_x = torch.mm(grad_h, w_in, out=spare) if spare is not None else grad_h @ w_in
+        if spare is None and narrow_routed(grad_h, w_in.t()):  # 0.26 ms against 0.83 (hot)
+            grad_x = linear(grad_h, w_in.t())
+        else:  # into the gradient's copy: no new (N, dim) buffer
+            grad_x = torch.mm(grad_h, w_in, out=spare) if spare is not None else grad_h @ w_in
         grad_w_in = narrow_outer(grad_h, x)
         grad_b_in = grad_h.sum(0) if in_bias else None
         return (grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out,

@@ -73,6 +73,28 @@ def kmeans_plus_plus(x: Tensor, num_clusters: int, generator: torch.Generator | 
     return torch.cat(seeds)
 
 
+def _prepared(x: Tensor, num_clusters: int, use_cosine_sim: bool) -> Tensor:
+    """The rows as k-means compares them (the distance dtype, unit rows for cosine similarity),
+    after checking that there are some and that K is positive."""
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"kmeans expects a non-empty (N, D) tensor, got shape {tuple(x.shape)}")
+    if num_clusters < 1:
+        raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+    x = x.to(distance_dtype(x.dtype))
+    return F.normalize(x, dim=-1) if use_cosine_sim else x
+
+
+def _moved(centroids: Tensor, sums: Tensor, counts: Tensor, use_cosine_sim: bool, *,
+           least: float) -> Tensor:
+    """Lloyd's update: each centroid to the mean of its rows, ``sums / counts`` with the counts
+    at least ``least`` (unit length for cosine similarity); one that no row chose stays where
+    it was."""
+    means = sums / counts.clamp(min=least).unsqueeze(-1)
+    if use_cosine_sim:
+        means = F.normalize(means, dim=-1)
+    return torch.where((counts > 0).unsqueeze(-1), means, centroids)
+
+
 @torch.no_grad()
 def kmeans(
     x: Tensor,
@@ -100,14 +122,8 @@ def kmeans(
     A centroid that loses all its points keeps its previous position, so every centroid stays a
     point of (or a mean of points of) the data, never a zero vector.
     """
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"kmeans expects a non-empty (N, D) tensor, got shape {tuple(x.shape)}")
-    if num_clusters < 1:
-        raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
-    dtype = distance_dtype(x.dtype)
-    x = x.to(dtype)
-    if use_cosine_sim:
-        x = F.normalize(x, dim=-1)
+    x = _prepared(x, num_clusters, use_cosine_sim)
+    dtype = x.dtype
     if isinstance(init, Tensor):
         if init.shape != (num_clusters, x.shape[1]):
             raise ValueError(f"init must have shape {(num_clusters, x.shape[1])}, "
@@ -126,10 +142,7 @@ def kmeans(
         sums = torch.zeros_like(centroids).index_add_(0, assignment, x)  # (K, D)
         all_reduce(counts)
         all_reduce(sums)
-        means = sums / counts.clamp(min=1).unsqueeze(-1)
-        if use_cosine_sim:
-            means = F.normalize(means, dim=-1)
-        centroids = torch.where((counts > 0).unsqueeze(-1), means, centroids)
+        centroids = _moved(centroids, sums, counts, use_cosine_sim, least=1)
     return KMeansResult(centroids, counts)
 
 
@@ -154,14 +167,8 @@ def kmeans_fixed(
     ones are drawn uniformly. ``weight`` ``(N,)`` weighs each row's part in the seeding and the
     means (0 leaves a row out: a padding mask); rows all of weight 0 count as weight 1.
     """
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"kmeans expects a non-empty (N, D) tensor, got shape {tuple(x.shape)}")
-    if num_clusters < 1:
-        raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
-    dtype = distance_dtype(x.dtype)
-    x = x.to(dtype)
-    if use_cosine_sim:
-        x = F.normalize(x, dim=-1)
+    x = _prepared(x, num_clusters, use_cosine_sim)
+    dtype = x.dtype
     n = x.shape[0]
     ones = x.new_ones(n)
     if weight is None:
@@ -191,8 +198,5 @@ def kmeans_fixed(
         assignment = nearest_code(x, centroids, max_block_bytes=max_block_bytes)  # (N,)
         counts = x.new_zeros(num_clusters).index_add_(0, assignment, weight)  # (K,)
         sums = torch.zeros_like(centroids).index_add_(0, assignment, weighted)  # (K, D)
-        means = sums / counts.clamp(min=1e-12).unsqueeze(-1)
-        if use_cosine_sim:
-            means = F.normalize(means, dim=-1)
-        centroids = torch.where((counts > 0).unsqueeze(-1), means, centroids)
+        centroids = _moved(centroids, sums, counts, use_cosine_sim, least=1e-12)
     return KMeansResult(centroids, counts)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .fsq import FSQ, all_finite, check_finite, check_tensor
+from .grouped import GroupedStacks
 from .narrow_linear import narrow_linear
 from .tracing import spread_nonfinite, tracing
 from .vector_quantize import QuantizerInputError
@@ -254,7 +255,7 @@ class ResidualFSQ(nn.Module):
         return out, torch.stack(all_indices, -1)
 
 
-class GroupedResidualFSQ(nn.Module):
+class GroupedResidualFSQ(GroupedStacks):
     """``groups`` ResidualFSQ stacks side by side over equal slices of the feature dimension.
 
     Returns ``(quantized, indices)`` with indices stacked on a new first axis:
@@ -270,23 +271,6 @@ class GroupedResidualFSQ(nn.Module):
         self.accept_image_fmap = accept_image_fmap
         self.rvqs = nn.ModuleList(ResidualFSQ(dim=dim // groups, **kwargs) for _ in range(groups))
         self.codebook_size = self.rvqs[0].codebook_size
-
-    @property
-    def codebooks(self) -> Tensor:
-        return torch.stack([rvq.codebooks for rvq in self.rvqs])
-
-    @property
-    def split_dim(self) -> int:
-        return 1 if self.accept_image_fmap else -1
-
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        return torch.stack([rvq.get_codes_from_indices(chunk)
-                            for rvq, chunk in zip(self.rvqs, indices, strict=True)])
-
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        return torch.cat([rvq.get_output_from_indices(chunk)
-                          for rvq, chunk in zip(self.rvqs, indices, strict=True)],
-                         dim=self.split_dim)
 
     def forward(self, x: Tensor, return_all_codes: bool = False):
         check_tensor(x, self.dim, self.split_dim)

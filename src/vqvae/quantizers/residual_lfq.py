@@ -18,6 +18,7 @@ import random
 import torch
 from torch import Tensor, nn
 
+from .grouped import GroupedStacks
 from .lfq import LFQ, check_finite
 from .vector_quantize import QuantizerInputError
 
@@ -139,7 +140,7 @@ class ResidualLFQ(nn.Module):
         return quantized_out, all_indices, all_losses, self.get_codes_from_indices(all_indices)
 
 
-class GroupedResidualLFQ(nn.Module):
+class GroupedResidualLFQ(GroupedStacks):
     """``groups`` ResidualLFQ stacks, each on its slice of the features."""
 
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
@@ -153,22 +154,6 @@ class GroupedResidualLFQ(nn.Module):
                                   for _ in range(groups))
         for rvq in self.rvqs:
             rvq.check_input = False
-
-    @property
-    def codebooks(self) -> Tensor:
-        return torch.stack([rvq.codebooks for rvq in self.rvqs])
-
-    @property
-    def split_dim(self) -> int:
-        return 1 if self.accept_image_fmap else -1
-
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        pairs = zip(self.rvqs, indices, strict=True)
-        return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in pairs])
-
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        pairs = zip(self.rvqs, indices, strict=True)
-        return torch.cat([rvq.get_output_from_indices(i) for rvq, i in pairs], dim=self.split_dim)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_all_codes: bool = False):
         check_finite(x)
