@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from . import cpu_kernel, distributed
 from .checks import QuantizerInputError, check_finite, require
-from .kmeans import kmeans, kmeans_fixed
+from .kmeans import kmeans_fixed, kmeans_synced
 from .search import DEFAULT_BLOCK_BYTES, nearest_code, sample_code
 from .tracing import tracing
 
@@ -524,18 +524,9 @@ class Codebook(nn.Module):
         blocks, _ = self._blocks(x)
         synced = distributed.should_sync(self.sync)
         for c, rows in enumerate(blocks):
-            data = distributed.gather_rows(rows) if synced else rows
-            # One process runs k-means and the others receive its result, so codebooks agree
-            if not synced or distributed.rank() == 0:
-                centroids, counts = kmeans(data, self.codebook_size, self.kmeans_iters,
-                                           use_cosine_sim=self.use_cosine_sim,
-                                           max_block_bytes=self.max_search_bytes)
-            else:
-                centroids = rows.new_empty(self.codebook_size, rows.shape[-1])
-                counts = rows.new_empty(self.codebook_size)
-            if synced:
-                distributed.broadcast(centroids, src=0)
-                distributed.broadcast(counts, src=0)
+            centroids, counts = kmeans_synced(rows, self.codebook_size, self.kmeans_iters,
+                                              synced=synced, use_cosine_sim=self.use_cosine_sim,
+                                              max_block_bytes=self.max_search_bytes)
             self.embed.data[c].copy_(centroids)
             # A centroid no vector chose gets size 1: the EMA keeps it in place (instead of
             # pulling it to zero), and dead-code restarts (if enabled) soon move it onto data.

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import distributed
 from .search import DEFAULT_BLOCK_BYTES, code_distances, distance_dtype, nearest_code
 
 
@@ -143,6 +144,25 @@ def kmeans(
         all_reduce(counts)
         all_reduce(sums)
         centroids = _moved(centroids, sums, counts, use_cosine_sim, least=1)
+    return KMeansResult(centroids, counts)
+
+
+def kmeans_synced(rows: Tensor, num_clusters: int, num_iters: int, *, synced: bool,
+                  use_cosine_sim: bool = False,
+                  max_block_bytes: int = DEFAULT_BLOCK_BYTES) -> KMeansResult:
+    """:func:`kmeans` of ``rows`` ``(N, D)``, or with ``synced`` of every process's rows: rank 0
+    clusters them all and sends the result, so that every process starts from the same
+    codebook."""
+    data = distributed.gather_rows(rows) if synced else rows
+    if not synced or distributed.rank() == 0:
+        centroids, counts = kmeans(data, num_clusters, num_iters,
+                                   use_cosine_sim=use_cosine_sim, max_block_bytes=max_block_bytes)
+    else:
+        centroids = rows.new_empty(num_clusters, rows.shape[-1])
+        counts = rows.new_empty(num_clusters)
+    if synced:
+        distributed.broadcast(centroids, src=0)
+        distributed.broadcast(counts, src=0)
     return KMeansResult(centroids, counts)
 
 

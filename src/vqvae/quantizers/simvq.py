@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from . import distributed, guard
 from .bf16_presearch import nearest
 from .checks import check_finite
-from .kmeans import kmeans, kmeans_fixed
+from .kmeans import kmeans_fixed, kmeans_synced
 from .onednn_linear import linear, linear_with_grad
 from .search import DEFAULT_BLOCK_BYTES
 from .tracing import tracing
@@ -358,15 +358,9 @@ class SimVQ(nn.Module):
         rows = rows.detach().float()
         if ok is None:
             check_finite(rows)
-            synced = distributed.should_sync(None)
-            data = distributed.gather_rows(rows) if synced else rows
-            if not synced or distributed.rank() == 0:
-                centroids = kmeans(data, self.codebook_size, self.kmeans_iters,
-                                   max_block_bytes=self.max_search_bytes).centroids
-            else:
-                centroids = rows.new_empty(self.codebook_size, self.dim)
-            if synced:
-                distributed.broadcast(centroids, src=0)
+            centroids = kmeans_synced(rows, self.codebook_size, self.kmeans_iters,
+                                      synced=distributed.should_sync(None),
+                                      max_block_bytes=self.max_search_bytes).centroids
         else:
             if distributed.should_sync(None):
                 raise QuantizerInputError(
