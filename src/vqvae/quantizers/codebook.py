@@ -57,7 +57,7 @@ from . import cpu_kernel, distributed
 from .checks import QuantizerInputError, check_finite, require
 from .kmeans import kmeans_fixed, kmeans_synced
 from .search import DEFAULT_BLOCK_BYTES, nearest_code, sample_code
-from .tracing import tracing
+from .tracing import host_flag, tracing
 
 #: Starting codes: ``"kaiming_uniform"`` (U(-b, b), b = sqrt(6 / (K·D)), as
 #: ``nn.init.kaiming_uniform_`` on the (C, K, D) tensor, the reference library's choice) or
@@ -222,8 +222,7 @@ class Codebook(nn.Module):
         while tracing, or on another device, from the host's copy of it (no read-back)."""
         if not self.kmeans_init:
             return False
-        if not (tracing() or self.initted.device.type != "cpu"):
-            self._initted_known = bool(self.initted)
+        self._initted_known = host_flag(self.initted, self._initted_known)
         return not self._initted_known
 
     @property

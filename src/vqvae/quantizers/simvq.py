@@ -60,7 +60,7 @@ from .checks import check_finite
 from .kmeans import kmeans_fixed, kmeans_synced
 from .onednn_linear import linear, linear_with_grad
 from .search import DEFAULT_BLOCK_BYTES
-from .tracing import tracing
+from .tracing import host_flag, tracing
 from .vector_quantize import QuantizerInputError, check_input
 
 
@@ -336,8 +336,7 @@ class SimVQ(nn.Module):
         copy of it (no read-back)."""
         if not self.kmeans_init:
             return False
-        if not (tracing() or self.initted.device.type != "cpu"):
-            self._initted_known = bool(self.initted)
+        self._initted_known = host_flag(self.initted, self._initted_known)
         return not self._initted_known
 
     def extra_repr(self) -> str:

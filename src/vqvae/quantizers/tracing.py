@@ -34,6 +34,15 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
+def host_flag(flag: Tensor, known: bool) -> bool:
+    """The value of the 0-d bool buffer ``flag`` for the host to branch on: read from the
+    buffer on the CPU outside tracing (free there, and it sees a buffer written directly);
+    while tracing, or on another device, ``known``, the host's copy of it (no read-back)."""
+    if tracing() or flag.device.type != "cpu":
+        return known
+    return bool(flag)
+
+
 def spread_nonfinite(x: Tensor) -> Tensor:
     """``x`` with each ±Inf entry turned into NaN; finite entries keep their value (``x - x``
     is 0 for them and NaN for ±Inf and NaN). One elementwise op, fused by the compiler."""
