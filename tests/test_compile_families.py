@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 MAKERS = {
     "FSQ": lambda: FSQ(levels=[5, 4, 3], dim=8),
+    "FSQ-inward": lambda: FSQ(levels=[5, 4, 3], dim=8, inward_clamp=True),
     "ResidualFSQ": lambda: ResidualFSQ(dim=8, levels=[5, 4, 3], num_quantizers=2),
     "GroupedResidualFSQ": lambda: GroupedResidualFSQ(dim=8, groups=2, levels=[5, 4, 3],
                                                      num_quantizers=2),

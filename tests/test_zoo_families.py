@@ -117,15 +117,19 @@ def test_bad_settings_are_named(name, kwargs, match):
 
 
 def test_ours_and_the_library_share_settings():
-    for ours in ("fsq", "lfq"):
-        assert registry.get(ours).defaults == registry.get(f"lucidrains-{ours}").defaults
-    # SimVQ: every option the library takes is the same; ours adds only its own k-means start
-    from vqvae.zoo_families import SIMVQ_OURS_ONLY
+    assert registry.get("lfq").defaults == registry.get("lucidrains-lfq").defaults
+    # FSQ and SimVQ: every option the library takes is the same; ours adds only options of its
+    # own (FSQ's inward clamp, SimVQ's k-means start), which the library's adapters refuse
+    from vqvae.zoo_families import FSQ_OURS_ONLY, SIMVQ_OURS_ONLY
 
-    theirs = registry.get("lucidrains-simvq").defaults
-    extra = {k: v for k, v in registry.get("simvq").defaults.items() if k not in theirs}
-    assert extra == {"kmeans_init": True} and set(extra) <= set(SIMVQ_OURS_ONLY)
-    assert all(registry.get("simvq").defaults[k] == v for k, v in theirs.items())
+    for name, own, ours_only in (("fsq", {"inward_clamp": True}, FSQ_OURS_ONLY),
+                                 ("simvq", {"kmeans_init": True}, SIMVQ_OURS_ONLY)):
+        theirs = registry.get(f"lucidrains-{name}").defaults
+        extra = {k: v for k, v in registry.get(name).defaults.items() if k not in theirs}
+        assert extra == own and set(extra) <= set(ours_only)
+        assert all(registry.get(name).defaults[k] == v for k, v in theirs.items())
+        with pytest.raises(ValueError, match=f"{next(iter(own))} is an option of our"):
+            registry.get(f"lucidrains-{name}").build(16, 512, {**theirs, **own})
 
 
 def mnist_available() -> bool:

@@ -22,6 +22,16 @@ fsq(z)``. Where we differ on purpose:
   already rounded value whatever the levels: several bins when ``L`` is large.
 - Non-finite input raises :class:`QuantizerInputError`; wrong shapes raise it too, naming the
   expected layout.
+- Under autocast the projections run in float32 with the rest of the call (the library's run in
+  the autocast dtype); the output has the autocast dtype, as the library's.
+
+One option of ours: ``inward_clamp=True`` bounds with the clamp of ``bound_hard_clamp`` but
+keeps its gradient outside [-1, 1] wherever that gradient points back into the range
+(:func:`clamp_gradient`). With tanh the straight-through gradient fades towards the outer levels;
+with torch's clamp an entry pushed past the range gets no gradient again and its channel can die
+(the course MLP collapsed to 5 codes in one of three seeds); an identity gradient lets entries
+run away outwards. The inward rule has full gradient over the range, pulls saturated entries
+back and never pushes them further out. The forward is the clamp bound's, bit for bit.
 """
 
 from __future__ import annotations
@@ -72,6 +82,20 @@ def check_tensor(z: object, dim: int, channel_axis: int) -> None:
             f"got shape {tuple(z.shape)}")
 
 
+def clamp_gradient(grad: Tensor, u: Tensor, mode: bool | str) -> Tensor:
+    """The gradient through ``clamp(u, -1, 1)``: kept inside the range; outside it, dropped
+    (``mode`` True, torch's clamp) or, with ``mode == "inward"``, kept where it has the sign of
+    ``u``, so that a descent step moves ``u`` back towards the range and never further out."""
+    inside = u.abs() <= 1.0
+    if mode == INWARD:
+        inside = inside | (u * grad > 0)
+    return grad * inside
+
+
+#: ``hard_clamp`` value of the bound functions for ``FSQ(inward_clamp=True)``
+INWARD = "inward"
+
+
 class _BoundAndRound(torch.autograd.Function):
     """Squash, round and rescale in one autograd node (straight-through estimator).
 
@@ -80,7 +104,8 @@ class _BoundAndRound(torch.autograd.Function):
         level  = floor((t + 1) * (L - 1) / 2 + 0.5)         (symmetric FSQ)
         code   = (level - half_width) / half_width  or  level * 2 / (L - 1) - 1
     Backward: rounding is the identity, so d code / dz = slope * act'(z + shift), with
-    slope = half_l / half_width (standard) or 1 (symmetric).
+    slope = half_l / half_width (standard) or 1 (symmetric); for the clamp see
+    :func:`clamp_gradient` (``hard_clamp`` True or INWARD).
     """
 
     @staticmethod
@@ -101,10 +126,10 @@ class _BoundAndRound(torch.autograd.Function):
     def backward(ctx, grad_code, _grad_level):
         saved, slope = ctx.saved_tensors
         if ctx.hard_clamp:
-            local = ((saved >= -1.0) & (saved <= 1.0)).to(grad_code.dtype) * slope
+            grad = clamp_gradient(grad_code * slope, saved, ctx.hard_clamp)
         else:
-            local = (1.0 - saved * saved) * slope
-        return grad_code * local, None, None, None, None, None, None, None, None
+            grad = grad_code * ((1.0 - saved * saved) * slope)
+        return grad, None, None, None, None, None, None, None, None
 
 
 class _ProjectedFSQ(torch.autograd.Function):
@@ -161,10 +186,7 @@ class _ProjectedFSQ(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         spare = grad_out if grad_out is not given and grad_out.shape == x.shape else None
         in_bias, out_bias = ctx.has_bias
-        if ctx.hard_clamp:
-            local = ((saved >= -1.0) & (saved <= 1.0)).to(code.dtype) * slope
-        else:
-            local = (1.0 - saved * saved) * slope
+        local = slope if ctx.hard_clamp else (1.0 - saved * saved) * slope
         # (codebook_dim [+ 1], N) @ (N, dim): the narrow operand transposed. The same product
         # as grad_out.t() @ code (what Linear's backward computes), which BLAS runs ~30x
         # slower here with N = 8192 and 4 columns
@@ -177,6 +199,8 @@ class _ProjectedFSQ(torch.autograd.Function):
         # w_out is (dim, codebook_dim) row-major; BLAS wants it as the transpose of a row-major
         # (codebook_dim, dim) here (4x faster at N = 8192, dim = 256)
         grad_h = (grad_out @ w_out.t().contiguous().t()) * local  # (N, codebook_dim)
+        if ctx.hard_clamp:
+            grad_h = clamp_gradient(grad_h, saved, ctx.hard_clamp)
         if spare is None and narrow_routed(grad_h, w_in.t()):  # 0.26 ms against 0.83 (hot)
             grad_x = linear(grad_h, w_in.t())
         else:  # into the gradient's copy: no new (N, dim) buffer
@@ -206,6 +230,7 @@ class FSQ(nn.Module):
         noise_dropout: float = 0.0,
         bound_hard_clamp: bool = False,
         orthogonal_rotation: bool = False,
+        inward_clamp: bool = False,
     ):
         super().__init__()
         levels = [int(level) for level in levels]
@@ -220,6 +245,8 @@ class FSQ(nn.Module):
             raise ValueError("noise_dropout needs preserve_symmetry=True")
         if num_codebooks < 1:
             raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks}")
+        if not isinstance(inward_clamp, bool):
+            raise ValueError(f"inward_clamp must be True or False, got {inward_clamp!r}")
         if keep_num_codebooks_dim is None:
             keep_num_codebooks_dim = num_codebooks > 1
         if num_codebooks > 1 and not keep_num_codebooks_dim:
@@ -251,7 +278,10 @@ class FSQ(nn.Module):
         self.codebook_size = math.prod(levels)
         self.allowed_dtypes = allowed_dtypes
         self.force_quantization_f32 = force_quantization_f32
-        self.bound_hard_clamp = bound_hard_clamp
+        # inward_clamp (ours): the clamp bound, with the gradient of clamp_gradient's INWARD
+        self.inward_clamp = bool(inward_clamp)
+        self.bound_hard_clamp = bool(bound_hard_clamp) or self.inward_clamp
+        self._clamp = INWARD if self.inward_clamp else self.bound_hard_clamp
         self.orthogonal_rotation = orthogonal_rotation
         self._register_constants(levels)
         if orthogonal_rotation:
@@ -332,7 +362,7 @@ class FSQ(nn.Module):
 
     def _bound_and_round(self, z: Tensor) -> tuple[Tensor, Tensor]:
         constants = self._constants(z.dtype, z.device)
-        return _BoundAndRound.apply(z, *constants, self.preserve_symmetry, self.bound_hard_clamp)
+        return _BoundAndRound.apply(z, *constants, self.preserve_symmetry, self._clamp)
 
     def maybe_apply_noise(self, codes: Tensor, bounded: Tensor | None = None) -> Tensor:
         """In training with ``noise_dropout``: for each entry with that probability, the
@@ -469,13 +499,30 @@ class FSQ(nn.Module):
         return FSQOutput(out, indices)
 
     def _fused_call(self, z: Tensor) -> tuple[Tensor, Tensor | None] | None:
-        """The common case (projections, float32/float64, no rotation or noise, autocast off)
-        in one autograd node; None when the general path is needed."""
+        """The common case (projections, float32/float64, no rotation or noise) in one autograd
+        node; None when the general path is needed.
+
+        Under autocast, with float32 weights and a float32 or autocast-dtype input, the whole
+        call (projections too) runs in float32 and the output is cast to the autocast dtype,
+        the dtype the general path's ``project_out`` gives there. The projections are narrow
+        (``dim`` to ``len(levels)``): at the course MLP's 2048 x 16 rows the bfloat16 products
+        cost more than the float32 ones (dtype casts and small-matmul overhead), and float32
+        is the more accurate."""
+        device_type = z.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            if not (self.has_projections and z.dtype in (torch.float32, dtype)
+                    and self.project_in.weight.dtype == torch.float32):
+                return None
+            with torch.autocast(device_type, enabled=False):
+                fused = self._fused_call(z.float())
+            if fused is None:
+                return None
+            return fused[0].to(dtype), fused[1]
         if not (self.has_projections and z.dtype in self.allowed_dtypes
                 and not self.orthogonal_rotation
                 and not (self.noise_dropout > 0.0 and self.training)
-                and z.dtype == self.project_in.weight.dtype
-                and not torch.is_autocast_enabled(z.device.type)):
+                and z.dtype == self.project_in.weight.dtype):
             return None
         flat = z.reshape(-1, self.dim)
         pin, pout = self.project_in, self.project_out
@@ -486,7 +533,7 @@ class FSQ(nn.Module):
         table = self._table_for(flat.shape[0], z.dtype, z.device)
         out, level, index = _ProjectedFSQ.apply(flat, pin.weight, pin.bias, pout.weight,
                                                 pout.bias, *constants, self.preserve_symmetry,
-                                                self.bound_hard_clamp, table)
+                                                self._clamp, table)
         indices = None
         if self.return_indices:
             if table is not None:

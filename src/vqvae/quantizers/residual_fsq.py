@@ -106,6 +106,9 @@ class ResidualFSQ(nn.Module):
             raise ValueError(f"every level must be > 1, got {levels}")
         if quantize_dropout_cutoff_index < 0:
             raise ValueError("quantize_dropout_cutoff_index must be >= 0")
+        if kwargs.get("inward_clamp"):
+            raise ValueError("inward_clamp is an option of FSQ alone; the residual stack "
+                             "quantizes with its own clamp (bound_hard_clamp)")
         codebook_dim = len(levels)
         dim = codebook_dim if dim is None else dim
         self.dim = dim
