@@ -827,3 +827,25 @@ def test_projected_fsq_gathered_gradients_every_bound(symmetric, hard_clamp, bia
     assert torch.allclose(x.grad, x_ref.grad, atol=1e-10)
     for ours, textbook in zip(fsq.parameters(), ref.parameters(), strict=True):
         assert torch.allclose(ours.grad, textbook.grad, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("features", [(40, 3), (3, 40)])  # narrowing, widening
+@pytest.mark.parametrize("bias", [True, False])
+def test_narrow_linear_gradients_are_linears(features, bias):
+    """narrow_linear's own backward (its operand orders, and the bias gradient taken from the
+    weight gradient's product when the input is the narrow side) against nn.Linear's autograd
+    in float64."""
+    from vqvae.quantizers.narrow_linear import narrow_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(*features, bias=bias).double()
+    x = torch.randn(3, 1500, features[0], dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 1500, features[1], dtype=torch.float64)
+    (narrow_linear(x, layer) * weight).sum().backward()
+    got = [x.grad] + [p.grad for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    (layer(x) * weight).sum().backward()
+    expected = [x.grad] + [p.grad for p in layer.parameters()]
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-10)
