@@ -540,8 +540,8 @@ class FSQ(nn.Module):
                     ) -> tuple[Tensor, Tensor, Tensor]:
         """(codebook_size, codebook_dim) every code in index order, as the forward computes
         codes from levels, the index basis, and the index of the lowest standard level (0-d),
-        all in ``dtype`` (cached, like the bound's
-        constants: neither depends on anything a call or an optimiser changes)."""
+        all in ``dtype`` (cached, like the bound's constants: none depends on anything a call
+        or an optimiser changes)."""
         key = ("table", dtype, device)
         hit = self._cache.get(key)
         if hit is None:

@@ -86,7 +86,7 @@ class _ResidualStack(torch.autograd.Function):
         ctx.save_for_backward(local)
         if not levels:
             indices = x.new_zeros((*x.shape[:-1], 0), dtype=torch.long)
-        elif basis.is_floating_point():  # exact: every partial sum an integer below 2**24
+        elif basis.is_floating_point():  # exact: every partial sum an integer the dtype holds
             indices = (torch.stack(levels, -2) @ basis).long()
         else:
             indices = (torch.stack(levels, -2).long() * basis).sum(-1)
