@@ -786,3 +786,66 @@ def test_projected_fsq_gathered_rows_decode_from_their_indices(options):
                                            strict=True)
                        for chunk in [chunk.requires_grad_()]], 1)
     torch.testing.assert_close(x.grad, grads, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("hard_clamp", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_projected_fsq_gathered_gradients_every_bound(symmetric, hard_clamp, bias):
+    """The gathered projected call (many rows per code) for each bound and with or without
+    projection biases: every gradient against autograd on the textbook continuous bound, in
+    float64, with the straight-through values taken from the unprojected bound."""
+    levels = [4, 3] if symmetric else [5, 3]
+    torch.manual_seed(5)
+    fsq = FSQ(levels, dim=6, preserve_symmetry=symmetric, bound_hard_clamp=hard_clamp,
+              projection_has_bias=bias).double()
+    x = (torch.randn(2, 200, 6, dtype=torch.float64) * 1.5).requires_grad_()
+    weight = torch.randn(2, 200, 6, dtype=torch.float64)
+    out, indices = fsq(x)
+    (out * weight).sum().backward()
+
+    ref = FSQ(levels, dim=6, preserve_symmetry=symmetric, bound_hard_clamp=hard_clamp,
+              projection_has_bias=bias).double()
+    ref.load_state_dict(fsq.state_dict())
+    x_ref = x.detach().clone().requires_grad_()
+    h = ref.project_in(x_ref)
+    lv = torch.tensor(levels, dtype=torch.float64)
+    act = (lambda v: v.clamp(-1, 1)) if hard_clamp else torch.tanh
+    if symmetric:  # code = (L-1)(t+1)/2 rounded, times 2/(L-1), minus 1: slope 1 in t
+        continuous = act(h)
+    else:
+        half_l = (lv - 1) * (1 + EPS) / 2
+        offset = (lv % 2 == 0).double() * 0.5
+        shift = offset / half_l if hard_clamp else torch.atanh(offset / half_l)
+        continuous = (act(h + shift) * half_l - offset) / (lv // 2)
+    codes = ref.quantize(h.detach())
+    straight = continuous + (codes - continuous).detach()
+    expected = ref.project_out(straight)
+    assert torch.allclose(out, expected, atol=1e-12)
+    assert torch.equal(indices, ref.codes_to_indices(codes))
+    (expected * weight).sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-10)
+    for ours, textbook in zip(fsq.parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(ours.grad, textbook.grad, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("features", [(40, 3), (3, 40)])  # narrowing, widening
+@pytest.mark.parametrize("bias", [True, False])
+def test_narrow_linear_gradients_are_linears(features, bias):
+    """narrow_linear's own backward (its operand orders, and the bias gradient taken from the
+    weight gradient's product when the input is the narrow side) against nn.Linear's autograd
+    in float64."""
+    from vqvae.quantizers.narrow_linear import narrow_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(*features, bias=bias).double()
+    x = torch.randn(3, 1500, features[0], dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 1500, features[1], dtype=torch.float64)
+    (narrow_linear(x, layer) * weight).sum().backward()
+    got = [x.grad] + [p.grad for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    (layer(x) * weight).sum().backward()
+    expected = [x.grad] + [p.grad for p in layer.parameters()]
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-10)

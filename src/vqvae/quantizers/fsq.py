@@ -85,11 +85,12 @@ def check_tensor(z: object, dim: int, channel_axis: int) -> None:
 def clamp_gradient(grad: Tensor, u: Tensor, mode: bool | str) -> Tensor:
     """The gradient through ``clamp(u, -1, 1)``: kept inside the range; outside it, dropped
     (``mode`` True, torch's clamp) or, with ``mode == "inward"``, kept where it has the sign of
-    ``u``, so that a descent step moves ``u`` back towards the range and never further out."""
+    ``u``, so that a descent step moves ``u`` back towards the range and never further out.
+    Multiplies ``grad`` in place."""
     inside = u.abs() <= 1.0
     if mode == INWARD:
         inside = inside | (u * grad > 0)
-    return grad * inside
+    return grad.mul_(inside)  # the callers' own buffer
 
 
 #: ``hard_clamp`` value of the bound functions for ``FSQ(inward_clamp=True)``
@@ -142,7 +143,8 @@ class _ProjectedFSQ(torch.autograd.Function):
     against [codes, 1], in the fast order. ``table`` (every code and the index basis, given
     when there are at least TABLE_ROWS_PER_CODE rows per code): project_out is applied to the
     codes once and the output rows gathered by index, one write of the (N, dim) output; the
-    indices come back as the third output (an empty tensor without a table).
+    indices come back as the third output and the levels (second) are left empty, the other
+    way round without a table.
     """
 
     @staticmethod
@@ -153,27 +155,46 @@ class _ProjectedFSQ(torch.autograd.Function):
             h = spread_nonfinite(h)
         elif not all_finite(h):  # tanh would map Inf to a valid code
             check_finite(x)
-        u = h + shift
+        u = h.add_(shift)  # h is this call's own buffer
         t = u.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(u)
+        # with a table, the codes go into the first columns of an (N, codebook_dim + 1)
+        # buffer whose last column is 1: the backward's product for project_out's weight and
+        # bias reads it whole (without, project_out takes the codes contiguous, as Linear does)
+        n, width = t.shape
+        ones_column = b_out is not None and table is not None
+        code_ext = t.new_empty(n, width + 1) if ones_column else None
+        code = code_ext[:, :width] if ones_column else None
         if symmetric:  # the library's order of operations, so that ties fall alike
             level = torch.floor((t + 1.0) * scale + 0.5)
+            code = torch.sub(level * step, 1.0, out=code)
         else:
-            level = torch.round(torch.addcmul(bias, t, scale)) + centre
-        code = level * step - 1.0 if symmetric else (level - centre) / centre
+            # round(.) is an integer, so (round(.) + centre - centre) / centre is exactly
+            # round(.) / centre: the library's value without forming and undoing the level
+            level = torch.round(torch.addcmul(bias, t, scale))
+            code = torch.div(level, centre, out=code)
+        if ones_column:
+            code_ext[:, width].fill_(1.0)
         if table is None:
+            if not symmetric:
+                level = level.add_(centre)
             out = code @ w_out.t() if b_out is None else torch.addmm(b_out, code, w_out.t())
             index = level.new_empty(0, dtype=torch.long)
         else:
             # few codes, many rows: project each code once and gather the rows, one write
             # of the (N, dim) output instead of addmm's three passes (bias copy, read, write)
-            every_code, basis = table
-            index = (level @ basis).long()  # exact: every partial sum an integer < 2**24
+            every_code, basis, first = table
+            # level . basis, exact: every partial sum an integer < 2**24; ``first`` is the
+            # index of the lowest standard level (centre . basis), 0 for symmetric FSQ
+            index = torch.addmv(first, level, basis).long()
             rows = every_code @ w_out.t() if b_out is None else torch.addmm(
                 b_out, every_code, w_out.t())
             out = rows.index_select(0, index)
+            level = level.new_empty(0)  # the caller reads the indices
         ctx.hard_clamp = hard_clamp
         ctx.has_bias = (b_in is not None, b_out is not None)
-        ctx.save_for_backward(x, w_in, w_out, code, u if hard_clamp else t, slope)
+        ctx.ones_column = ones_column
+        ctx.save_for_backward(x, w_in, w_out, code_ext if ones_column else code,
+                              u if hard_clamp else t, slope)
         ctx.mark_non_differentiable(level, index)
         return out, level, index
 
@@ -186,21 +207,25 @@ class _ProjectedFSQ(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         spare = grad_out if grad_out is not given and grad_out.shape == x.shape else None
         in_bias, out_bias = ctx.has_bias
-        local = slope if ctx.hard_clamp else (1.0 - saved * saved) * slope
         # (codebook_dim [+ 1], N) @ (N, dim): the narrow operand transposed. The same product
         # as grad_out.t() @ code (what Linear's backward computes), which BLAS runs ~30x
-        # slower here with N = 8192 and 4 columns
-        grad_b_out = None
+        # slower here with N = 8192 and 4 columns. A column of ones gives the bias gradient in
+        # the same product (the forward's code buffer carries it when there is a table)
         if out_bias:
-            both = narrow_outer(torch.cat([code, torch.ones_like(code[:, :1])], 1), grad_out)
+            if not ctx.ones_column:
+                code = torch.cat([code, torch.ones_like(code[:, :1])], 1)
+            both = narrow_outer(code, grad_out)
             grad_w_out, grad_b_out = both[:-1].t(), both[-1]
         else:
-            grad_w_out = narrow_outer(code, grad_out).t()
+            grad_w_out, grad_b_out = narrow_outer(code, grad_out).t(), None
         # w_out is (dim, codebook_dim) row-major; BLAS wants it as the transpose of a row-major
-        # (codebook_dim, dim) here (4x faster at N = 8192, dim = 256)
-        grad_h = (grad_out @ w_out.t().contiguous().t()) * local  # (N, codebook_dim)
+        # (codebook_dim, dim) here (4x faster at N = 8192, dim = 256). The bound's slope is
+        # folded into that small matrix, so the (N, codebook_dim) side takes one product
+        grad_h = grad_out @ (w_out * slope).t().contiguous().t()  # (N, codebook_dim)
         if ctx.hard_clamp:
             grad_h = clamp_gradient(grad_h, saved, ctx.hard_clamp)
+        else:  # tanh' = 1 - t^2
+            grad_h = grad_h.addcmul_(grad_h, saved * saved, value=-1.0)
         if spare is None and narrow_routed(grad_h, w_in.t()):  # 0.26 ms against 0.83 (hot)
             grad_x = linear(grad_h, w_in.t())
         else:  # into the gradient's copy: no new (N, dim) buffer
@@ -548,7 +573,7 @@ class FSQ(nn.Module):
         return out.view(*z.shape[:-1], self.dim), indices
 
     def _table_for(self, rows: int, dtype: torch.dtype, device: torch.device
-                   ) -> tuple[Tensor, Tensor] | None:
+                   ) -> tuple[Tensor, Tensor, Tensor] | None:
         """The code table (see ``_code_table``) when a call on ``rows`` rows projects the codes
         once and gathers (``_ProjectedFSQ``), else None. Not while tracing: a NaN there (see
         .tracing) must reach the output, not an index."""
@@ -560,10 +585,12 @@ class FSQ(nn.Module):
             return self._code_table(dtype, device)
         return None
 
-    def _code_table(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _code_table(self, dtype: torch.dtype, device: torch.device
+                    ) -> tuple[Tensor, Tensor, Tensor]:
         """(codebook_size, codebook_dim) every code in index order, as the forward computes
-        codes from levels, and the index basis, both in ``dtype`` (cached, like the bound's
-        constants: neither depends on anything a call or an optimiser changes)."""
+        codes from levels, the index basis, and the index of the lowest standard level (0-d),
+        all in ``dtype`` (cached, like the bound's constants: none depends on anything a call
+        or an optimiser changes)."""
         key = ("table", dtype, device)
         hit = self._cache.get(key)
         if hit is None:
@@ -571,7 +598,9 @@ class FSQ(nn.Module):
             level = self.indices_to_level_indices(
                 torch.arange(self.codebook_size, device=device)).to(dtype)
             code = level * step - 1.0 if self.preserve_symmetry else (level - centre) / centre
-            hit = self._cache[key] = (code, self._basis.to(dtype))
+            basis = self._basis.to(dtype)
+            first = (torch.zeros_like(basis) if self.preserve_symmetry else centre) @ basis
+            hit = self._cache[key] = (code, basis, first)
         return hit
 
     def _bounded(self, h: Tensor) -> Tensor:

@@ -85,11 +85,18 @@ class _NarrowLinear(torch.autograd.Function):
             # a row-major (wide, narrow) weight is fast only as the transpose of its transpose
             w = weight.t().contiguous().t() if out_features > in_features else weight
             grad_x = grad @ w
-        if ctx.needs_input_grad[1]:
-            # the narrow operand goes first, transposed
-            grad_w = (narrow_outer(grad, x) if out_features <= in_features
-                      else narrow_outer(x, grad).t())
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        want_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1] and out_features > in_features:
+            # the narrow operand goes first, transposed; with a bias, a column of ones on it
+            # gives the bias gradient from the same pass over the wide gradient
+            if want_b:
+                both = narrow_outer(torch.cat([x, torch.ones_like(x[:, :1])], 1), grad)
+                grad_w, grad_b = both[:-1].t(), both[-1]
+            else:
+                grad_w = narrow_outer(x, grad).t()
+        elif ctx.needs_input_grad[1]:
+            grad_w = narrow_outer(grad, x)
+        if want_b and grad_b is None:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b
 

@@ -48,37 +48,55 @@ class _ResidualStack(torch.autograd.Function):
     """All residual layers in one node. Forward per layer q (``u = residual / scale_q``):
     ``t = act(u)``, ``level = floor((t + 1) (L - 1) / 2 + 1/2)``, ``code = level * 2/(L-1) - 1``,
     ``out += code * scale_q``, ``residual -= code * scale_q``. Backward: the straight-through
-    derivative of layer q w.r.t. x is act'(u_q) (the 1/scale and scale cancel)."""
+    derivative of layer q w.r.t. x is act'(u_q) (the 1/scale and scale cancel).
+
+    Returns the output and the (..., active) int64 indices. The arithmetic keeps the library's
+    order (so the output has its bits); the work between is done in place, on buffers of this
+    call, since each of these small elementwise steps costs about as much in dispatch as in
+    arithmetic."""
 
     @staticmethod
-    def forward(ctx, x, scales, half_span, step, active, hard_clamp):
-        # scales: a tuple of per-layer (codebook_dim,) tensors
+    def forward(ctx, x, scales, half_span, step, basis, active, hard_clamp):
+        # scales: a tuple of per-layer (codebook_dim,) tensors; basis: the index basis as a
+        # float vector, or as int64 when level . basis might not be exact in x's dtype
         residual = x
         out = local = None
         levels = []
+        grad = x.requires_grad
         for q in range(active):
             u = residual / scales[q]
-            t = u.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(u)
-            level = torch.floor((t + 1.0) * half_span + 0.5)  # the library's order
-            quantized = (level * step - 1.0) * scales[q]
+            if hard_clamp:
+                t = u.clamp(-1.0, 1.0)
+                if grad:  # 1 inside the clamp: exactly where the clamp left u alone
+                    inside = t == u
+                    local = inside.to(x.dtype) if local is None else local.add_(inside)
+            else:
+                t = torch.tanh(u)
+                if grad:  # the sum of tanh' = 1 - t^2: the sum of t^2 here, subtracted below
+                    local = t * t if local is None else local.addcmul_(t, t)
+            # the library's order: floor((t + 1) * half_span + 0.5), in t's own buffer
+            level = t.add_(1.0).mul_(half_span).add_(0.5).floor_()
+            levels.append(level)
+            quantized = (level * step).sub_(1.0).mul_(scales[q])
             out = quantized if out is None else out.add_(quantized)
             if q + 1 < active:
-                residual = residual - quantized
-            levels.append(level)
-            if x.requires_grad:
-                # straight-through derivative of this layer: 1 inside the clamp, tanh' outside
-                part = (u.abs() <= 1.0) if hard_clamp else 1.0 - t * t
-                local = part.to(x.dtype) if local is None else local.add_(part)
+                residual = residual - quantized if q == 0 else residual.sub_(quantized)
+        if local is not None and not hard_clamp:
+            local = torch.rsub(local, float(active))
         ctx.save_for_backward(local)
-        level_stack = torch.stack(levels, -2) if levels else x.new_zeros((*x.shape[:-1], 0,
-                                                                           x.shape[-1]))
-        ctx.mark_non_differentiable(level_stack)
-        return out, level_stack
+        if not levels:
+            indices = x.new_zeros((*x.shape[:-1], 0), dtype=torch.long)
+        elif basis.is_floating_point():  # exact: every partial sum an integer the dtype holds
+            indices = (torch.stack(levels, -2) @ basis).long()
+        else:
+            indices = (torch.stack(levels, -2).long() * basis).sum(-1)
+        ctx.mark_non_differentiable(indices)
+        return out, indices
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_levels):
+    def backward(ctx, grad_out, _grad_indices):
         (local,) = ctx.saved_tensors
-        return grad_out * local, None, None, None, None, None
+        return grad_out * local, None, None, None, None, None, None
 
 
 class ResidualFSQ(nn.Module):
@@ -217,8 +235,7 @@ class ResidualFSQ(nn.Module):
         math_dtype = torch.float32 if orig_dtype in _HALF_DTYPES else orig_dtype
         with torch.autocast(h.device.type, enabled=False):
             if self._plain_layers or not self.training:
-                quantized, levels = self._stack(h.to(math_dtype), active)
-                indices = (levels.long() * self._basis).sum(-1)  # (..., active)
+                quantized, indices = self._stack(h.to(math_dtype), active)  # (..., active)
             else:
                 quantized, indices = self._layer_by_layer(h.to(math_dtype), active)
         if active < self.num_quantizers:
@@ -237,8 +254,12 @@ class ResidualFSQ(nn.Module):
         key = (h.dtype, h.device)
         constants = self._cache.get(key)
         if constants is None:
+            # the indices as one product of the levels with the basis where every partial sum
+            # is an integer the dtype holds exactly (2**24 in float32), else in int64
+            exact = 2 ** 24 if h.dtype == torch.float32 else 2 ** 53
+            basis = self._basis.to(h.dtype) if self.codebook_size <= exact else self._basis
             constants = (tuple(self.scales.to(h.dtype).unbind(0)), self._half_span.to(h.dtype),
-                         self._step.to(h.dtype))
+                         self._step.to(h.dtype), basis)
             self._cache = {key: constants}
         return _ResidualStack.apply(h, *constants, active, self.bound_hard_clamp)
 
