@@ -19,7 +19,9 @@ def float64_check(indices: torch.Tensor, x: torch.Tensor, codes: torch.Tensor) -
     """Each index is nearest in float64 up to float32 rounding, and is the float64 argmin
     wherever the runner-up is further than that; returns how many rows were that clear."""
     x64, c64 = x.double(), codes.double()
-    d = ((x64[:, None, :] - c64[None, :, :]) ** 2).sum(-1)  # (N, K) brute force
+    # (N, K) squared distances in float64, every pair (its rounding is some 1e-16 of the
+    # terms, far below the float32 slack)
+    d = x64.pow(2).sum(1, keepdim=True) - 2 * x64 @ c64.T + c64.pow(2).sum(1)
     # float32's ||c||² - 2 x·c errs by less than this (generous) slack
     slack = 4e-6 * (c64.pow(2).sum(-1).max() + 2 * x64.norm(dim=1) * c64.norm(dim=1).max())
     best, second = d.topk(2, dim=1, largest=False).values.unbind(1)
@@ -143,10 +145,11 @@ def test_non_finite_rows_get_the_float32_index(monkeypatch):
 
 
 def test_dispatch_follows_the_environment(monkeypatch):
-    x, codes = torch.randn(600, 64), torch.randn(512, 64)
+    x, codes = torch.randn(1024, 256), torch.randn(1024, 256)
     monkeypatch.setenv(bf16_presearch.PRESEARCH_ENV, "int8")
     assert bf16_presearch.presearch_kind(x, codes) == "int8"
-    assert bf16_presearch.presearch_kind(x[:10], codes) is None  # too small to pay
+    assert bf16_presearch.presearch_kind(x[:1000], codes) is None  # too small to pay
+    assert bf16_presearch.presearch_kind(x[:, :128], codes[:, :128]) is None
     assert bf16_presearch.presearch_kind(x.double(), codes.double()) is None
     assert bf16_presearch.presearch_kind(torch.randn(600, 32), torch.randn(512, 32)) is None
     monkeypatch.setenv(bf16_presearch.PRESEARCH_ENV, "off")
@@ -155,17 +158,20 @@ def test_dispatch_follows_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="VQVAE_CPU_PRESEARCH"):
         bf16_presearch.presearch_kind(x, codes)
     monkeypatch.delenv(bf16_presearch.PRESEARCH_ENV)
-    monkeypatch.setattr(bf16_presearch, "native_bf16", lambda: False)  # an AVX2-only CPU
-    assert bf16_presearch.presearch_kind(x, codes) == "int8"
-    monkeypatch.setattr(bf16_presearch, "native_bf16", lambda: True)
+    for native in (False, True):  # AVX2 only, or with bf16 dot products: int8 first
+        monkeypatch.setattr(bf16_presearch, "native_bf16", lambda native=native: native)
+        assert bf16_presearch.presearch_kind(x, codes) == "int8"
+    monkeypatch.setattr(int8_presearch, "levels", lambda: None)  # no exact int8 product
     assert bf16_presearch.presearch_kind(x, codes) == "bf16"
+    monkeypatch.setenv(bf16_presearch.PRESEARCH_ENV, "int8")
+    assert bf16_presearch.presearch_kind(x, codes) is None
 
 
 def test_nearest_takes_the_int8_path(monkeypatch):
     monkeypatch.setenv(bf16_presearch.PRESEARCH_ENV, "int8")
     called = Spy(monkeypatch, int8_presearch, "nearest_code_int8")
     g = torch.Generator().manual_seed(8)
-    x, codes = torch.randn(600, 64, generator=g), torch.randn(512, 64, generator=g)
+    x, codes = torch.randn(1024, 256, generator=g), torch.randn(1024, 256, generator=g)
     got = bf16_presearch.nearest(x, codes)
     assert called.calls == 1
     float64_check(got, x, codes)
@@ -176,13 +182,13 @@ def test_simvq_through_the_int8_path(dtype, monkeypatch):
     monkeypatch.setenv(bf16_presearch.PRESEARCH_ENV, "int8")
     called = Spy(monkeypatch, int8_presearch, "nearest_code_int8")
     torch.manual_seed(0)
-    vq = SimVQ(dim=128, codebook_size=1024).train()
-    x = torch.randn(2, 300, 128).to(dtype).requires_grad_()
+    vq = SimVQ(dim=256, codebook_size=1024).train()
+    x = torch.randn(2, 512, 256).to(dtype).requires_grad_()
     quantized, indices, loss = vq(x)
     (quantized.float().sum() + loss).backward()
     assert called.calls == 1
     codes = vq.codebook.detach()
-    float64_check(indices.reshape(-1), x.detach().float().reshape(-1, 128), codes)
+    float64_check(indices.reshape(-1), x.detach().float().reshape(-1, 256), codes)
     assert torch.equal(quantized.detach(), codes[indices].to(dtype))
     monkeypatch.setenv(bf16_presearch.PRESEARCH_ENV, "off")  # the float32 search's gradients
     grad = x.grad.clone()
@@ -199,9 +205,9 @@ def test_simvq_through_the_int8_path(dtype, monkeypatch):
 def test_simvq_non_finite_input_raises_and_changes_nothing(monkeypatch):
     monkeypatch.setenv(bf16_presearch.PRESEARCH_ENV, "int8")
     torch.manual_seed(0)
-    vq = SimVQ(dim=64, codebook_size=512).train()
+    vq = SimVQ(dim=256, codebook_size=1024).train()
     before = {k: v.clone() for k, v in vq.state_dict().items()}
-    x = torch.randn(1, 600, 64)
+    x = torch.randn(1, 1024, 256)
     x[0, 17, 3] = float("nan")
     with pytest.raises(QuantizerInputError):
         vq(x)

@@ -48,8 +48,11 @@ from .search import DEFAULT_BLOCK_BYTES, nearest_code, search_defaults
 
 UNIT = 2.0 ** -8  # bfloat16 unit roundoff (8 significant bits, round to nearest)
 #: environment variable choosing the CPU pre-search of :func:`nearest`: ``auto`` (default: the
-#: bfloat16 one on CPUs with native bfloat16 dot products, the int8 one elsewhere), ``bf16``,
-#: ``int8`` (each where it can run, else the float32 search), or ``off`` (float32 search)
+#: int8 one wherever torch's int8 product runs, else the bfloat16 one where the CPU has native
+#: bfloat16 dot products), ``bf16``, ``int8`` (each where it can run, else the float32 search),
+#: or ``off`` (the float32 search). The int8 pre-search won on the AMD EPYC with AVX-512 VNNI
+#: too, one and two threads: 4.4 against 4.7 ms (bf16) and 5.3 ms (float32) for 1024 rows
+#: against 1024 codes of 512 dimensions, 13.4 against 17.9 and 21.0 ms for 4096 codes
 PRESEARCH_ENV = "VQVAE_CPU_PRESEARCH"
 PRESEARCH_CHOICES = ("auto", "bf16", "int8", "off")
 
@@ -124,10 +127,10 @@ def presearch_kind(x: Tensor, codebook: Tensor) -> str | None:
         raise ValueError(f"{PRESEARCH_ENV} must be one of {PRESEARCH_CHOICES}, got {choice!r}")
     if choice == "off" or not plain_usable(x, codebook):
         return None
-    if choice in ("auto", "bf16") and native_bf16():
-        return "bf16"
     if choice in ("auto", "int8") and int8_presearch.usable(x, codebook):
         return "int8"
+    if choice in ("auto", "bf16") and native_bf16():
+        return "bf16"
     return None
 
 

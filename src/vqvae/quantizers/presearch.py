@@ -7,8 +7,8 @@ which no code can be the nearest in exact arithmetic (nor the float32 search's a
 functions here turn that into indices:
 
 - :func:`candidates`: the ``(row, code)`` pairs whose ``d̃`` passes the row's threshold, found
-  tile by tile (:data:`TILE` codes) without comparing the whole ``(N, K)`` block entry by
-  entry, or None when there are too many to re-check;
+  tile by tile (:data:`TILE` codes, or another width) without comparing the whole ``(N, K)``
+  block entry by entry, or None when there are too many to re-check;
 - :func:`resolve`: the answer of rows with one candidate, and the first code at the float32
   minimum, as ``argmin`` picks among ties, for the others;
 - :func:`float32_search`: the float32 search, through oneDNN where that applies.
@@ -41,8 +41,8 @@ MAX_CANDIDATES_PER_ROW = 8
 TILE = 64
 
 #: ``threshold_of(approx, tile_min)``: the ``(N,)`` float32 threshold of each row, given the
-#: approximate distances ``(N, K)`` and, when ``K`` is a multiple of :data:`TILE`, the float32
-#: minimum of each tile ``(N, K / TILE)`` (else None)
+#: approximate distances ``(N, K)`` and, when ``K`` is a multiple of the tile (:data:`TILE`
+#: unless the caller says), the float32 minimum of each tile ``(N, K / tile)`` (else None)
 Threshold = Callable[[Tensor, "Tensor | None"], Tensor]
 
 
@@ -62,38 +62,38 @@ def pair_dots(x: Tensor, codebook: Tensor, rows: Tensor, cols: Tensor) -> Tensor
         return torch.sparse.sampled_addmm(pattern, x, codebook.t()).values()
 
 
-def candidates(approx: Tensor, threshold_of: Threshold,
-               per_row: int = MAX_CANDIDATES_PER_ROW) -> tuple[Tensor, Tensor] | None:
+def candidates(approx: Tensor, threshold_of: Threshold, per_row: int = MAX_CANDIDATES_PER_ROW,
+               tile: int = TILE) -> tuple[Tensor, Tensor] | None:
     """The pairs ``(rows, cols)`` (row-major) with ``approx[row, col] <= threshold[row]``, or
     None when there are more than ``per_row`` per row on average.
 
-    When ``K`` is a multiple of ``TILE`` they are found from the minimum of each tile of
-    ``TILE`` codes: only the tiles whose minimum passes (one or two per row, typically) are
+    When ``K`` is a multiple of ``tile`` they are found from the minimum of each tile of
+    ``tile`` codes: only the tiles whose minimum passes (one or two per row, typically) are
     compared entry by entry. Three passes over the ``(N, K)`` block (a compare, a count and
     ``nonzero``, 1.4 ms per million entries here) become one ``amin``. The comparisons run in
     float32 (exact for bfloat16 values, and faster than torch's bfloat16 compare).
     """
     num_rows, num_codes = approx.shape
     limit = per_row * num_rows
-    if num_codes % TILE:
+    if num_codes % tile:
         threshold = threshold_of(approx, None)
         passed = approx.float() <= threshold.unsqueeze(1)
         if int(passed.sum()) > limit:
             return None
         rows, cols = passed.nonzero(as_tuple=True)
         return rows, cols
-    tiles_per_row = num_codes // TILE
-    tile_min = approx.view(num_rows, tiles_per_row, TILE).amin(-1).float()  # (N, K / TILE)
+    tiles_per_row = num_codes // tile
+    tile_min = approx.view(num_rows, tiles_per_row, tile).amin(-1).float()  # (N, K / tile)
     threshold = threshold_of(approx, tile_min)
     hot_rows, hot_tiles = (tile_min <= threshold.unsqueeze(1)).nonzero(as_tuple=True)
     if hot_rows.shape[0] > limit:  # each holds a candidate
         return None
-    tiles = approx.view(-1, TILE).index_select(0, hot_rows * tiles_per_row + hot_tiles)
+    tiles = approx.view(-1, tile).index_select(0, hot_rows * tiles_per_row + hot_tiles)
     passed = tiles.float() <= threshold.index_select(0, hot_rows).unsqueeze(1)
     which, within = passed.nonzero(as_tuple=True)
     if which.shape[0] > limit:
         return None
-    return hot_rows.index_select(0, which), hot_tiles.index_select(0, which) * TILE + within
+    return hot_rows.index_select(0, which), hot_tiles.index_select(0, which) * tile + within
 
 
 def first_minimum(approx: Tensor, tile_min: Tensor | None) -> Tensor:
@@ -102,10 +102,11 @@ def first_minimum(approx: Tensor, tile_min: Tensor | None) -> Tensor:
     if tile_min is None:
         return approx.argmin(1)
     num_rows, per_row = tile_min.shape
+    tile = approx.shape[1] // per_row
     best_tile = tile_min.argmin(1)
     rows = torch.arange(0, num_rows * per_row, per_row).add_(best_tile)
-    within = approx.view(-1, TILE).index_select(0, rows).argmin(1)
-    return within.add_(best_tile, alpha=TILE)
+    within = approx.view(-1, tile).index_select(0, rows).argmin(1)
+    return within.add_(best_tile, alpha=tile)
 
 
 def resolve(x: Tensor, codebook: Tensor, code_sq: Tensor, rows: Tensor,
