@@ -218,10 +218,32 @@ def test_simvq_non_finite_input_raises_and_changes_nothing(monkeypatch):
 def test_levels_give_exact_integer_products():
     """The ranges chosen for this CPU (held to AVX2, torch's int8 product saturates at ±127 on
     both sides) multiply exactly: checked in int64 at the extremes and at random."""
-    qx, qc = int8_presearch.levels()
+    qx, qc, pairs = int8_presearch.levels()
     g = torch.Generator().manual_seed(9)
     a = torch.randint(-qx, qx + 1, (300, 1024), generator=g, dtype=torch.int8)
     b = torch.randint(-qc, qc + 1, (200, 1024), generator=g, dtype=torch.int8)
+    if pairs:  # adjacent codebook entries at most 128 together: 127 beside 1, and so on
+        b[:, 1::2] = (b[:, 1::2].long().sign() * (128 - b[:, ::2].long().abs())).to(torch.int8)
+        assert int((b[:, ::2].long().abs() + b[:, 1::2].long().abs()).max()) <= 128
     a[:4], b[:4] = qx, qc
     a[4:8], b[4:8] = -qx, -qc
+    if pairs:
+        b[:8, 1::2] = (b[:8, 1::2].long().sign() * (128 - qc)).to(torch.int8)
     assert torch.equal(torch._int_mm(a, b.t()).long(), a.long() @ b.long().t())
+
+
+def test_quantisation_respects_the_levels():
+    g = torch.Generator().manual_seed(10)
+    v = torch.randn(300, 64, generator=g) * torch.logspace(-2, 2, 300)[:, None]
+    v[7] = 0.0
+    for qmax, pairs in ((127, False), (64, False), (127, True)):
+        q, scale, residual = int8_presearch.quantize_rows(v, qmax, pairs)
+        q64 = q.long()
+        assert int(q64.abs().max()) == qmax or pairs
+        if pairs:
+            assert int((q64[:, ::2].abs() + q64[:, 1::2].abs()).max()) <= qmax + 1
+        assert not bool(q64[7].any())
+        exact = (v.double() - scale.double()[:, None] * q64.double()).norm(dim=1)
+        assert torch.allclose(residual.double(), exact, rtol=1e-5, atol=0)
+        # rounding to the nearest step: no entry off by more than half a step
+        assert bool(((v.double() / scale.double()[:, None] - q64).abs() <= 0.5 + 1e-5).all())

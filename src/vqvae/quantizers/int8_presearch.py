@@ -60,32 +60,52 @@ TILE = 32
 PEAK_FLOOR = 2.0 ** -120
 # _int_mm multiplies int32 sums of 127² per dimension: room for this many dimensions
 MAX_DIM = (2**31 - 1) // QMAX**2
-# the ranges tried for (x, codebook), widest first: without VNNI, x86 int8 products go through
-# vpmaddubsw, which adds two u8 x s8 products (x shifted by 128) in saturating int16, so the
-# codebook side must stay within ±64 for 255·64·2 to fit (held to AVX2, _int_mm with both
-# sides at ±127 errs by up to 10⁵)
-LEVELS = ((QMAX, QMAX), (QMAX, 64), (64, 64))
+# the ranges tried for (x, codebook, codebook pairs), widest first. Without VNNI, x86 int8
+# products go through vpmaddubsw, which adds the two u8 x s8 products of adjacent entries
+# (2i, 2i + 1) in saturating int16, x shifted by 128: held to AVX2, _int_mm with both sides at
+# ±127 errs by up to 10⁵. 255·(|c₂ᵢ| + |c₂ᵢ₊₁|) fits when each such pair of codebook entries
+# sums to at most 128 in magnitude ("pairs", for even D); the codebook is then scaled by its
+# largest pair rather than its largest entry, some 20% coarser for Gaussian codes where ±64
+# would be twice as coarse
+LEVELS = ((QMAX, QMAX, False), (QMAX, QMAX, True), (QMAX, 64, False), (64, 64, False))
+PAIR_SUM = QMAX + 1
 
 
-def _exact_at(qx: int, qc: int) -> bool:
-    """Whether ``torch._int_mm`` gives exact sums for entries up to ``qx`` and ``qc``: random
-    entries, and the extremes of each sign pair (where a saturating sum would show)."""
+def _codebook_patterns(qc: int, pairs: bool, g: torch.Generator) -> list[Tensor]:
+    """Codebook rows of 256 entries at the edge of what ``(qc, pairs)`` allows, and at random."""
+    if not pairs:
+        edges = [[qc, qc], [qc, -qc]]
+        random = torch.randint(-qc, qc + 1, (64, 256), generator=g, dtype=torch.int8)
+    else:
+        edges = [[qc, PAIR_SUM - qc], [PAIR_SUM - qc, qc], [64, 64], [qc, 1, 1, qc], [0, qc]]
+        first = torch.randint(-qc, qc + 1, (64, 128), generator=g)
+        room = PAIR_SUM - first.abs()
+        second = (torch.rand(64, 128, generator=g) * (2 * room + 1)).floor() - room
+        random = torch.stack([first, second.long().clamp(-qc, qc)], -1).reshape(64, 256)
+        random = random.to(torch.int8)
+    rows = [torch.tensor(edge * (256 // len(edge)), dtype=torch.int8).expand(16, 256)
+            for edge in edges]
+    return [random] + [sign * row for row in rows for sign in (1, -1)]
+
+
+def _exact_at(qx: int, qc: int, pairs: bool) -> bool:
+    """Whether ``torch._int_mm`` gives exact sums for x entries up to ``qx`` and codebook
+    entries up to ``qc`` (and pairs as :data:`LEVELS` says): at random, and at the extremes of
+    each sign (where a saturating sum would show)."""
     g = torch.Generator().manual_seed(0)
-    pairs = [(torch.randint(-qx, qx + 1, (64, 256), generator=g, dtype=torch.int8),
-              torch.randint(-qc, qc + 1, (64, 256), generator=g, dtype=torch.int8))]
-    pairs += [(torch.full((16, 256), sx * qx, dtype=torch.int8),
-               torch.full((16, 256), sc * qc, dtype=torch.int8))
-              for sx in (1, -1) for sc in (1, -1)]
+    xs = [torch.randint(-qx, qx + 1, (64, 256), generator=g, dtype=torch.int8)]
+    xs += [torch.full((16, 256), sign * qx, dtype=torch.int8) for sign in (1, -1)]
     return all(torch.equal(torch._int_mm(a, b.t()), (a.long() @ b.long().t()).int())
-               for a, b in pairs)
+               for a in xs for b in _codebook_patterns(qc, pairs, g))
 
 
 @functools.cache
-def levels() -> tuple[int, int] | None:
-    """The widest int8 ranges ``(x, codebook)`` for which ``torch._int_mm`` sums exactly on
-    this CPU (see :data:`LEVELS`), or None when it runs nowhere (or errs at every range)."""
+def levels() -> tuple[int, int, bool] | None:
+    """The widest int8 ranges ``(x, codebook, pairs)`` for which ``torch._int_mm`` sums
+    exactly on this CPU (see :data:`LEVELS`), or None when it runs nowhere (or errs at every
+    range)."""
     try:
-        return next((pair for pair in LEVELS if _exact_at(*pair)), None)
+        return next((level for level in LEVELS if _exact_at(*level)), None)
     except (AttributeError, RuntimeError, NotImplementedError):
         return None
 
@@ -98,16 +118,21 @@ def usable(x: Tensor, codebook: Tensor) -> bool:
             and levels() is not None)
 
 
-def quantize_rows(v: Tensor, qmax: int = QMAX) -> tuple[Tensor, Tensor, Tensor]:
-    """``(q, scale, residual_norm)``: int8 ``q`` ``(R, D)`` in ``[-qmax, qmax]`` and float32
-    ``scale`` ``(R,)`` with ``v ≈ scale·q``, and the float32 norm of each row of
-    ``v - scale·q`` as computed (the rounding of that computation is covered by
-    :func:`_slack`). A row of zeros gets ``q = 0``; non-finite rows give a non-finite scale."""
+def quantize_rows(v: Tensor, qmax: int = QMAX,
+                  pairs: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``(q, scale, residual_norm)``: int8 ``q`` ``(R, D)`` in ``[-qmax, qmax]`` (with
+    ``pairs``, ``D`` even: also ``|q₂ᵢ| + |q₂ᵢ₊₁| ≤ qmax + 1``) and float32 ``scale`` ``(R,)``
+    with ``v ≈ scale·q``, and the float32 norm of each row of ``v - scale·q`` as computed (the
+    rounding of that computation is covered by :func:`_slack`). A row of zeros gets ``q = 0``;
+    non-finite rows give a non-finite scale."""
     # any scale is valid (the residual is measured): the row's peak maps to ±qmax, and
     # fl(v·fl(qmax/peak)) ≤ qmax(1 + 2u) rounds to at most qmax; the floor keeps qmax/peak
     # finite, so that a row of zeros gets zeros
     # (abs then amax: torch's vector_norm of order inf is a scalar loop, 20 times slower)
-    peak = v.abs().amax(1).clamp_(min=PEAK_FLOOR)
+    magnitude = v.abs()
+    if pairs:  # |t₂ᵢ| + |t₂ᵢ₊₁| ≤ qmax(1 + 2u) below, so their roundings sum to at most qmax + 1
+        magnitude = magnitude.view(v.shape[0], -1, 2).sum(-1)
+    peak = magnitude.amax(1).clamp_(min=PEAK_FLOOR)
     q = torch.mul(v, (qmax / peak).unsqueeze(1)).round_()  # integers, float32
     scale = peak / qmax
     # (float32 operands: torch's mixed int8/float32 addcmul is 20 times slower)
@@ -153,8 +178,10 @@ def nearest_code_int8(x: Tensor, codebook: Tensor, code_sq: Tensor | None = None
     caller has it."""
     if code_sq is None:
         code_sq = codebook.pow(2).sum(-1)
-    qmax_x, qmax_c = levels()
-    qc, sc, dc = quantize_rows(codebook, qmax_c)
+    qmax_x, qmax_c, pairs = levels()
+    if pairs and codebook.shape[1] % 2:  # (pairs of at most 128 hold entries of at most 64)
+        qmax_c, pairs = PAIR_SUM // 2, False
+    qc, sc, dc = quantize_rows(codebook, qmax_c, pairs)
     if not bool(torch.isfinite(sc).all()):
         return float32_search(x, codebook)  # NaN/Inf: the float32 search's index, as ever
     code_norm = float(torch.linalg.vector_norm(codebook, dim=1).max())
