@@ -136,8 +136,9 @@ def quantize_rows(v: Tensor, qmax: int = QMAX,
     q = torch.mul(v, (qmax / peak).unsqueeze(1)).round_()  # integers, float32
     scale = peak / qmax
     # (float32 operands: torch's mixed int8/float32 addcmul is 20 times slower)
-    residual = torch.addcmul(v, q, scale.unsqueeze(1), value=-1.0)
-    return q.to(torch.int8), scale, torch.linalg.vector_norm(residual, dim=1)
+    q8 = q.to(torch.int8)
+    residual = torch.addcmul(v, q, scale.unsqueeze(1), value=-1.0, out=q)  # (q is spent)
+    return q8, scale, torch.linalg.vector_norm(residual, dim=1)
 
 
 def _slack(dim: int, x_norm: Tensor, dx: Tensor, code_norm: float, dc: float,

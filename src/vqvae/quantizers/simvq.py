@@ -162,9 +162,10 @@ class _Estimator(torch.autograd.Function):
                 grad_x = torch.mul(grad_out, ratio)
                 grad_x.addcmul_(x, ratio * (2.0 * b - pull) / x_norm)
                 grad_x.addcmul_(q, -ratio * pull / q_norm)
-                grad_x.add_(diff * (scale * commitment)) if commitment else None
+                # (one pass, where diff * s then add_ makes a temporary and two)
+                grad_x.addcmul_(diff, scale * commitment) if commitment else None
             else:
-                grad_x = torch.add(grad_out, diff * (scale * commitment)) if commitment \
+                grad_x = torch.addcmul(grad_out, diff, scale * commitment) if commitment \
                     else grad_out
         if ctx.needs_input_grad[1]:
             grad_q = diff * (-scale * codebook)
