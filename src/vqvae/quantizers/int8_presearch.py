@@ -3,10 +3,12 @@
 torch's ``_int_mm`` (int8 x int8 -> int32) runs about twice as fast as the float32 matmul on
 CPUs without bfloat16 dot products (AVX2: 4.9 ms against 10.6 ms for a (1024, 512) x
 (512, 1024) product, one thread of the AMD EPYC held to AVX2), where the bfloat16 pre-search of
-:mod:`.bf16_presearch` cannot run. Each row of ``x`` and of the codebook is rounded to int8 with
-its own scale (``x ≈ x̃ = s·q``, ``|q| ≤ 127``, ``s`` the row's largest magnitude over 127); the
-integer products are exact, so the approximate distance ``d̃ = ||c||² - 2 x̃·c̃`` errs only by
-the rounding of the vectors, whose residuals are measured::
+:mod:`.bf16_presearch` cannot run, and with AVX-512 VNNI it beats the bfloat16 product too.
+Each row of ``x`` is rounded to int8 with its own scale, the codebook with one scale
+(``x ≈ x̃ = s·q``, ``|q| ≤ 127``, ``s`` the largest magnitude over 127; see :data:`LEVELS` for
+the narrower ranges of CPUs without VNNI); the integer products are exact, so the approximate
+distance ``d̃ = ||c||² - 2 sx·sc·(qx·qc)`` errs only by the rounding of the vectors, whose
+residuals are measured::
 
     |x·c - x̃·c̃| ≤ ||x - x̃||·||c|| + ||x̃||·||c - c̃|| =: a   (with the largest ||c||, ||c - c̃||)
 
@@ -17,13 +19,13 @@ entry, bfloat16 8 bits of each entry), so the candidate test is anchored on an e
 rather than on the approximate minimum: the code ``j`` at the row's smallest ``d̃`` is evaluated
 in float32 (``f_j``), and a code can only be nearest, or the float32 search's answer, if
 ``d̃ ≤ f_j + e + 3ρ`` (``e`` the error of ``d̃``, ``ρ`` that of a float32 distance): a window
-of one error bound instead of the two that ``d̃ ≤ min d̃ + 2e`` needs, which keeps about three
-candidates per row instead of twelve for Gaussian codes of 512 dimensions. The candidates are
-then re-checked in float32 (:func:`.presearch.resolve`); blocks with too many candidates, or
-with non-finite values, are searched in float32 instead.
+of one error bound instead of the two that ``d̃ ≤ min d̃ + 2e`` needs: 3.8 candidates per row
+instead of 12.5 for 1024 Gaussian codes of 512 dimensions (5.1 held to AVX2, whose codebook
+range is narrower). The candidates are then re-checked in float32 (:func:`.presearch.resolve`);
+blocks with too many candidates, or with non-finite values, are searched in float32 instead.
 
-Where it is used instead of the bfloat16 pre-search is decided by :func:`.bf16_presearch.nearest`
-(see :func:`preferred`).
+Where it is used is decided by :func:`.bf16_presearch.presearch_kind`: wherever :func:`usable`
+says so unless ``VQVAE_CPU_PRESEARCH`` asks otherwise.
 """
 
 from __future__ import annotations
@@ -123,9 +125,9 @@ def quantize_rows(v: Tensor, qmax: int = QMAX, pairs: bool = False, *,
                   per_row: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``(q, scale, residual_norm)``: int8 ``q`` ``(R, D)`` in ``[-qmax, qmax]`` (with
     ``pairs``, ``D`` even: also ``|q₂ᵢ| + |q₂ᵢ₊₁| ≤ qmax + 1``) and float32 ``scale`` ``(R,)``
-    with ``v ≈ scale·q``, and the float32 norm of each row of ``v - scale·q`` as computed (the
-    rounding of that computation is covered by :func:`_slack`). A row of zeros gets ``q = 0``;
-    non-finite rows give a non-finite scale."""
+    (one value repeated with ``per_row=False``) with ``v ≈ scale·q``, and the float32 norm of
+    each row of ``v - scale·q`` as computed (the rounding of that computation is covered by
+    :func:`_slack`). A row of zeros gets ``q = 0``; non-finite rows give a non-finite scale."""
     # any scale is valid (the residual is measured): the row's peak maps to ±qmax, and
     # fl(v·fl(qmax/peak)) ≤ qmax(1 + 2u) rounds to at most qmax; the floor keeps qmax/peak
     # finite, so that a row of zeros gets zeros
@@ -190,7 +192,7 @@ def nearest_code_int8(x: Tensor, codebook: Tensor, code_sq: Tensor | None = None
     sc = float(sc[0])
     if not math.isfinite(sc):
         return float32_search(x, codebook)  # NaN/Inf: the float32 search's index, as ever
-    code_norm = float(torch.linalg.vector_norm(codebook, dim=1).max())
+    code_norm = math.sqrt(float(code_sq.max()))  # (its rounding: within _slack's allowance)
     dc_max = float(dc.max())
     step = max(1, max_block_bytes // (9 * codebook.shape[0]))  # int32 + float32 + mask
     blocks = [_block(x[start:start + step], qmax_x, codebook, code_sq, qc.t(), sc, dc_max,
@@ -202,9 +204,8 @@ def nearest_code_int8(x: Tensor, codebook: Tensor, code_sq: Tensor | None = None
 def _block(x: Tensor, qmax: int, codebook: Tensor, code_sq: Tensor, qc_t: Tensor, sc: float,
            dc: float, code_norm: float) -> Tensor:
     """:func:`nearest_code_int8` of one row block (int8 entries up to ``qmax``), the codebook
-    already quantised
-    (``qc_t`` ``(D, K)`` int8, ``sc`` its scales, ``dc`` and ``code_norm`` the largest
-    residual and code norms)."""
+    already quantised (``qc_t`` ``(D, K)`` int8, ``sc`` its scale, ``dc`` and ``code_norm``
+    the largest residual and code norms)."""
     qx, sx, dx = quantize_rows(x, qmax)
     if not bool(torch.isfinite(sx).all()):
         return float32_search(x, codebook)  # NaN/Inf: the float32 search's index, as ever
