@@ -19,9 +19,12 @@ with the measured rounding errors (not their worst case). ``|s̃|`` of any code 
 test is bounded from the row minimum and the extreme code norms (see ``_margin``), so the bound
 is one number per row and the test is one compare over the ``(N, K)`` block.
 
-Only used where :func:`usable` says so; elsewhere (AVX2-only CPUs, small searches, GPUs, other
-dtypes) callers use the float32 search: on CPU, for vectors longer than the C kernel's and big
-enough products, with the distance products through oneDNN (:func:`nearest_code_f32`).
+Only used where :func:`usable` says so and the int8 pre-search (:mod:`.int8_presearch`) does
+not apply or is turned off (:func:`presearch_kind`, which :func:`nearest`, the entry point of
+both, follows); elsewhere (small searches, GPUs, other dtypes) callers use the float32 search:
+on CPU, for vectors longer than the C kernel's and big enough products, with the distance
+products through oneDNN (:func:`nearest_code_f32`). The candidate test and the re-check are
+shared with the int8 pre-search (:mod:`.presearch`).
 """
 
 from __future__ import annotations

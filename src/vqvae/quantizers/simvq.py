@@ -8,9 +8,10 @@ die.
 
 Per call the implicit codebook is computed once (one matmul), the nearest code is found with
 :func:`vqvae.quantizers.search.nearest_code` (``||c||² - 2 x·cᵀ`` by blocks of ``addmm``; on
-CPUs with native bfloat16 by the same answer's faster two-stage search,
-:mod:`vqvae.quantizers.bf16_presearch`), and
-the output, loss and gradients come from one fused autograd function.
+CPU for big enough searches by the same answer's faster two-stage search, an int8 pre-search
+(:mod:`vqvae.quantizers.int8_presearch`) or a bfloat16 one
+(:mod:`vqvae.quantizers.bf16_presearch`), each with a float32 re-check), and the output, loss
+and gradients come from one fused autograd function.
 
 Loss, as in the reference library (``vector_quantize_pytorch.SimVQ``)::
 
