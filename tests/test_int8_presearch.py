@@ -158,11 +158,22 @@ def test_dispatch_follows_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="VQVAE_CPU_PRESEARCH"):
         bf16_presearch.presearch_kind(x, codes)
     monkeypatch.delenv(bf16_presearch.PRESEARCH_ENV)
-    for native in (False, True):  # AVX2 only, or with bf16 dot products: int8 first
-        monkeypatch.setattr(bf16_presearch, "native_bf16", lambda native=native: native)
-        assert bf16_presearch.presearch_kind(x, codes) == "int8"
-    monkeypatch.setattr(int8_presearch, "levels", lambda: None)  # no exact int8 product
-    assert bf16_presearch.presearch_kind(x, codes) == "bf16"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for native in (False, True):  # AVX2 only, or with bf16 dot products: int8 first
+            monkeypatch.setattr(bf16_presearch, "native_bf16", lambda native=native: native)
+            assert bf16_presearch.presearch_kind(x, codes) == "int8"
+        torch.set_num_threads(2)  # more threads: the previous choice, bf16 where native
+        assert bf16_presearch.presearch_kind(x, codes) == "bf16"
+        monkeypatch.setattr(bf16_presearch, "native_bf16", lambda: False)
+        assert bf16_presearch.presearch_kind(x, codes) is None
+        torch.set_num_threads(1)
+        monkeypatch.setattr(bf16_presearch, "native_bf16", lambda: True)
+        monkeypatch.setattr(int8_presearch, "levels", lambda: None)  # no exact int8 product
+        assert bf16_presearch.presearch_kind(x, codes) == "bf16"
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setenv(bf16_presearch.PRESEARCH_ENV, "int8")
     assert bf16_presearch.presearch_kind(x, codes) is None
 
