@@ -109,7 +109,7 @@ def levels() -> tuple[int, int, bool] | None:
     range)."""
     try:
         return next((level for level in LEVELS if _exact_at(*level)), None)
-    except (AttributeError, RuntimeError, NotImplementedError):
+    except (AttributeError, TypeError, RuntimeError, NotImplementedError):  # no CPU _int_mm
         return None
 
 
