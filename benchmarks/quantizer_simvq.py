@@ -11,6 +11,7 @@ cross-entropy call (``indices=`` given) forward + backward to the input.
     python benchmarks/quantizer_simvq.py                 # CPU
     python benchmarks/quantizer_simvq.py --repeats 30 --device cuda
     python benchmarks/quantizer_simvq.py --only SimVQ      # the cases whose name has "SimVQ"
+    python benchmarks/quantizer_simvq.py --only SimVQ --shape 4,256,256 --codes 4096
 """
 
 from __future__ import annotations
@@ -74,20 +75,23 @@ def alternating(calls: dict[str, Callable[[], None]], device: torch.device, repe
             {name: statistics.median(t) * 1e3 for name, t in cpu.items()})
 
 
-def cases(device: torch.device):
-    """``(name, shape, ours, library, step)`` per benchmark case, built lazily."""
+def cases(device: torch.device, shape: tuple[int, ...] = (1, 1024, 512), codes: int = 1024):
+    """``(name, shape, ours, library, step)`` per benchmark case, built lazily. ``shape`` (its
+    last axis the dimension) and ``codes`` set the SimVQ and ResidualSimVQ calls."""
     import vector_quantize_pytorch as lib
 
+    dim = shape[-1]
+
     def simvq():
-        reference = lib.SimVQ(dim=512, codebook_size=1024, rotation_trick=True)
-        ours = vqvae.SimVQ(dim=512, codebook_size=1024, rotation_trick=True)
+        reference = lib.SimVQ(dim=dim, codebook_size=codes, rotation_trick=True)
+        ours = vqvae.SimVQ(dim=dim, codebook_size=codes, rotation_trick=True)
         ours.load_state_dict(reference.state_dict())
         return ours, reference
 
     def residual():
-        reference = lib.ResidualSimVQ(dim=512, num_quantizers=4, codebook_size=1024,
+        reference = lib.ResidualSimVQ(dim=dim, num_quantizers=4, codebook_size=codes,
                                       rotation_trick=True)
-        ours = vqvae.ResidualSimVQ(dim=512, num_quantizers=4, codebook_size=1024,
+        ours = vqvae.ResidualSimVQ(dim=dim, num_quantizers=4, codebook_size=codes,
                                    rotation_trick=True)
         ours.load_state_dict(reference.state_dict())
         return ours, reference
@@ -106,8 +110,8 @@ def cases(device: torch.device):
         return vqvae.HierarchicalVQ(**options), lib.HierarchicalVQ(**options)
 
     return [
-        ("SimVQ 1024 codes, dim 512", (1, 1024, 512), simvq, train_step),
-        ("ResidualSimVQ 4 x 1024 codes, dim 512", (1, 1024, 512), residual, train_step),
+        (f"SimVQ {codes} codes, dim {dim}", shape, simvq, train_step),
+        (f"ResidualSimVQ 4 x {codes} codes, dim {dim}", shape, residual, train_step),
         ("RandomProjectionQuantizer 16 x 1024 codes, 256-d, indices", (1, 1024, 512),
          projection, indices_step),
         ("RandomProjectionQuantizer 1 x 1024 codes, 256-d, indices", (1, 1024, 512),
@@ -120,18 +124,20 @@ def cases(device: torch.device):
 
 
 def run(repeats: int = 20, device: str = "cpu", warmup: int = 3,
-        only: str | None = None) -> list[dict]:
+        only: str | None = None, shape: tuple[int, ...] = (1, 1024, 512),
+        codes: int = 1024) -> list[dict]:
     """One row per case: name, shape, ours_ms, library_ms, ratio (ours / library).
-    ``only``: run the cases whose name contains this text."""
+    ``only``: run the cases whose name contains this text; ``shape`` and ``codes``: the SimVQ
+    and ResidualSimVQ calls (see :func:`cases`)."""
     dev = torch.device(device)
     settle_allocator()
     rows = []
-    for name, shape, build, step in cases(dev):
+    for name, case_shape, build, step in cases(dev, shape, codes):
         if only is not None and only not in name:
             continue
         torch.manual_seed(0)
         ours, reference = (m.to(dev).train() for m in build())
-        x = torch.randn(shape, device=dev, requires_grad=step is not indices_step)
+        x = torch.randn(case_shape, device=dev, requires_grad=step is not indices_step)
         if step is cross_entropy_step:
             with torch.no_grad():
                 targets = reference(x.detach())
@@ -142,7 +148,7 @@ def run(repeats: int = 20, device: str = "cpu", warmup: int = 3,
         # the library's 16-codebook call takes seconds (see its row), a few turns suffice
         turns = min(repeats, 3) if "16 x" in name else repeats
         medians, cpu = alternating(calls, dev, turns, 1 if "16 x" in name else warmup)
-        row = {"name": name, "shape": list(shape), "device": dev.type,
+        row = {"name": name, "shape": list(case_shape), "device": dev.type,
                "ours_ms": medians["ours"], "library_ms": medians["library"],
                "ratio": medians["ours"] / medians["library"], "repeats": turns}
         if dev.type == "cpu" and torch.get_num_threads() == 1:
@@ -178,10 +184,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: torch's); with 1 the table adds "
                              "per-thread CPU time, steadier than wall time on a shared machine")
+    parser.add_argument("--shape", default="1,1024,512",
+                        help="input shape of the SimVQ and ResidualSimVQ calls, comma-separated, "
+                             "the last axis the dimension (default 1,1024,512)")
+    parser.add_argument("--codes", type=int, default=1024,
+                        help="codebook size of the SimVQ and ResidualSimVQ calls (default 1024)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args.repeats, args.device, only=args.only)
+    shape = tuple(int(n) for n in args.shape.split(","))
+    rows = run(args.repeats, args.device, only=args.only, shape=shape, codes=args.codes)
     print_table(rows)
     write_json(args.json, {"rows": rows})
 

@@ -19,46 +19,48 @@ with the measured rounding errors (not their worst case). ``|s̃|`` of any code 
 test is bounded from the row minimum and the extreme code norms (see ``_margin``), so the bound
 is one number per row and the test is one compare over the ``(N, K)`` block.
 
-Only used where :func:`usable` says so; elsewhere (AVX2-only CPUs, small searches, GPUs, other
-dtypes) callers use the float32 search: on CPU, for vectors longer than the C kernel's and big
-enough products, with the distance products through oneDNN (:func:`nearest_code_f32`).
+Only used where :func:`usable` says so and the int8 pre-search (:mod:`.int8_presearch`) does
+not apply or is turned off (:func:`presearch_kind`, which :func:`nearest`, the entry point of
+both, follows); elsewhere (small searches, GPUs, other dtypes) callers use the float32 search:
+on CPU, for vectors longer than the C kernel's and big enough products, with the distance
+products through oneDNN (:func:`nearest_code_f32`). The candidate test and the re-check are
+shared with the int8 pre-search (:mod:`.presearch`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 from torch import Tensor
 
-from .onednn_linear import linear, routed
-from .search import (
-    ARGMIN_BLOCK,
-    DEFAULT_BLOCK_BYTES,
-    blockwise_argmin,
-    nearest_code,
-    search_defaults,
+from . import int8_presearch
+from .presearch import (
+    MAX_CANDIDATES_PER_ROW,  # noqa: F401  (re-exported: the limit the two searches share)
+    MIN_DIM,  # noqa: F401
+    candidates,
+    f32_routed,
+    float32_search,
+    nearest_code_f32,
+    plain_usable,
+    resolve,
 )
-from .tracing import tracing
+from .search import DEFAULT_BLOCK_BYTES, nearest_code, search_defaults
 
 UNIT = 2.0 ** -8  # bfloat16 unit roundoff (8 significant bits, round to nearest)
-# below this many distances the float32 search is as fast as the two-stage one
-MIN_WORK = 1 << 18
-# candidate pairs re-checked per gather (see _pair_dots): two buffers of PAIR_CHUNK vectors stay
-# in L2; 256 rather than 64 saves the Python loop 3/4 of its turns (1900 pairs of 256-d
-# vectors, BEST-RQ's 1024 x 1024 search: 4.3 ms against 4.9 ms for the whole search)
-PAIR_CHUNK = 256
-# up to the C kernel's widest vectors the float32 search is cheap and the bf16 error bound loose
-# (a trained SimVQ codebook of 16-d codes: 135 ms through the two stages, 0.8 ms in float32)
-MIN_DIM = 33
-# more candidates than this per row on average: the re-check would cost more than the float32
-# search, so the rows of that block are searched in float32 instead
-MAX_CANDIDATES_PER_ROW = 8
-# codes per tile of the candidate test (_tile_candidates): the tile minima are one SIMD-friendly
-# amin, and a row's candidates fall in one or two tiles
-TILE = 64
-
+#: environment variable choosing the CPU pre-search of :func:`nearest`: ``auto`` (default: with
+#: one torch thread the int8 one wherever torch's int8 product runs, else the bfloat16 one where
+#: the CPU has native bfloat16 dot products), ``bf16``, ``int8`` (each where it can run, else
+#: the float32 search), or ``off`` (the float32 search). On the AMD EPYC with AVX-512 VNNI the
+#: int8 search took 4.4 ms against 4.7 (bf16) and 5.3 (float32) for 1024 rows against 1024
+#: codes of 512 dimensions, 13.4 against 17.9 and 21.0 ms for 4096 codes, one thread. With two
+#: threads on the loaded machine its some 25 parallel regions (the float32 search has four)
+#: each waited for a scheduler slice: SimVQ's call went from 0.57 to 1.23 of the library's held
+#: to AVX2, hence ``auto`` keeps it to one thread
+PRESEARCH_ENV = "VQVAE_CPU_PRESEARCH"
+PRESEARCH_CHOICES = ("auto", "bf16", "int8", "off")
 
 @functools.cache
 def native_bf16() -> bool:
@@ -74,13 +76,9 @@ def native_bf16() -> bool:
 
 
 def usable(x: Tensor, codebook: Tensor) -> bool:
-    """The two-stage search applies: float32 CPU inputs, a big enough search, native bf16, and
-    not while ``torch.compile``/``torch.export`` traces (the candidate lists have data-dependent
-    sizes, which one graph cannot hold)."""
-    return (x.device.type == "cpu" and codebook.device.type == "cpu" and not tracing()
-            and x.dtype == torch.float32 and codebook.dtype == torch.float32
-            and x.ndim == 2 and x.shape[0] * codebook.shape[0] >= MIN_WORK
-            and x.shape[1] >= MIN_DIM and native_bf16())
+    """The bfloat16 two-stage search applies: :func:`.presearch.plain_usable` (float32 CPU
+    inputs, a big enough search, no tracing) and native bf16."""
+    return plain_usable(x, codebook) and native_bf16()
 
 
 def _margin(x: Tensor, x16: Tensor, codebook: Tensor, c16: Tensor, code_sq: Tensor,
@@ -106,22 +104,6 @@ def _margin(x: Tensor, x16: Tensor, codebook: Tensor, c16: Tensor, code_sq: Tens
     return ((2 * b + 8 * u * m) * 1.01 + 1e-30).nan_to_num_(posinf=math.inf)
 
 
-def _pair_dots(x: Tensor, codebook: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``x[rows[i]]·codebook[cols[i]]`` in float32, gathered a few pairs at a time into two
-    small reused buffers: about three times faster on CPU than gathering all pairs at once
-    (which spills the caches and the allocator's free lists)."""
-    chunk = PAIR_CHUNK
-    out = x.new_empty(rows.shape[0])
-    left, right = x.new_empty(chunk, x.shape[1]), x.new_empty(chunk, x.shape[1])
-    for start in range(0, rows.shape[0], chunk):
-        stop = min(start + chunk, rows.shape[0])
-        n = stop - start
-        torch.index_select(x, 0, rows[start:stop], out=left[:n])
-        torch.index_select(codebook, 0, cols[start:stop], out=right[:n])
-        torch.linalg.vecdot(left[:n], right[:n], out=out[start:stop])
-    return out
-
-
 def nearest_code_bf16(x: Tensor, codebook: Tensor, code_sq: Tensor | None = None) -> Tensor:
     """``(N,)`` int64 index of the nearest code of each row of float32 ``x`` ``(N, D)``: the
     float32 search's answer up to float32 near-ties (see the module docstring).
@@ -130,111 +112,54 @@ def nearest_code_bf16(x: Tensor, codebook: Tensor, code_sq: Tensor | None = None
         code_sq = codebook.pow(2).sum(-1)
     x16, c16 = x.bfloat16(), codebook.bfloat16()
     approx = torch.addmm(code_sq.bfloat16(), x16, c16.t(), alpha=-2.0)  # (N, K) d̃ in bf16
-    num_codes = codebook.shape[0]
-    if num_codes % TILE:
-        low = approx.amin(1).float()  # (a bf16 argmin costs more than the whole test below)
-        threshold = low + _margin(x, x16, codebook, c16, code_sq, low)
-        # compared in float32 (exact for bf16 values): faster than torch's bfloat16 compare
-        candidates = approx.float() <= threshold.unsqueeze(1)
-        if int(candidates.sum()) > MAX_CANDIDATES_PER_ROW * x.shape[0]:  # a loose bound
-            return _float32_search(x, codebook)
-        rows, cols = candidates.nonzero(as_tuple=True)  # row-major
-    else:
-        found = _tile_candidates(approx, x, x16, codebook, c16, code_sq)
-        if found is None:
-            return _float32_search(x, codebook)
-        rows, cols = found
-    out = torch.full((x.shape[0],), num_codes, dtype=torch.long)
-    out.scatter_reduce_(0, rows, cols, "amin")  # the answer of the rows with one candidate
-    # a row without candidates holds NaN (its distances compare false): give it an index in
-    # range, as the float32 search does, so that the caller's finiteness check reports it
-    out.clamp_(max=num_codes - 1)
-    several = torch.bincount(rows, minlength=x.shape[0])[rows] > 1
-    if not bool(several.any()):
-        return out
-    rows, cols = rows[several], cols[several]
-    exact = code_sq[cols] - 2 * _pair_dots(x, codebook, rows, cols)
-    best = torch.full((x.shape[0],), math.inf).scatter_reduce_(0, rows, exact, "amin")
-    # the first code at the row's float32 minimum, as argmin picks among ties
-    winner = torch.where(exact == best[rows], cols, num_codes)
-    return out.index_fill_(0, rows, num_codes).scatter_reduce_(0, rows, winner, "amin")
+
+    def threshold_of(approx: Tensor, tile_min: Tensor | None) -> Tensor:
+        # (a bf16 argmin costs more than the whole test)
+        low = (approx if tile_min is None else tile_min).amin(1).float()
+        return low + _margin(x, x16, codebook, c16, code_sq, low)
+
+    found = candidates(approx, threshold_of)
+    if found is None:
+        return float32_search(x, codebook)
+    return resolve(x, codebook, code_sq, *found)
 
 
-def _tile_candidates(approx: Tensor, x: Tensor, x16: Tensor, codebook: Tensor, c16: Tensor,
-                     code_sq: Tensor) -> tuple[Tensor, Tensor] | None:
-    """The candidates ``(rows, cols)`` (row-major) of ``approx`` ``(N, K)``, ``K`` a multiple
-    of ``TILE``, or None when there are more than ``MAX_CANDIDATES_PER_ROW`` per row.
-
-    The same set as comparing every entry with the row's threshold, found from the minimum of
-    each tile of ``TILE`` codes: only the tiles whose minimum passes (one or two per row,
-    typically) are compared entry by entry. Three passes over the ``(N, K)`` block (a compare,
-    a count and ``nonzero``, 1.4 ms per million entries here) become one ``amin``.
-    """
-    num_rows, num_codes = approx.shape
-    per_row = num_codes // TILE
-    tile_min = approx.view(num_rows, per_row, TILE).amin(-1).float()  # (N, K / TILE)
-    low = tile_min.amin(1)
-    threshold = low + _margin(x, x16, codebook, c16, code_sq, low)
-    hot_rows, hot_tiles = (tile_min <= threshold.unsqueeze(1)).nonzero(as_tuple=True)
-    if hot_rows.shape[0] > MAX_CANDIDATES_PER_ROW * num_rows:  # each holds a candidate
+def presearch_kind(x: Tensor, codebook: Tensor) -> str | None:
+    """``"bf16"``, ``"int8"`` or None (the float32 search): the two-stage search :func:`nearest`
+    takes for these inputs, as :data:`PRESEARCH_ENV` asks (``"auto"`` when unset: see
+    :data:`PRESEARCH_CHOICES`)."""
+    choice = os.environ.get(PRESEARCH_ENV) or "auto"
+    if choice not in PRESEARCH_CHOICES:
+        raise ValueError(f"{PRESEARCH_ENV} must be one of {PRESEARCH_CHOICES}, got {choice!r}")
+    if choice == "off" or not plain_usable(x, codebook):
         return None
-    tiles = approx.view(-1, TILE).index_select(0, hot_rows * per_row + hot_tiles)  # (H, TILE)
-    passed = tiles.float() <= threshold.index_select(0, hot_rows).unsqueeze(1)
-    which, within = passed.nonzero(as_tuple=True)
-    if which.shape[0] > MAX_CANDIDATES_PER_ROW * num_rows:
-        return None
-    return hot_rows.index_select(0, which), hot_tiles.index_select(0, which) * TILE + within
-
-
-def _float32_search(x: Tensor, codebook: Tensor) -> Tensor:
-    """The float32 search, through oneDNN where that applies."""
-    if _f32_routed(x, codebook):
-        return nearest_code_f32(x, codebook)
-    return nearest_code(x, codebook)
-
-
-def nearest_code_f32(x: Tensor, codebook: Tensor, *,
-                     max_block_bytes: int = DEFAULT_BLOCK_BYTES,
-                     code_sq: Tensor | None = None) -> Tensor:
-    """The float32 search of :func:`vqvae.quantizers.search.nearest_code` (``||c||² - 2 x·c``
-    by row blocks, then the first minimum), its products through
-    :func:`.onednn_linear.linear`: the same distances up to the last bits, at 2.2x MKL's speed
-    on the AMD EPYC (about even held to AVX2)."""
-    if code_sq is None:
-        code_sq = codebook.pow(2).sum(-1)
-    weight = codebook * -2.0  # exact: a power of two, so x·(-2c) = -2(x·c) bit for bit
-    num_codes = codebook.shape[0]
-    blockwise = num_codes % ARGMIN_BLOCK == 0 and num_codes >= 2 * ARGMIN_BLOCK
-    row_argmin = blockwise_argmin if blockwise else (lambda d: d.argmin(dim=-1))
-    step = max(1, max_block_bytes // (4 * num_codes))
-    if step >= x.shape[0]:
-        return row_argmin(linear(x, weight, code_sq))
-    return torch.cat([row_argmin(linear(x[start:start + step], weight, code_sq))
-                      for start in range(0, x.shape[0], step)])
-
-
-def _f32_routed(x: Tensor, codebook: Tensor) -> bool:
-    """The float32 search goes through oneDNN: float32 CPU vectors too long for the C
-    kernel, and a product big enough (:func:`.onednn_linear.routed`)."""
-    # tracing first: a traced size is symbolic, and comparing it would guard on it
-    return (not tracing() and x.ndim == 2 and x.shape[1] >= MIN_DIM and x.shape[0] > 0
-            and routed(x, codebook))
+    if (choice == "int8" or (choice == "auto" and torch.get_num_threads() == 1)) \
+            and int8_presearch.usable(x, codebook):
+        return "int8"
+    if choice in ("auto", "bf16") and native_bf16():
+        return "bf16"
+    return None
 
 
 def nearest(x: Tensor, codebook: Tensor, *, max_block_bytes: int = DEFAULT_BLOCK_BYTES,
             code_sq: Tensor | None = None) -> Tensor:
-    """:func:`vqvae.quantizers.search.nearest_code` with the same answer, through the two-stage
-    search where it applies (:func:`usable`, and the search backend left at ``"auto"``), by row
-    blocks whose bfloat16 distances stay under ``max_block_bytes``; elsewhere on CPU, the
-    float32 search with oneDNN's products (:func:`nearest_code_f32`) where it applies."""
+    """:func:`vqvae.quantizers.search.nearest_code` with the same answer, through a two-stage
+    search where one applies (:func:`presearch_kind`, and the search backend left at
+    ``"auto"``), by row blocks whose approximate distances stay under ``max_block_bytes``;
+    elsewhere on CPU, the float32 search with oneDNN's products (:func:`nearest_code_f32`)
+    where it applies."""
     auto = search_defaults()["backend"] == "auto" and not torch.is_autocast_enabled("cpu")
-    if not (usable(x, codebook) and auto):
-        if auto and _f32_routed(x, codebook):
+    kind = presearch_kind(x, codebook) if auto else None
+    if kind is None:
+        if auto and f32_routed(x, codebook):
             return nearest_code_f32(x, codebook, max_block_bytes=max_block_bytes,
                                     code_sq=code_sq)
         return nearest_code(x, codebook, max_block_bytes=max_block_bytes)
     if code_sq is None:
         code_sq = codebook.pow(2).sum(-1)
+    if kind == "int8":
+        return int8_presearch.nearest_code_int8(x, codebook, code_sq,
+                                                max_block_bytes=max_block_bytes)
     step = max(1, max_block_bytes // (3 * codebook.shape[0]))  # bf16 distances + bool mask
     if step >= x.shape[0]:
         return nearest_code_bf16(x, codebook, code_sq)

@@ -8,9 +8,10 @@ die.
 
 Per call the implicit codebook is computed once (one matmul), the nearest code is found with
 :func:`vqvae.quantizers.search.nearest_code` (``||c||² - 2 x·cᵀ`` by blocks of ``addmm``; on
-CPUs with native bfloat16 by the same answer's faster two-stage search,
-:mod:`vqvae.quantizers.bf16_presearch`), and
-the output, loss and gradients come from one fused autograd function.
+CPU for big enough searches by the same answer's faster two-stage search, an int8 pre-search
+(:mod:`vqvae.quantizers.int8_presearch`) or a bfloat16 one
+(:mod:`vqvae.quantizers.bf16_presearch`), each with a float32 re-check), and the output, loss
+and gradients come from one fused autograd function.
 
 Loss, as in the reference library (``vector_quantize_pytorch.SimVQ``)::
 
@@ -162,9 +163,10 @@ class _Estimator(torch.autograd.Function):
                 grad_x = torch.mul(grad_out, ratio)
                 grad_x.addcmul_(x, ratio * (2.0 * b - pull) / x_norm)
                 grad_x.addcmul_(q, -ratio * pull / q_norm)
-                grad_x.add_(diff * (scale * commitment)) if commitment else None
+                # (one pass, where diff * s then add_ makes a temporary and two)
+                grad_x.addcmul_(diff, scale * commitment) if commitment else None
             else:
-                grad_x = torch.add(grad_out, diff * (scale * commitment)) if commitment \
+                grad_x = torch.addcmul(grad_out, diff, scale * commitment) if commitment \
                     else grad_out
         if ctx.needs_input_grad[1]:
             grad_q = diff * (-scale * codebook)
