@@ -117,12 +117,13 @@ def test_bad_settings_are_named(name, kwargs, match):
 
 
 def test_ours_and_the_library_share_settings():
-    assert registry.get("lfq").defaults == registry.get("lucidrains-lfq").defaults
-    # FSQ and SimVQ: every option the library takes is the same; ours adds only options of its
-    # own (FSQ's inward clamp, SimVQ's k-means start), which the library's adapters refuse
-    from vqvae.zoo_families import FSQ_OURS_ONLY, SIMVQ_OURS_ONLY
+    # every option the library takes is the same; ours adds only options of its own (FSQ's
+    # inward clamp, LFQ's centred start, SimVQ's k-means start), which the library's adapters
+    # refuse
+    from vqvae.zoo_families import FSQ_OURS_ONLY, LFQ_OURS_ONLY, SIMVQ_OURS_ONLY
 
     for name, own, ours_only in (("fsq", {"inward_clamp": True}, FSQ_OURS_ONLY),
+                                 ("lfq", {"centre_init": True}, LFQ_OURS_ONLY),
                                  ("simvq", {"kmeans_init": True}, SIMVQ_OURS_ONLY)):
         theirs = registry.get(f"lucidrains-{name}").defaults
         extra = {k: v for k, v in registry.get(name).defaults.items() if k not in theirs}
@@ -217,6 +218,8 @@ def test_lfq_entries_pass_inv_temperature_to_every_call(name):
         with torch.no_grad():
             h = x.double().reshape(-1, 16) @ module.project_in.weight.double().T \
                 + module.project_in.bias.double()
+        if getattr(module, "centre_init", False):  # the preset's start: centred features
+            h = h - h.mean(0)
         a = 1.0
         if module.spherical:  # the preset's unit sphere: codes of size 1/sqrt(k) a feature
             h = h / h.norm(dim=-1, keepdim=True)

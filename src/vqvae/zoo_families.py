@@ -62,6 +62,14 @@ RESIDUAL_LFQ_DEFAULTS: dict[str, Any] = {"entropy_loss_weight": 0.1,
 #: reach: all 512 codes in use. ``lucidrains-lfq`` gets the same options.
 LFQ_DEFAULTS: dict[str, Any] = {**RESIDUAL_LFQ_DEFAULTS, "spherical": True}
 
+#: Ours also centres each projected feature on the first batch (``centre_init``, an option the
+#: library's LFQ lacks): over ten seeded runs test MSE below the library's (README, "LFQ's
+#: start").
+LFQ_OURS_DEFAULTS: dict[str, Any] = {**LFQ_DEFAULTS, "centre_init": True}
+
+#: Options of our LFQ that the library's does not take.
+LFQ_OURS_ONLY = ("centre_init",)
+
 #: SimVQ with the model's ``codebook_size`` codes; the estimator chosen by measurement. These
 #: are the options the library's SimVQ shares (``lucidrains-simvq`` gets them; ``rsimvq`` too).
 SIMVQ_SHARED_DEFAULTS: dict[str, Any] = {"rotation_trick": True}
@@ -232,7 +240,7 @@ def _lucidrains_fsq(dim: int, codebook_size: int, options: dict) -> nn.Module:
 
 
 @register("lfq", help="our LFQ (log2 of the codebook size bits; no codebook)",
-          defaults=LFQ_DEFAULTS)
+          defaults=LFQ_OURS_DEFAULTS)
 def _lfq(dim: int, codebook_size: int, options: dict) -> nn.Module:
     options, call = _split_inv_temperature("lfq", options)
     module = LFQ(dim=dim, codebook_size=_power_of_two("lfq", codebook_size), **options)
@@ -258,6 +266,7 @@ def _grlfq(dim: int, codebook_size: int, options: dict) -> nn.Module:
 def _lucidrains_lfq(dim: int, codebook_size: int, options: dict) -> nn.Module:
     from vector_quantize_pytorch import LFQ as LibraryLFQ
 
+    _refuse_ours_only("lucidrains-lfq", "LFQ", options, LFQ_OURS_ONLY)
     options, call = _split_inv_temperature("lucidrains-lfq", options)
     module = LibraryLFQ(dim=dim, codebook_size=_power_of_two("lucidrains-lfq", codebook_size),
                         **options)

@@ -23,6 +23,14 @@ Differences from the library, each on purpose and tested:
 * EvoLFQ (evo_lfq.py) reports the gene that earned the best fitness, not a row of the next
   generation.
 * non-finite input, a wrong feature size or out-of-range indices raise QuantizerInputError.
+
+One option of ours: ``centre_init=True`` sets ``project_in``'s bias on the first training call
+so that every projected feature has mean zero over that batch (over all processes when
+training is distributed): each bit starts split about evenly between its two values, where a
+random projection of the encoder's first outputs leaves some bits nearly constant for the
+entropy penalty to undo. Scale-free, so it suits spherical LFQ, whose codes ignore the size of
+the features. A persistent ``initted`` buffer (registered only with the option) keeps a
+resumed run from centring again; a non-finite first batch changes nothing.
 """
 
 from __future__ import annotations
@@ -35,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import lfq_entropy
-from .tracing import tracing
+from . import distributed, lfq_entropy
+from .tracing import host_flag, load_init_flag, tracing
 from .vector_quantize import QuantizerInputError
 
 
@@ -118,8 +126,11 @@ class LFQ(nn.Module):
         spherical: bool = False,
         force_quantization_f32: bool = True,
         orthogonal_rotation: bool = False,
+        centre_init: bool = False,
     ):
         super().__init__()
+        if not isinstance(centre_init, bool):
+            raise ValueError(f"centre_init must be True or False, got {centre_init!r}")
         if dim is None and codebook_size is None:
             raise ValueError("LFQ needs dim or codebook_size")
         if codebook_size is None:
@@ -175,6 +186,16 @@ class LFQ(nn.Module):
         self.entropy_loss_offset = entropy_loss_offset
         self.experimental_softplus_entropy_loss = experimental_softplus_entropy_loss
         self.force_quantization_f32 = force_quantization_f32
+        self.centre_init = centre_init
+        if centre_init:
+            if getattr(self.project_in, "bias", None) is None:
+                raise ValueError(
+                    "centre_init sets project_in's bias: it needs a projection with a bias "
+                    f"(dim={dim} differs from num_codebooks * log2(codebook_size) = "
+                    f"{codebook_dims}, projection_has_bias=True, cosine_sim_project_in=False)")
+            self.register_buffer("initted", torch.tensor(False))
+        # the host's copy of ``initted``: what a traced call branches on
+        self._initted_known = not centre_init
 
         # bit weights, most significant first; persistent under the library's name so that
         # its state dicts load unchanged
@@ -259,6 +280,8 @@ class LFQ(nn.Module):
                                           f"{mask.dtype} {tuple(mask.shape)}")
 
         x = self.project_in(x)
+        if self.training and self.centre_pending:
+            x = x - self._centre(x, mask)
         if self.soft_clamp_input_value is not None:
             c = self.soft_clamp_input_value
             x = (x / c).tanh() * c
@@ -311,6 +334,52 @@ class LFQ(nn.Module):
         if not return_loss_breakdown:
             return ret
         return ret, LossBreakdown(per_sample, batch, commit)
+
+    @property
+    def centre_pending(self) -> bool:
+        """Whether ``centre_init`` is still to run (see :func:`.tracing.host_flag`)."""
+        if not self.centre_init:
+            return False
+        self._initted_known = host_flag(self.initted, self._initted_known)
+        return not self._initted_known
+
+    @torch.no_grad()
+    def _centre(self, h: Tensor, mask: Tensor | None) -> Tensor:
+        """Subtract the mean of the projected features ``h`` (B, N, C*k) over the batch (the
+        kept tokens with ``mask``) from project_in's bias and mark it done; returns that mean,
+        for this call's own features. A non-finite mean changes nothing (and is returned as
+        zeros): in a traced call by ``torch.where``, with no read-back."""
+        rows = h[mask] if mask is not None else h.reshape(-1, h.shape[-1])
+        total = rows.float().sum(0)
+        count = total.new_tensor(float(rows.shape[0]))
+        if distributed.should_sync(None):
+            if tracing():
+                raise QuantizerInputError(
+                    "centre_init synchronised across processes runs eagerly: use immediate "
+                    "input checks (vqvae.set_input_checks('immediate')) and call eagerly")
+            distributed.all_reduce(total)
+            distributed.all_reduce(count)
+        mean = total / count.clamp_min(1.0)
+        bias = self.project_in.bias
+        if tracing():
+            ok = torch.isfinite(mean).all() & ~self.initted
+            mean = torch.where(ok, mean, torch.zeros_like(mean))
+            self.initted.copy_(self.initted | ok)
+        elif not bool(torch.isfinite(mean).all()):
+            return torch.zeros_like(mean).to(h.dtype)
+        else:
+            self.initted.fill_(True)
+        bias.sub_(mean.to(bias.dtype))
+        self._initted_known = True
+        return mean.to(h.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        load_init_flag(state_dict, prefix, self.centre_init)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if self.centre_init:
+            self._initted_known = bool(self.initted)
 
     def _entropy_loss(self, x: Tensor, inv_temperature: float, mask: Tensor | None):
         """(per-sample entropy, batch entropy, penalty) of the (B, N, C, k) pre-sign inputs."""

@@ -61,7 +61,7 @@ from .checks import check_finite
 from .kmeans import kmeans_fixed, kmeans_synced
 from .onednn_linear import linear, linear_with_grad
 from .search import DEFAULT_BLOCK_BYTES
-from .tracing import host_flag, tracing
+from .tracing import host_flag, load_init_flag, tracing
 from .vector_quantize import QuantizerInputError, check_input
 
 
@@ -506,13 +506,7 @@ class SimVQ(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        key = prefix + "initted"
-        if self.kmeans_init and key not in state_dict:
-            # a state without the flag (the library's, or ours without kmeans_init) holds a
-            # codebook someone chose: keep it
-            state_dict[key] = torch.tensor(True)
-        elif not self.kmeans_init:
-            state_dict.pop(key, None)
+        load_init_flag(state_dict, prefix, self.kmeans_init)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if self.kmeans_init:

@@ -19,8 +19,10 @@ the residual family and SimVQ, follow :mod:`.guard`; both are summarised in docs
   such entries can look valid, an eval-mode LatentQuantize reports nothing at all: check the
   input (or call eagerly) where that matters.
 - in every case no state changes: these quantizers hold no buffer that a forward call
-  writes, so a bad batch corrupts nothing; parameters change only by the optimiser, which a
-  training loop can skip on a non-finite loss.
+  writes (but for LFQ's ``centre_init``, whose first training call sets the projection's bias
+  and its ``initted`` flag only from a finite batch), so a bad batch corrupts nothing;
+  parameters change only by the optimiser, which a training loop can skip on a non-finite
+  loss.
 """
 
 from __future__ import annotations
@@ -41,6 +43,18 @@ def host_flag(flag: Tensor, known: bool) -> bool:
     if tracing() or flag.device.type != "cpu":
         return known
     return bool(flag)
+
+
+def load_init_flag(state_dict: dict, prefix: str, enabled: bool) -> None:
+    """Fit a state dict to a module's ``initted`` buffer (registered only when its
+    data-dependent initialisation is enabled): a state without the flag (the library's, or one
+    saved without the option) holds weights someone chose, so they count as initialised; with
+    the option off the flag is dropped."""
+    key = prefix + "initted"
+    if enabled and key not in state_dict:
+        state_dict[key] = torch.tensor(True)
+    elif not enabled:
+        state_dict.pop(key, None)
 
 
 def spread_nonfinite(x: Tensor) -> Tensor:
