@@ -476,14 +476,7 @@ class FSQ(nn.Module):
 
         fused = self._fused_call(z)
         if fused is not None:
-            out, indices = fused
-            if channel_first:
-                out = out.transpose(1, 2).unflatten(2, spatial)
-                if indices is not None:
-                    indices = indices.unflatten(1, spatial)
-            if indices is not None and not self.keep_num_codebooks_dim:
-                indices = indices.squeeze(-1)
-            return FSQOutput(out, indices)
+            return self._output(*fused, spatial if channel_first else None)
 
         h = self.project_in(z)
         # a non-finite input entry makes every projected entry it feeds non-finite, so the
@@ -514,8 +507,14 @@ class FSQ(nn.Module):
                 codes = codes @ self.orthogonal_rot.to(math_dtype).t()
         codes = codes.flatten(-2).to(orig_dtype)
         out = self.project_out(codes)
+        return self._output(out, indices, spatial if channel_first else None)
 
-        if channel_first:
+    def _output(self, out: Tensor, indices: Tensor | None,
+                spatial: torch.Size | None) -> FSQOutput:
+        """The call's ``(b, n, dim)`` output and ``(b, n, c)`` indices in the input's layout:
+        back to ``(b, dim, *spatial)`` for a channel-first input, the codebook axis dropped
+        unless kept."""
+        if spatial is not None:
             out = out.transpose(1, 2).unflatten(2, spatial)
             if indices is not None:
                 indices = indices.unflatten(1, spatial)

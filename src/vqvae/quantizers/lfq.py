@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed, lfq_entropy
-from .tracing import host_flag, load_init_flag, tracing
+from .tracing import InitFlagLoading, host_flag, tracing
 from .vector_quantize import QuantizerInputError
 
 
@@ -98,7 +98,7 @@ def check_finite(x: Tensor, name: str = "input") -> None:
                                   "expected finite features")
 
 
-class LFQ(nn.Module):
+class LFQ(InitFlagLoading, nn.Module):
     """Lookup-free quantiser. Input (B, N, dim) channels-last, or channel-first feature maps
     (B, dim, ...) when ``channel_first`` (default: for 4-D and larger input)."""
 
@@ -187,6 +187,7 @@ class LFQ(nn.Module):
         self.experimental_softplus_entropy_loss = experimental_softplus_entropy_loss
         self.force_quantization_f32 = force_quantization_f32
         self.centre_init = centre_init
+        self._init_enabled = centre_init  # see InitFlagLoading
         if centre_init:
             if getattr(self.project_in, "bias", None) is None:
                 raise ValueError(
@@ -372,14 +373,6 @@ class LFQ(nn.Module):
         bias.sub_(mean.to(bias.dtype))
         self._initted_known = True
         return mean.to(h.dtype)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        load_init_flag(state_dict, prefix, self.centre_init)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if self.centre_init:
-            self._initted_known = bool(self.initted)
 
     def _entropy_loss(self, x: Tensor, inv_temperature: float, mask: Tensor | None):
         """(per-sample entropy, batch entropy, penalty) of the (B, N, C, k) pre-sign inputs."""

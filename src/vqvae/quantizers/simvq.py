@@ -61,7 +61,7 @@ from .checks import check_finite
 from .kmeans import kmeans_fixed, kmeans_synced
 from .onednn_linear import linear, linear_with_grad
 from .search import DEFAULT_BLOCK_BYTES
-from .tracing import host_flag, load_init_flag, tracing
+from .tracing import InitFlagLoading, host_flag, tracing
 from .vector_quantize import QuantizerInputError, check_input
 
 
@@ -209,7 +209,7 @@ class _LinearCodes(torch.autograd.Function):
         return grad_weight, grad_bias, None, None, None, None
 
 
-class SimVQ(nn.Module):
+class SimVQ(InitFlagLoading, nn.Module):
     """SimVQ quantizer, a drop-in for ``vector_quantize_pytorch.SimVQ``.
 
     Tensor contract: ``x`` is ``(B, ..., dim)`` channels last, or ``(B, dim, ...)`` with
@@ -304,6 +304,7 @@ class SimVQ(nn.Module):
             codebook_transform = nn.Linear(frozen_codebook_dim, dim, bias=False)
         self.code_transform = codebook_transform
         self.kmeans_init = bool(kmeans_init)
+        self._init_enabled = self.kmeans_init  # see InitFlagLoading
         self.kmeans_iters = kmeans_iters
         self.kmeans_map_scale = float(kmeans_map_scale)
         if self.kmeans_init:
@@ -501,16 +502,6 @@ class SimVQ(nn.Module):
 
     decode = indices_to_codes
     get_output_from_indices = indices_to_codes
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        load_init_flag(state_dict, prefix, self.kmeans_init)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if self.kmeans_init:
-            self._initted_known = bool(self.initted)
 
     def _check_input(self, x: Tensor) -> None:
         if self.channel_first:

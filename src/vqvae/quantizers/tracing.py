@@ -45,16 +45,26 @@ def host_flag(flag: Tensor, known: bool) -> bool:
     return bool(flag)
 
 
-def load_init_flag(state_dict: dict, prefix: str, enabled: bool) -> None:
-    """Fit a state dict to a module's ``initted`` buffer (registered only when its
-    data-dependent initialisation is enabled): a state without the flag (the library's, or one
-    saved without the option) holds weights someone chose, so they count as initialised; with
-    the option off the flag is dropped."""
-    key = prefix + "initted"
-    if enabled and key not in state_dict:
-        state_dict[key] = torch.tensor(True)
-    elif not enabled:
-        state_dict.pop(key, None)
+class InitFlagLoading:
+    """Mixin for a module whose data-dependent start (``_init_enabled``) is flagged by an
+    ``initted`` buffer, registered only when the start is enabled, and mirrored on the host in
+    ``_initted_known``. Loading fits the state dict to it: a state without the flag (the
+    library's, or one saved without the option) holds weights someone chose, so they count as
+    initialised; with the option off the flag is dropped."""
+
+    _init_enabled = False
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "initted"
+        if self._init_enabled and key not in state_dict:
+            state_dict[key] = torch.tensor(True)
+        elif not self._init_enabled:
+            state_dict.pop(key, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if self._init_enabled:
+            self._initted_known = bool(self.initted)
 
 
 def spread_nonfinite(x: Tensor) -> Tensor:
