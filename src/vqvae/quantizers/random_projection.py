@@ -53,8 +53,8 @@ class RandomProjectionQuantizer(nn.Module):
 
     Search: the argmax of ``p·ĉ`` over unit codes ``ĉ`` does not depend on ``||p||``, so the
     projection is searched as is (``||ĉ||² - 2 p·ĉ`` with ``||ĉ|| = 1``, by
-    :func:`vqvae.quantizers.bf16_presearch.nearest`: the float32 answer, on CPUs with native
-    bfloat16 through a bfloat16 pre-search)
+    :func:`vqvae.quantizers.bf16_presearch.nearest`: the float32 answer, on CPU through an int8
+    or bfloat16 pre-search with an exact re-check where one pays, see ``presearch_kind``)
     and the input's LayerNorm variance scaling is skipped on that path (it too only scales
     ``p``). The cosine similarities are formed only for the cross-entropy.
     """
