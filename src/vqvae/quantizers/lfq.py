@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed, lfq_entropy
-from .tracing import InitFlagLoading, host_flag, tracing
+from .tracing import InitFlag, tracing
 from .vector_quantize import QuantizerInputError
 
 
@@ -98,7 +98,7 @@ def check_finite(x: Tensor, name: str = "input") -> None:
                                   "expected finite features")
 
 
-class LFQ(InitFlagLoading, nn.Module):
+class LFQ(InitFlag, nn.Module):
     """Lookup-free quantiser. Input (B, N, dim) channels-last, or channel-first feature maps
     (B, dim, ...) when ``channel_first`` (default: for 4-D and larger input)."""
 
@@ -187,16 +187,13 @@ class LFQ(InitFlagLoading, nn.Module):
         self.experimental_softplus_entropy_loss = experimental_softplus_entropy_loss
         self.force_quantization_f32 = force_quantization_f32
         self.centre_init = centre_init
-        self._init_enabled = centre_init  # see InitFlagLoading
         if centre_init:
             if getattr(self.project_in, "bias", None) is None:
                 raise ValueError(
                     "centre_init sets project_in's bias: it needs a projection with a bias "
                     f"(dim={dim} differs from num_codebooks * log2(codebook_size) = "
                     f"{codebook_dims}, projection_has_bias=True, cosine_sim_project_in=False)")
-            self.register_buffer("initted", torch.tensor(False))
-        # the host's copy of ``initted``: what a traced call branches on
-        self._initted_known = not centre_init
+        self._register_init_flag(centre_init)
 
         # bit weights, most significant first; persistent under the library's name so that
         # its state dicts load unchanged
@@ -281,7 +278,7 @@ class LFQ(InitFlagLoading, nn.Module):
                                           f"{mask.dtype} {tuple(mask.shape)}")
 
         x = self.project_in(x)
-        if self.training and self.centre_pending:
+        if self.training and self.init_pending:
             x = x - self._centre(x, mask)
         if self.soft_clamp_input_value is not None:
             c = self.soft_clamp_input_value
@@ -335,14 +332,6 @@ class LFQ(InitFlagLoading, nn.Module):
         if not return_loss_breakdown:
             return ret
         return ret, LossBreakdown(per_sample, batch, commit)
-
-    @property
-    def centre_pending(self) -> bool:
-        """Whether ``centre_init`` is still to run (see :func:`.tracing.host_flag`)."""
-        if not self.centre_init:
-            return False
-        self._initted_known = host_flag(self.initted, self._initted_known)
-        return not self._initted_known
 
     @torch.no_grad()
     def _centre(self, h: Tensor, mask: Tensor | None) -> Tensor:

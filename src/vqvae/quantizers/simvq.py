@@ -61,7 +61,7 @@ from .checks import check_finite
 from .kmeans import kmeans_fixed, kmeans_synced
 from .onednn_linear import linear, linear_with_grad
 from .search import DEFAULT_BLOCK_BYTES
-from .tracing import InitFlagLoading, host_flag, tracing
+from .tracing import InitFlag, tracing
 from .vector_quantize import QuantizerInputError, check_input
 
 
@@ -209,7 +209,7 @@ class _LinearCodes(torch.autograd.Function):
         return grad_weight, grad_bias, None, None, None, None
 
 
-class SimVQ(InitFlagLoading, nn.Module):
+class SimVQ(InitFlag, nn.Module):
     """SimVQ quantizer, a drop-in for ``vector_quantize_pytorch.SimVQ``.
 
     Tensor contract: ``x`` is ``(B, ..., dim)`` channels last, or ``(B, dim, ...)`` with
@@ -304,7 +304,6 @@ class SimVQ(InitFlagLoading, nn.Module):
             codebook_transform = nn.Linear(frozen_codebook_dim, dim, bias=False)
         self.code_transform = codebook_transform
         self.kmeans_init = bool(kmeans_init)
-        self._init_enabled = self.kmeans_init  # see InitFlagLoading
         self.kmeans_iters = kmeans_iters
         self.kmeans_map_scale = float(kmeans_map_scale)
         if self.kmeans_init:
@@ -317,9 +316,7 @@ class SimVQ(InitFlagLoading, nn.Module):
                 raise ValueError(
                     f"kmeans_init needs frozen_codebook_dim >= dim (a map from "
                     f"{frozen_codebook_dim} to {dim} dimensions cannot reach every centroid)")
-            self.register_buffer("initted", torch.tensor(False))
-        # the host's copy of ``initted``: what a traced or accelerator call branches on
-        self._initted_known = not self.kmeans_init
+        self._register_init_flag(self.kmeans_init)
         guard.register_counter(self)
 
     @property
@@ -334,13 +331,8 @@ class SimVQ(InitFlagLoading, nn.Module):
 
     @property
     def kmeans_pending(self) -> bool:
-        """Whether k-means initialisation is still to run. Read from ``initted`` on the CPU
-        outside tracing (free there); while tracing, or on another device, from the host's
-        copy of it (no read-back)."""
-        if not self.kmeans_init:
-            return False
-        self._initted_known = host_flag(self.initted, self._initted_known)
-        return not self._initted_known
+        """Whether k-means initialisation is still to run (see ``InitFlag.init_pending``)."""
+        return self.init_pending
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, "

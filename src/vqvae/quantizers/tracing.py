@@ -45,14 +45,32 @@ def host_flag(flag: Tensor, known: bool) -> bool:
     return bool(flag)
 
 
-class InitFlagLoading:
-    """Mixin for a module whose data-dependent start (``_init_enabled``) is flagged by an
-    ``initted`` buffer, registered only when the start is enabled, and mirrored on the host in
+class InitFlag:
+    """Mixin for a module with an optional data-dependent start on its first training call
+    (SimVQ's ``kmeans_init``, LFQ's ``centre_init``): an ``initted`` buffer, registered only
+    when the start is enabled (:meth:`_register_init_flag`), mirrored on the host in
     ``_initted_known``. Loading fits the state dict to it: a state without the flag (the
     library's, or one saved without the option) holds weights someone chose, so they count as
     initialised; with the option off the flag is dropped."""
 
     _init_enabled = False
+
+    def _register_init_flag(self, enabled: bool) -> None:
+        self._init_enabled = enabled
+        if enabled:
+            self.register_buffer("initted", torch.tensor(False))
+        # the host's copy of ``initted``: what a traced or accelerator call branches on
+        self._initted_known = not enabled
+
+    @property
+    def init_pending(self) -> bool:
+        """Whether the start is still to run: read from ``initted`` on the CPU outside tracing
+        (free there); while tracing, or on another device, from the host's copy of it (no
+        read-back), see :func:`host_flag`."""
+        if not self._init_enabled:
+            return False
+        self._initted_known = host_flag(self.initted, self._initted_known)
+        return not self._initted_known
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
