@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vqvae import QuantizerInputError, SimVQ
-from vqvae.quantizers import bf16_presearch, int8_presearch, presearch
+from vqvae.quantizers import bf16_presearch, cpu_kernel, int8_presearch, presearch
 from vqvae.quantizers.search import nearest_code
 
 pytestmark = pytest.mark.skipif(not int8_presearch.levels() is not None,
@@ -46,9 +46,39 @@ class Spy:
         monkeypatch.setattr(module, name, spy)
 
 
+class Rechecks:
+    """Counts the blocks whose candidates were re-checked (the tensor path's ``resolve``, or
+    the C re-check when it did not give up)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        resolve, recheck = int8_presearch.resolve, cpu_kernel.int8_recheck
+
+        def counted_resolve(*args, **kwargs):
+            self.calls += 1
+            return resolve(*args, **kwargs)
+
+        def counted_recheck(*args, **kwargs):
+            found = recheck(*args, **kwargs)
+            self.calls += found is not None
+            return found
+
+        monkeypatch.setattr(int8_presearch, "resolve", counted_resolve)
+        monkeypatch.setattr(cpu_kernel, "int8_recheck", counted_recheck)
+
+
+@pytest.fixture(autouse=True, params=["c", "tensor"])
+def second_stage(request, monkeypatch):
+    """Every test here runs with the rounding and re-check in C and in tensor operations."""
+    if request.param == "c" and not cpu_kernel.available():
+        pytest.skip(f"no C kernels: {cpu_kernel.unavailable_reason()}")
+    if request.param == "tensor":
+        monkeypatch.setattr(int8_presearch, "_c_kernels", lambda: False)
+    return request.param
+
+
 def spies(monkeypatch):
-    return (Spy(monkeypatch, int8_presearch, "resolve"),
-            Spy(monkeypatch, int8_presearch, "float32_search"))
+    return (Rechecks(monkeypatch), Spy(monkeypatch, int8_presearch, "float32_search"))
 
 
 @pytest.mark.parametrize("dim", [33, 64, 200, 512, 1024])

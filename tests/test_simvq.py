@@ -19,6 +19,7 @@ from vqvae import (
     Sequential,
     SimVQ,
 )
+from vqvae.quantizers import cpu_kernel
 
 lib = pytest.importorskip("vector_quantize_pytorch")
 
@@ -189,13 +190,20 @@ def _rotation_textbook(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return scale[:, None] * torch.einsum("nij,nj->ni", rot, x)
 
 
+@pytest.mark.parametrize("path", ["c", "tensor"])
+@pytest.mark.parametrize("dim", [6, 37])  # (37: whole SIMD vectors and a tail in C)
 @pytest.mark.parametrize("rotation", [True, False])
-def test_simvq_loss_and_gradients_match_autograd_on_the_textbook_expression(rotation):
+def test_simvq_loss_and_gradients_match_autograd_on_the_textbook_expression(rotation, dim, path,
+                                                                             monkeypatch):
+    if path == "c" and not cpu_kernel.available():
+        pytest.skip(f"no C kernels: {cpu_kernel.unavailable_reason()}")
+    if path == "tensor":
+        monkeypatch.setattr(cpu_kernel, "supports_rows", lambda *tensors: False)
     torch.manual_seed(2)
-    vq = SimVQ(dim=6, codebook_size=10, rotation_trick=rotation, commitment_weight=0.7,
+    vq = SimVQ(dim=dim, codebook_size=10, rotation_trick=rotation, commitment_weight=0.7,
                input_to_quantize_commit_loss_weight=0.3)
-    x = torch.randn(40, 6, requires_grad=True)
-    grad_out = torch.randn(40, 6)
+    x = torch.randn(40, dim, requires_grad=True)
+    grad_out = torch.randn(40, dim)
     quantized, indices, loss = vq(x)
     (quantized * grad_out).sum().add(loss * 1.3).backward()
 

@@ -201,3 +201,331 @@ int64_t vq_ema_update(float *codebook, float *cluster_size, const float *counts,
     }
     return below;
 }
+
+/* ------------------------------------------------------------------ int8 pre-search re-check
+ * The second stage of int8_presearch.py for one row block, in two passes over each row of the
+ * integer products instead of some thirty tensor operations over the (n, k) block.
+ *
+ * products (n, k) int32 = qx.qc, row_scale (n,) = sx.sc, so the approximate distance is
+ * a_c = code_sq_c - 2 (row_scale . P_c). For each row: the anchor j, the first code at the
+ * smallest a; its float32 distance f_j = code_sq_j - 2 x.c_j; the candidates, every code with
+ * a_c <= f_j + slack (slack: the row's bound e + 3 rho; NaN admits every code); and the answer,
+ * the first candidate at the smallest float32 distance (a row with one candidate gets it
+ * without a re-check). Returns 0, or 1 as soon as the candidates of the block exceed
+ * max_candidates (the caller then searches the block in float32; out is partly written). */
+
+static float dot(const float *a, const float *b, int64_t d) {
+    vfloat acc[4] = {{0}, {0}, {0}, {0}}; /* four chains: the FMA latency, not one chain */
+    int64_t j = 0;
+    for (; j + 4 * LANES <= d; j += 4 * LANES)
+        for (int u = 0; u < 4; u++) acc[u] += load(a + j + u * LANES) * load(b + j + u * LANES);
+    for (; j + LANES <= d; j += LANES) acc[0] += load(a + j) * load(b + j);
+    vfloat sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    float total = 0.0f;
+    for (int l = 0; l < LANES; l++) total += sum[l];
+    for (; j < d; j++) total += a[j] * b[j];
+    return total;
+}
+
+/* whether any lane of a comparison mask is set (words ORed, not lanes one by one) */
+static int any_set(vint mask) {
+    uint64_t words[LANES / 2], any = 0;
+    memcpy(words, &mask, sizeof words);
+    for (int w = 0; w < LANES / 2; w++) any |= words[w];
+    return any != 0;
+}
+
+static vfloat load_approx(const int32_t *p, const float *sq, vfloat scale) {
+    vint integers;
+    memcpy(&integers, p, sizeof integers);
+    return load(sq) - 2.0f * (__builtin_convertvector(integers, vfloat) * scale);
+}
+
+/* the first code at the smallest approximate distance of one row (NaN never wins) */
+static int64_t first_smallest(const int32_t *p, const float *code_sq, float scale, int64_t k) {
+    vint lane;
+    vfloat best, scale_v;
+    vint best_index;
+    for (int l = 0; l < LANES; l++) {
+        lane[l] = l;
+        best[l] = INFINITY;
+        best_index[l] = 0;
+        scale_v[l] = scale;
+    }
+    int64_t c = 0;
+    for (; c + LANES <= k; c += LANES) {
+        vfloat a = load_approx(p + c, code_sq + c, scale_v);
+        vint closer = a < best; /* strict: the first of equal distances stays */
+        best = select_float(closer, a, best);
+        best_index = ((lane + (int32_t)c) & closer) | (best_index & ~closer);
+    }
+    float value = best[0];
+    int64_t index = best_index[0];
+    for (int l = 1; l < LANES; l++)
+        if (best[l] < value || (best[l] == value && best_index[l] < index)) {
+            value = best[l];
+            index = best_index[l];
+        }
+    for (; c < k; c++) {
+        float a = code_sq[c] - 2.0f * ((float)p[c] * scale);
+        if (a < value) {
+            value = a;
+            index = c;
+        }
+    }
+    return index;
+}
+
+int vq_int8_recheck(const int32_t *products, const float *row_scale, const float *code_sq,
+                    const float *x, const float *codebook, const float *slack, int64_t n,
+                    int64_t d, int64_t k, int64_t max_candidates, int64_t *out) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t *p = products + i * k;
+        const float *row = x + i * d;
+        float scale = row_scale[i];
+        int64_t anchor = first_smallest(p, code_sq, scale, k);
+        float anchor_exact = code_sq[anchor] - 2.0f * dot(row, codebook + anchor * d, d);
+        float threshold = anchor_exact + slack[i];
+        if (isnan(threshold)) threshold = INFINITY;
+        int64_t first = -1, count = 0, best_index = k - 1;
+        float best = INFINITY;
+        vfloat scale_v, threshold_v;
+        for (int l = 0; l < LANES; l++) {
+            scale_v[l] = scale;
+            threshold_v[l] = threshold;
+        }
+        for (int64_t start = 0; start < k; start += LANES) {
+            int64_t width = k - start < LANES ? k - start : LANES;
+            vint passed = {0};
+            vfloat a = {0};
+            if (width == LANES) {
+                a = load_approx(p + start, code_sq + start, scale_v);
+                passed = a <= threshold_v;
+            } else {
+                for (int l = 0; l < width; l++) {
+                    a[l] = code_sq[start + l] - 2.0f * ((float)p[start + l] * scale);
+                    passed[l] = a[l] <= threshold ? -1 : 0;
+                }
+            }
+            if (!any_set(passed)) continue; /* the common case: no candidate among these */
+            for (int l = 0; l < width; l++) {
+                if (!passed[l]) continue;
+                int64_t c = start + l;
+                if (++total > max_candidates) return 1;
+                float exact = c == anchor ? anchor_exact
+                                          : code_sq[c] - 2.0f * dot(row, codebook + c * d, d);
+                if (count++ == 0) first = c;
+                if (exact < best) { /* strict: the first code at the minimum stays */
+                    best = exact;
+                    best_index = c;
+                }
+            }
+        }
+        /* one candidate: it, unchecked; none (NaN distances): an index in range, as the
+         * float32 search gives, for the caller's finiteness check to report */
+        out[i] = count == 1 ? first : (count == 0 ? k - 1 : (best < INFINITY ? best_index : first));
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ int8 rounding of rows
+ * quantize_rows of int8_presearch.py in two passes over v (n, d) instead of seven tensor
+ * operations: the peak (of each row, or of the whole matrix unless per_row; with pairs, of
+ * |v_2i| + |v_2i+1|, d even), floored at peak_floor; then per row m = qmax / peak,
+ * q = rint(v m) (ties to even, as torch.round), scale = peak / qmax, and the float32 norm of
+ * v - scale q. A NaN anywhere in a row (anywhere, unless per_row) makes its peak NaN, an Inf
+ * makes it Inf: the caller sees a non-finite scale. */
+
+static vfloat splat(float value) {
+    vfloat v;
+    for (int l = 0; l < LANES; l++) v[l] = value;
+    return v;
+}
+
+static vfloat vabs(vfloat v) {
+    return (vfloat)((vint)v & 0x7fffffff);
+}
+
+static float row_peak(const float *v, int64_t d, int pairs, int *nan) {
+    vfloat best = splat(0.0f);
+    vint bad = {0};
+    vint swap; /* lane l and its pair neighbour l ^ 1 */
+    for (int l = 0; l < LANES; l++) swap[l] = l ^ 1;
+    int64_t j = 0;
+    for (; j + LANES <= d; j += LANES) {
+        vfloat magnitude = vabs(load(v + j));
+        if (pairs) magnitude = magnitude + __builtin_shuffle(magnitude, swap); /* b + a = a + b */
+        bad |= magnitude != magnitude;
+        best = select_float(magnitude > best, magnitude, best);
+    }
+    float peak = 0.0f;
+    for (int l = 0; l < LANES; l++) {
+        *nan |= bad[l] != 0;
+        peak = best[l] > peak ? best[l] : peak;
+    }
+    for (int step = pairs ? 2 : 1; j + step <= d; j += step) {
+        float magnitude = pairs ? fabsf(v[j]) + fabsf(v[j + 1]) : fabsf(v[j]);
+        *nan |= magnitude != magnitude;
+        peak = magnitude > peak ? magnitude : peak;
+    }
+    return peak;
+}
+
+/* each lane rounded to the nearest integer, ties to even (as torch.round). rintf, not a magic
+ * number added and subtracted: the compiler may fuse that addition with the product before it
+ * (one rounding instead of two) */
+static vfloat round_even(vfloat v) {
+    for (int l = 0; l < LANES; l++) v[l] = rintf(v[l]);
+    return v;
+}
+
+void vq_quantize_rows(const float *v, int64_t n, int64_t d, float qmax, int pairs, int per_row,
+                      float peak_floor, int8_t *q, float *scale, float *residual_norm) {
+    float shared = 0.0f;
+    int shared_nan = 0;
+    if (!per_row) {
+        for (int64_t i = 0; i < n; i++) {
+            float peak = row_peak(v + i * d, d, pairs, &shared_nan);
+            shared = peak > shared ? peak : shared;
+        }
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const float *row = v + i * d;
+        int nan = shared_nan;
+        float peak = per_row ? row_peak(row, d, pairs, &nan) : shared;
+        peak = nan ? NAN : (peak < peak_floor ? peak_floor : peak);
+        float multiplier = qmax / peak, step = peak / qmax;
+        int8_t *out = q + i * d;
+        if (!(multiplier == multiplier && step == step && step <= FLT_MAX)) {
+            memset(out, 0, (size_t)d); /* a non-finite row: its scale says so */
+            scale[i] = step;
+            residual_norm[i] = NAN;
+            continue;
+        }
+        vfloat m = splat(multiplier), s = splat(step), acc = splat(0.0f);
+        int64_t j = 0;
+        for (; j + LANES <= d; j += LANES) {
+            vfloat values = load(row + j);
+            vfloat rounded = round_even(values * m);
+            vint integers = __builtin_convertvector(rounded, vint);
+            for (int l = 0; l < LANES; l++) out[j + l] = (int8_t)integers[l];
+            vfloat residual = values - rounded * s;
+            acc += residual * residual;
+        }
+        float sum = 0.0f;
+        for (int l = 0; l < LANES; l++) sum += acc[l];
+        for (; j < d; j++) {
+            float rounded = rintf(row[j] * multiplier);
+            out[j] = (int8_t)rounded;
+            float residual = row[j] - rounded * step;
+            sum += residual * residual;
+        }
+        scale[i] = step;
+        residual_norm[i] = sqrtf(sum);
+    }
+}
+
+/* ------------------------------------------------------------------ SimVQ's estimator
+ * The forward and backward of simvq.py's _Estimator (its docstring has the formulas) in one
+ * pass over the rows each, where the tensor form makes some twelve passes over (n, d) blocks.
+ *
+ * Forward: returns the sum of ||x - q||^2 over all rows; with rotation also writes each row's
+ * ||x|| and ||q|| (floored at eps) and cos = x.q / (||x|| ||q||). */
+
+static float hsum(vfloat v) {
+    float total = 0.0f;
+    for (int l = 0; l < LANES; l++) total += v[l];
+    return total;
+}
+
+double vq_estimator_forward(const float *x, const float *q, int64_t n, int64_t d, int rotation,
+                            float eps, float *x_norm, float *q_norm, float *cos) {
+    double total = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        const float *xr = x + i * d, *qr = q + i * d;
+        vfloat dd0 = splat(0.0f), dd1 = splat(0.0f), xx = splat(0.0f), qq = splat(0.0f),
+               xq = splat(0.0f);
+        int64_t j = 0;
+        for (; j + 2 * LANES <= d; j += 2 * LANES) {
+            vfloat a0 = load(xr + j), b0 = load(qr + j);
+            vfloat a1 = load(xr + j + LANES), b1 = load(qr + j + LANES);
+            vfloat e0 = a0 - b0, e1 = a1 - b1;
+            dd0 += e0 * e0;
+            dd1 += e1 * e1;
+            if (rotation) {
+                xx += a0 * a0 + a1 * a1;
+                qq += b0 * b0 + b1 * b1;
+                xq += a0 * b0 + a1 * b1;
+            }
+        }
+        float diff = hsum(dd0 + dd1), sx = hsum(xx), sq = hsum(qq), sxq = hsum(xq);
+        for (; j < d; j++) {
+            float e = xr[j] - qr[j];
+            diff += e * e;
+            sx += xr[j] * xr[j];
+            sq += qr[j] * qr[j];
+            sxq += xr[j] * qr[j];
+        }
+        total += diff;
+        if (rotation) {
+            float nx = sqrtf(sx), nq = sqrtf(sq);
+            nx = nx < eps ? eps : nx;
+            nq = nq < eps ? eps : nq;
+            x_norm[i] = nx;
+            q_norm[i] = nq;
+            cos[i] = sxq / (nx * nq);
+        }
+    }
+    return total;
+}
+
+/* Backward: grad_x from g (n, d) by the rotation trick (or straight through) plus
+ * commit * (x - q); grad_q (unless NULL) = codebook * (x - q). commit and codebook carry the
+ * loss gradient's scale; floor is the floor of ||u + v||^2 = 2 + 2 cos. */
+void vq_estimator_backward(const float *g, const float *x, const float *q, const float *x_norm,
+                           const float *q_norm, const float *cos, int64_t n, int64_t d,
+                           int rotation, float commit, float codebook, float floor,
+                           float *grad_x, float *grad_q) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *gr = g + i * d, *xr = x + i * d, *qr = q + i * d;
+        float *gx = grad_x + i * d;
+        float along_g = 1.0f, along_x = commit, along_q = -commit;
+        if (rotation) {
+            vfloat xg = splat(0.0f), qg = splat(0.0f);
+            int64_t j = 0;
+            for (; j + LANES <= d; j += LANES) {
+                vfloat gv = load(gr + j);
+                xg += load(xr + j) * gv;
+                qg += load(qr + j) * gv;
+            }
+            float sxg = hsum(xg), sqg = hsum(qg);
+            for (; j < d; j++) {
+                sxg += xr[j] * gr[j];
+                sqg += qr[j] * gr[j];
+            }
+            float nx = x_norm[i], nq = q_norm[i], ratio = nq / nx;
+            float a = sxg / nx, b = sqg / nq, s2 = 2.0f + 2.0f * cos[i];
+            float pull = 2.0f * (a + b) / (s2 < floor ? floor : s2);
+            along_g = ratio;
+            along_x = ratio * (2.0f * b - pull) / nx + commit;
+            along_q = -ratio * pull / nq - commit;
+        }
+        vfloat cg = splat(along_g), cx = splat(along_x), cq = splat(along_q);
+        vfloat cb = splat(codebook);
+        int64_t j = 0;
+        for (; j + LANES <= d; j += LANES) {
+            vfloat xv = load(xr + j), qv = load(qr + j);
+            vfloat out = load(gr + j) * cg + xv * cx + qv * cq;
+            memcpy(gx + j, &out, sizeof out);
+            if (grad_q) {
+                vfloat other = (xv - qv) * cb;
+                memcpy(grad_q + i * d + j, &other, sizeof other);
+            }
+        }
+        for (; j < d; j++) {
+            gx[j] = gr[j] * along_g + xr[j] * along_x + qr[j] * along_q;
+            if (grad_q) grad_q[i * d + j] = (xr[j] - qr[j]) * codebook;
+        }
+    }
+}

@@ -55,7 +55,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import distributed, guard
+from . import cpu_kernel, distributed, guard
 from .bf16_presearch import nearest
 from .checks import check_finite
 from .kmeans import kmeans_fixed, kmeans_synced
@@ -132,11 +132,19 @@ class _Estimator(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, q: Tensor, commitment: float, codebook: float,
                 rotation: bool):
+        ctx.weights = (commitment, codebook)
+        ctx.rotation = rotation
+        ctx.in_c = cpu_kernel.supports_rows(x, q)
+        if ctx.in_c:  # one pass over the rows each way (cpu_kernel.estimator_forward)
+            total, *norms = cpu_kernel.estimator_forward(x, q, rotation, NORM_EPS)
+            ctx.save_for_backward(x, q, *(norms if rotation else ()))
+            ctx.numel = x.numel()
+            loss = torch.tensor(total * (commitment + codebook) / max(x.numel(), 1),
+                                dtype=torch.float32)
+            return q, loss
         diff = x - q  # (N, D)
         flat = diff.reshape(-1)
         loss = torch.dot(flat, flat).mul_((commitment + codebook) / flat.numel())
-        ctx.weights = (commitment, codebook)
-        ctx.rotation = rotation
         if rotation:
             x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
             q_norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
@@ -148,8 +156,22 @@ class _Estimator(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_loss: Tensor):
-        diff, *saved = ctx.saved_tensors
         commitment, codebook = ctx.weights
+        if ctx.in_c and ctx.needs_input_grad[0] and grad_out.dtype == torch.float32 \
+                and grad_out.shape == ctx.saved_tensors[0].shape:
+            x, q, *norms = ctx.saved_tensors
+            scale = 2.0 * float(grad_loss) / max(ctx.numel, 1)
+            # (contiguous: the gradient of a sum arrives as one expanded value)
+            return (*cpu_kernel.estimator_backward(
+                grad_out.contiguous(), x, q, norms if ctx.rotation else None,
+                scale * commitment, -scale * codebook, NORM_EPS**2, ctx.needs_input_grad[1]),
+                None, None, None)
+        if ctx.in_c:  # (the rare call the kernel does not take: the same in tensor operations)
+            x, q, *norms = ctx.saved_tensors
+            saved = [x, q, *(n.unsqueeze(1) for n in norms)] if ctx.rotation else []
+            diff = x - q
+        else:
+            diff, *saved = ctx.saved_tensors
         scale = 2.0 * grad_loss / diff.numel()
         grad_x = grad_q = None
         if ctx.needs_input_grad[0]:
