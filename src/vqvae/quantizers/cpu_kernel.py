@@ -75,6 +75,8 @@ ISA_LIMITS = {"AVX2": ["-mno-avx512f"], "DEFAULT": ["-mno-avx"]}
 #: Longest vectors the kernel takes; from about 48 on, ``addmm`` is as fast or faster.
 MAX_DIM = 32
 ENV_SWITCH = "VQVAE_CPU_KERNEL"
+# FSQ channels the clamp-bound kernels take (cpu_search.c's FSQ_MAX_CHANNELS)
+FSQ_MAX_CHANNELS = 32
 
 _reason: str | None = None
 
@@ -278,6 +280,10 @@ def _configure(library: ctypes.CDLL, compiler: str) -> ctypes.CDLL:
         "vq_estimator_backward": ([pointer, pointer, pointer, pointer, pointer, pointer, size,
                                    size, ctypes.c_int, number, number, number, pointer,
                                    pointer], None),
+        "vq_fsq_clamp_forward": ([pointer, size, size] + [pointer] * 7 + [ctypes.c_int, pointer,
+                                  size, pointer, pointer, pointer, pointer], ctypes.c_int),
+        "vq_fsq_clamp_backward": ([pointer] * 7 + [ctypes.c_int, size, size, size]
+                                  + [pointer] * 5, ctypes.c_int),
         "vq_int8_recheck": ([pointer, pointer, pointer, pointer, pointer, pointer, size, size,
                              size, size, pointer], ctypes.c_int),
     }
@@ -627,3 +633,54 @@ def estimator_backward(grad: Tensor, x: Tensor, q: Tensor, norms: tuple[Tensor, 
         int(norms is not None), commit, codebook, floor, grad_x.data_ptr(),
         grad_q.data_ptr() if grad_q is not None else None)
     return grad_x, grad_q
+
+
+# ---------------------------------------------------------------------------- FSQ, clamp bound
+
+
+def fsq_clamp_forward(h: Tensor, constants: tuple[Tensor, ...], levels: Tensor, basis: Tensor,
+                      symmetric: bool, rows: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """The clamp-bound FSQ call past ``project_in`` (``h`` ``(N, c)`` float32), one pass over
+    the rows: ``(out (N, dim), index (N,) int64, u (N, c), code (N, c))``, ``out`` gathered from
+    ``rows`` (``project_out`` of every code, in index order), or None at a NaN in ``h``.
+    ``constants``: the bound's ``(shift, scale, bias, centre, step)`` per channel (float32);
+    ``levels``, ``basis``: int64 per channel."""
+    num_rows, channels = h.shape
+    shift, scale, bias, centre, step = (t.contiguous() for t in constants)
+    levels, basis, rows = levels.contiguous(), basis.contiguous(), rows.contiguous()
+    out = h.new_empty(num_rows, rows.shape[1])
+    index = torch.empty(num_rows, dtype=torch.long)
+    u, code = torch.empty_like(h), torch.empty_like(h)
+    status = _checked_library().vq_fsq_clamp_forward(
+        h.data_ptr(), num_rows, channels, shift.data_ptr(), scale.data_ptr(), bias.data_ptr(),
+        centre.data_ptr(), step.data_ptr(), levels.data_ptr(), basis.data_ptr(), int(symmetric),
+        rows.data_ptr(), rows.shape[1], out.data_ptr(), index.data_ptr(), u.data_ptr(),
+        code.data_ptr())
+    return (out, index, u, code) if status == 0 else None
+
+
+def fsq_clamp_backward(grad: Tensor, x: Tensor, u: Tensor, code: Tensor, w_in: Tensor,
+                       w_out: Tensor, slope: Tensor, inward: bool, in_bias: bool,
+                       out_bias: bool) -> tuple[Tensor, ...]:
+    """``(grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out)`` of that call (biases None
+    when absent), one pass over the rows; the clamp's gradient as
+    :func:`.fsq.clamp_gradient` keeps it (``inward``: also where it points back into range)."""
+    num_rows, dim = x.shape
+    channels = u.shape[1]
+    grad_x = torch.empty_like(x)
+    grad_w_in, grad_w_out = torch.empty_like(w_in), torch.empty_like(w_out)
+    grad_b_in = w_in.new_empty(channels) if in_bias else None
+    grad_b_out = w_out.new_empty(dim) if out_bias else None
+    status = _checked_library().vq_fsq_clamp_backward(
+        grad.data_ptr(), x.data_ptr(), u.data_ptr(), code.data_ptr(), w_in.data_ptr(),
+        w_out.data_ptr(), slope.contiguous().data_ptr(), int(inward), num_rows, channels, dim,
+        grad_x.data_ptr(), grad_w_in.data_ptr(),
+        grad_b_in.data_ptr() if grad_b_in is not None else None, grad_w_out.data_ptr(),
+        grad_b_out.data_ptr() if grad_b_out is not None else None)
+    if status == 2:
+        raise MemoryError("vq_fsq_clamp_backward could not allocate its sums")
+    if status != 0:
+        raise ValueError(f"vq_fsq_clamp_backward takes at most {FSQ_MAX_CHANNELS} channels, "
+                         f"got {channels}")
+    return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out

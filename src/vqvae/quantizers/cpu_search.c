@@ -337,10 +337,10 @@ int vq_int8_recheck(const int32_t *products, const float *row_scale, const float
  * v - scale q. A NaN anywhere in a row (anywhere, unless per_row) makes its peak NaN, an Inf
  * makes it Inf: the caller sees a non-finite scale. */
 
+/* every lane value (a scalar operand of a vector operation is broadcast: one instruction,
+ * where filling the lanes one by one compiled to a masked broadcast per lane) */
 static vfloat splat(float value) {
-    vfloat v;
-    for (int l = 0; l < LANES; l++) v[l] = value;
-    return v;
+    return (vfloat){0} + value;
 }
 
 static vfloat vabs(vfloat v) {
@@ -528,4 +528,170 @@ void vq_estimator_backward(const float *g, const float *x, const float *q, const
             if (grad_q) grad_q[i * d + j] = (xr[j] - qr[j]) * codebook;
         }
     }
+}
+
+/* ------------------------------------------------------------------ FSQ with the clamp bound
+ * The projected FSQ call of fsq.py (_ProjectedFSQ, its code-table form) past project_in, for
+ * the clamp bounds: one pass over the rows forward and one backward, where the tensor form
+ * takes some twenty operations (and as many Python calls) on narrow (n, c) blocks.
+ *
+ * The forward's products are not contracted into fused multiply-adds: its values are then
+ * those of the tensor form, bit for bit, and so are its codes at rounding ties. */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+/* h (n, c) = project_in(x). Per channel j: u = h + shift_j; t = clamp(u, -1, 1);
+ * standard: level = rint(bias_j + t scale_j), code = level / centre_j, digit = level + centre_j;
+ * symmetric: level = floor((t + 1) scale_j + 0.5), code = level step_j - 1, digit = level.
+ * index = sum_j digit_j basis_j; out row = rows[index] (rows: project_out of every code,
+ * (codebook_size, dim)). Writes u and code (n, c) for the backward. Returns 1 (out partly
+ * written) at the first NaN in h, or a digit outside [0, levels_j). */
+int vq_fsq_clamp_forward(const float *h, int64_t n, int64_t c, const float *shift,
+                         const float *scale, const float *bias, const float *centre,
+                         const float *step, const int64_t *levels, const int64_t *basis,
+                         int symmetric, const float *rows, int64_t dim, float *out,
+                         int64_t *index, float *u_out, float *code_out) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t at = 0;
+        for (int64_t j = 0; j < c; j++) {
+            float u = h[i * c + j] + shift[j];
+            if (u != u) return 1;
+            float t = u < -1.0f ? -1.0f : (u > 1.0f ? 1.0f : u);
+            float level, code, digit;
+            if (symmetric) {
+                float scaled = (t + 1.0f) * scale[j];
+                level = floorf(scaled + 0.5f);
+                float spaced = level * step[j];
+                code = spaced - 1.0f;
+                digit = level;
+            } else {
+                float scaled = t * scale[j];
+                level = rintf(bias[j] + scaled);
+                code = level / centre[j];
+                digit = level + centre[j];
+            }
+            int64_t whole = (int64_t)digit;
+            if (whole < 0 || whole >= levels[j]) return 1;
+            at += whole * basis[j];
+            u_out[i * c + j] = u;
+            code_out[i * c + j] = code;
+        }
+        index[i] = at;
+        memcpy(out + i * dim, rows + at * dim, (size_t)dim * sizeof(float));
+    }
+    return 0;
+}
+#pragma GCC pop_options
+
+/* The backward of that call with project_in and project_out (w_in (c, dim), w_out (dim, c)):
+ * from g (n, dim), the gradient of the output,
+ *   grad_w_out = g^T [code], grad_b_out = sum g          (into grad_w_out (dim, c), grad_b_out)
+ *   grad_h = (g w_out) slope, kept where |u| <= 1 (inward: or where u grad_h > 0)
+ *   grad_x = grad_h w_in, grad_w_in = grad_h^T x, grad_b_in = sum grad_h
+ * Sums over rows in float32 by blocks of 64 rows, the blocks added in double. */
+#define FSQ_MAX_CHANNELS 32
+#define FSQ_BLOCK 64
+
+/* the sum of a vector's lanes, halves folded onto each other in registers (a vector stored
+ * and read back by lanes stalls the load on the store) */
+static float fold(vfloat v) {
+#if LANES == 16
+    v += __builtin_shuffle(v, (vint){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+#endif
+#if LANES >= 8
+    v += __builtin_shuffle(v, (vint){4, 5, 6, 7, 0, 1, 2, 3
+#if LANES == 16
+                                     , 12, 13, 14, 15, 8, 9, 10, 11
+#endif
+                                    });
+#endif
+    float sum = 0.0f;
+    for (int l = 0; l < 4; l++) sum += v[l];
+    return sum;
+}
+
+static void add_scaled(float *acc, const float *v, float scale, int64_t dim) {
+    vfloat s = splat(scale);
+    int64_t d = 0;
+    for (; d + LANES <= dim; d += LANES) {
+        vfloat sum = load(acc + d) + load(v + d) * s;
+        memcpy(acc + d, &sum, sizeof sum);
+    }
+    for (; d < dim; d++) acc[d] += v[d] * scale;
+}
+
+int vq_fsq_clamp_backward(const float *g, const float *x, const float *u, const float *code,
+                          const float *w_in, const float *w_out, const float *slope,
+                          int inward, int64_t n, int64_t c, int64_t dim, float *grad_x,
+                          float *grad_w_in, float *grad_b_in, float *grad_w_out,
+                          float *grad_b_out) {
+    if (c > FSQ_MAX_CHANNELS) return 1;
+    int64_t sums = 2 * c * dim + c + dim;
+    double *total = calloc((size_t)sums, sizeof(double));
+    float *block = calloc((size_t)sums, sizeof(float));
+    float *columns = malloc((size_t)(c * dim) * sizeof(float));
+    if (!total || !block || !columns) {
+        free(total);
+        free(block);
+        free(columns);
+        return 2;
+    }
+    /* column j of w_out times the channel's slope, contiguous */
+    for (int64_t j = 0; j < c; j++)
+        for (int64_t d = 0; d < dim; d++) columns[j * dim + d] = w_out[d * c + j] * slope[j];
+    float *b_w_out = block, *b_w_in = block + c * dim, *b_b_in = block + 2 * c * dim,
+          *b_b_out = block + 2 * c * dim + c;
+    for (int64_t i = 0; i < n; i++) {
+        const float *gr = g + i * dim, *xr = x + i * dim;
+        float *gx = grad_x + i * dim;
+        float h[FSQ_MAX_CHANNELS];
+        for (int64_t j = 0; j < c; j++) {
+            const float *column = columns + j * dim;
+            vfloat acc = splat(0.0f);
+            int64_t d = 0;
+            for (; d + LANES <= dim; d += LANES) acc += load(gr + d) * load(column + d);
+            float s = fold(acc);
+            for (; d < dim; d++) s += gr[d] * column[d];
+            float uj = u[i * c + j];
+            int keep = uj >= -1.0f && uj <= 1.0f;
+            if (inward) keep |= uj * s > 0.0f;
+            h[j] = keep ? s : 0.0f;
+        }
+        int64_t d = 0; /* grad_x = h w_in, summed in registers and stored once */
+        for (; d + LANES <= dim; d += LANES) {
+            vfloat sum = splat(0.0f);
+            for (int64_t j = 0; j < c; j++) sum += splat(h[j]) * load(w_in + j * dim + d);
+            memcpy(gx + d, &sum, sizeof sum);
+        }
+        for (; d < dim; d++) {
+            float sum = 0.0f;
+            for (int64_t j = 0; j < c; j++) sum += h[j] * w_in[j * dim + d];
+            gx[d] = sum;
+        }
+        for (int64_t j = 0; j < c; j++) {
+            add_scaled(b_w_out + j * dim, gr, code[i * c + j], dim);
+            add_scaled(b_w_in + j * dim, xr, h[j], dim);
+            b_b_in[j] += h[j];
+        }
+        add_scaled(b_b_out, gr, 1.0f, dim);
+        if ((i + 1) % FSQ_BLOCK == 0 || i + 1 == n) {
+            for (int64_t k = 0; k < sums; k++) {
+                total[k] += block[k];
+                block[k] = 0.0f;
+            }
+        }
+    }
+    for (int64_t j = 0; j < c; j++) {
+        for (int64_t d = 0; d < dim; d++) {
+            grad_w_out[d * c + j] = (float)total[j * dim + d];
+            grad_w_in[j * dim + d] = (float)total[c * dim + j * dim + d];
+        }
+        if (grad_b_in) grad_b_in[j] = (float)total[2 * c * dim + j];
+    }
+    if (grad_b_out)
+        for (int64_t d = 0; d < dim; d++) grad_b_out[d] = (float)total[2 * c * dim + c + d];
+    free(total);
+    free(block);
+    free(columns);
+    return 0;
 }

@@ -42,6 +42,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import fsq_cpu
 from .checks import all_finite
 from .narrow_linear import narrow_outer, narrow_routed
 from .onednn_linear import linear
@@ -555,6 +556,13 @@ class FSQ(nn.Module):
         if repeat > 1:
             constants = tuple(c.repeat(repeat) for c in constants)
         table = self._table_for(flat.shape[0], z.dtype, z.device)
+        if fsq_cpu.usable(flat, pin, pout, table, self._clamp):
+            found = fsq_cpu.projected_call(flat, pin, pout, constants, self._levels, self._basis,
+                                           self.preserve_symmetry, self._clamp == INWARD, table)
+            if found is not None:
+                out, index = found
+                indices = index.view(*z.shape[:-1], 1) if self.return_indices else None
+                return out.view(*z.shape[:-1], self.dim), indices
         out, level, index = _ProjectedFSQ.apply(flat, pin.weight, pin.bias, pout.weight,
                                                 pout.bias, *constants, self.preserve_symmetry,
                                                 self._clamp, table)
