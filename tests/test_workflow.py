@@ -267,3 +267,37 @@ def test_model_shapes_and_decode_checks():
         model.decode(torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="lie in"):
         model.decode(torch.full((1, 16), 512))
+
+
+def test_compare_trains_in_turns_to_the_models_of_one_run_after_another(tmp_path, monkeypatch):
+    """Epochs alternate between the quantizers, and each ends where an uninterrupted run
+    ends, bit for bit."""
+    from vqvae import train as train_module
+    from vqvae.workflow import compare, runs
+
+    order = []
+    epoch = train_module.train_epoch
+
+    def recorded(model, optimizer, data, config, number, *args, **kwargs):
+        order.append((Path(config.out_dir).name, number))
+        return epoch(model, optimizer, data, config, number, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", recorded)
+    monkeypatch.setattr(runs, "write_run_figures", lambda run: {})  # (figures: tested above)
+    monkeypatch.setattr(runs.plots, "image_rows", lambda *args, **kwargs: None)
+    settings = TrainConfig(epochs=2, train_subset=300, test_subset=100, batch_size=100,
+                           progress=False)
+    names = ["ours", "fsq"]
+    turns = compare(names, settings, ModelConfig(), tmp_path / "turns")
+    assert order == [(name, e) for e in range(2) for name in names]
+    order.clear()
+    monkeypatch.setattr(runs, "in_turns", lambda config: False)
+    after = compare(names, settings, ModelConfig(), tmp_path / "after")
+    assert order == [(name, e) for name in names for e in range(2)]
+    for a, b in zip(turns, after, strict=True):
+        assert a["test_mse"] == b["test_mse"] and a["used_codes"] == b["used_codes"]
+    for name in names:
+        one, other = (load_checkpoint(tmp_path / d / name) for d in ("turns", "after"))
+        assert json.loads(one["history"])[-1]["epoch"] == 2
+        for key, value in one["model"].items():
+            assert torch.equal(value, other["model"][key]), key

@@ -24,7 +24,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="train several quantizers side by side",
                        description="Train each quantizer with the same data order and seed; "
                                    "print a table and write comparison.json, comparison.md and "
-                                   "comparison.png (the same test digits reconstructed by each).")
+                                   "comparison.png (the same test digits reconstructed by each). "
+                                   "In one process and without --compile the quantizers take "
+                                   "turns, an epoch each (each resuming its run: the same models "
+                                   "as one run after another), so that their seconds per epoch "
+                                   "are measured under the same conditions.")
     p.add_argument("--quantizers", default=DEFAULT_QUANTIZERS,
                    help=f"comma-separated, from {', '.join(registry.names())} "
                         f"(default: {DEFAULT_QUANTIZERS})")

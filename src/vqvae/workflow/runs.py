@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,19 +61,59 @@ COMPARISON_FIELDS = ("quantizer", "test_mse", "test_psnr", "test_ssim", "perplex
                      "seconds_per_epoch")
 
 
+class _Turn(Exception):
+    """Raised after an epoch's checkpoint: the next quantizer's turn (see :func:`compare`)."""
+
+
+def _pause_after(epoch: int):
+    def pause(finished: int, metrics: dict) -> None:
+        if finished == epoch:
+            raise _Turn
+    return pause
+
+
+def in_turns(train_config: TrainConfig) -> bool:
+    """Whether :func:`compare` trains its quantizers an epoch each in turn: one process (under
+    ``torchrun`` every turn would restart the process group) and no ``torch.compile`` (every
+    turn would compile again, inside the epoch's time)."""
+    return (train_config.epochs > 1 and not train_config.compile
+            and int(os.environ.get("WORLD_SIZE", "1")) <= 1)
+
+
 def compare(quantizers: Sequence[str], train_config: TrainConfig, model_config: ModelConfig,
             out_dir: Path, quantizer_options: dict[str, dict] | None = None) -> list[dict]:
     """Train each quantizer with the same data order, seed and settings; write the comparison.
 
     Writes ``comparison.json`` (a list of rows), ``comparison.md`` and ``comparison.png`` (the
     same test digits reconstructed by each) into ``out_dir``, one run directory per quantizer.
+
+    Where :func:`in_turns` says so the quantizers take turns, an epoch each (every turn resumes
+    its run from the checkpoint the last one wrote, which gives the model an uninterrupted run
+    gives): their seconds per epoch are then measured side by side, and a machine that slows
+    down or speeds up during the comparison (other work, its clock) weighs on all of them
+    alike instead of on whichever trained at the time. Elsewhere one after another.
     """
     out_dir = Path(out_dir)
-    rows, reconstructions, inputs = [], [], None
+    configs = []
     for name in quantizers:
         options = dict((quantizer_options or {}).get(name, {}))
-        config = dataclasses.replace(model_config, quantizer=name, quantizer_options=options)
-        run = train(dataclasses.replace(train_config, out_dir=str(out_dir / name)), config)
+        configs.append((dataclasses.replace(train_config, out_dir=str(out_dir / name)),
+                        dataclasses.replace(model_config, quantizer=name,
+                                            quantizer_options=options)))
+    if in_turns(train_config):
+        for epoch in range(train_config.epochs - 1):
+            for config, quantizer_config in configs:
+                try:
+                    train(config, quantizer_config, on_epoch_end=_pause_after(epoch),
+                          resume_from=Path(config.out_dir) if epoch else None)
+                except _Turn:
+                    pass
+        resume_from = [Path(config.out_dir) for config, _ in configs]
+    else:
+        resume_from = [None] * len(configs)
+    rows, reconstructions, inputs = [], [], None
+    for (config, quantizer_config), start in zip(configs, resume_from, strict=True):
+        run = train(config, quantizer_config, resume_from=start)
         write_run_figures(run)
         rows.append({key: run.metrics.get(key) for key in COMPARISON_FIELDS}
                     | {"run_dir": str(run.run_dir), "quantizer_options":
