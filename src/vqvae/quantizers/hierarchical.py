@@ -393,6 +393,8 @@ class HierarchicalVQ(nn.Module):
             kept = level_indices != DROPPED
             codes = self.get_vq(level).decode(level_indices.clamp(min=0))  # (B, *s, C)
             codes = codes * kept.unsqueeze(-1).to(codes.dtype)
-            u = self.upsample_to_full(codes.movedim(-1, 1), full, level)
+            # contiguous as in forward: a channels-last view takes other conv and interpolation
+            # kernels, whose bits differ (held to AVX2, they did)
+            u = self.upsample_to_full(codes.movedim(-1, 1).contiguous(), full, level)
             out = u if out is None else out + u
         return out if self.channel_first else out.movedim(1, -1)
