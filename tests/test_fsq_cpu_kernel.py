@@ -1,6 +1,6 @@
-"""FSQ's clamp-bound call in C (vqvae.quantizers.fsq_cpu): taken where it should be, the same
+"""FSQ's projected call in C (vqvae.quantizers.fsq_cpu): taken where it should be, the same
 output and indices as the tensor form bit for bit, and gradients equal to autograd on the
-textbook expression in float64."""
+textbook expression in float64, for the tanh, clamp and inward-clamp bounds."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ pytestmark = pytest.mark.skipif(not cpu_kernel.available(),
 def run(fsq: FSQ, x: torch.Tensor, grad: torch.Tensor, c_path: bool, monkeypatch):
     calls = []
     if c_path:
-        original = cpu_kernel.fsq_clamp_forward
+        original = cpu_kernel.fsq_forward
 
         def counted(*args, **kwargs):
             calls.append(1)
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(cpu_kernel, "fsq_clamp_forward", counted)
+        monkeypatch.setattr(cpu_kernel, "fsq_forward", counted)
     else:
         monkeypatch.setattr(fsq_cpu, "usable", lambda *args: False)
     fsq.zero_grad()
@@ -36,9 +36,10 @@ def run(fsq: FSQ, x: torch.Tensor, grad: torch.Tensor, c_path: bool, monkeypatch
     return out.detach(), indices, x.grad, [p.grad.clone() for p in fsq.parameters()], calls
 
 
-def textbook(fsq: FSQ, x: torch.Tensor, grad: torch.Tensor, inward: bool):
-    """The call in float64 by plain autograd: project_in, shift, clamp (the inward rule as a
-    straight-through term where it keeps the gradient), round, project_out."""
+def textbook(fsq: FSQ, x: torch.Tensor, grad: torch.Tensor, bound: str):
+    """The call in float64 by plain autograd: project_in, shift, the bound (tanh, or a clamp;
+    the inward rule as an identity gradient masked where it would point outwards), round
+    (straight through), project_out."""
     w_in, b_in = (p.detach().double().requires_grad_() for p in fsq.project_in.parameters())
     w_out, b_out = (p.detach().double().requires_grad_() for p in fsq.project_out.parameters())
     x64 = x.double().requires_grad_()
@@ -46,7 +47,8 @@ def textbook(fsq: FSQ, x: torch.Tensor, grad: torch.Tensor, inward: bool):
         getattr(fsq, f"_bound_{n}").double()
         for n in ("shift", "scale", "bias", "centre", "step", "slope"))
     u = x64 @ w_in.t() + b_in + shift
-    clamped = u.clamp(-1, 1)
+    inward = bound == "inward"
+    clamped = torch.tanh(u) if bound == "tanh" else u.clamp(-1, 1)
     if inward:  # identity gradient outside the range (the mask below keeps the inward part)
         clamped = u + (clamped - u).detach()
     if fsq.preserve_symmetry:
@@ -64,14 +66,15 @@ def textbook(fsq: FSQ, x: torch.Tensor, grad: torch.Tensor, inward: bool):
 
 
 CASES = list(itertools.product(([8, 8, 8], [8, 5, 5, 5], [3, 4, 7]), (16, 37), (False, True),
-                               (False, True)))
+                               ("tanh", "clamp", "inward")))
+OPTIONS = {"tanh": {}, "clamp": {"bound_hard_clamp": True}, "inward": {"inward_clamp": True}}
 
 
-@pytest.mark.parametrize("levels, dim, symmetric, inward", CASES)
-def test_c_path_matches_the_tensor_form_and_the_textbook(levels, dim, symmetric, inward,
+@pytest.mark.parametrize("levels, dim, symmetric, bound", CASES)
+def test_c_path_matches_the_tensor_form_and_the_textbook(levels, dim, symmetric, bound,
                                                          monkeypatch):
     torch.manual_seed(dim + len(levels))
-    options = {"inward_clamp": True} if inward else {"bound_hard_clamp": True}
+    options = OPTIONS[bound]
     fsq = FSQ(levels, dim=dim, preserve_symmetry=symmetric, **options)
     rows = 4 * fsq.codebook_size + 3  # a code table, and rows past its minimum
     x = torch.randn(rows, dim) * 2.0  # many entries past the clamp
@@ -82,21 +85,22 @@ def test_c_path_matches_the_tensor_form_and_the_textbook(levels, dim, symmetric,
     assert torch.equal(c[0], tensor[0]) and torch.equal(c[1], tensor[1])
     for ours, theirs in zip([c[2], *c[3]], [tensor[2], *tensor[3]], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)  # float32 sums
-    grad_x, grads = textbook(fsq, x, grad, inward)
+    grad_x, grads = textbook(fsq, x, grad, bound)
     for ours, reference in zip([c[2], *c[3]], [grad_x, *grads], strict=True):
         torch.testing.assert_close(ours.double(), reference, rtol=1e-4, atol=1e-4)
 
 
-def test_tanh_bound_few_rows_and_nan_take_the_tensor_form(monkeypatch):
+def test_few_rows_and_non_finite_values_take_the_tensor_form(monkeypatch):
     called = []
-    original = cpu_kernel.fsq_clamp_forward
-    monkeypatch.setattr(cpu_kernel, "fsq_clamp_forward",
+    original = cpu_kernel.fsq_forward
+    monkeypatch.setattr(cpu_kernel, "fsq_forward",
                         lambda *a, **k: called.append(1) or original(*a, **k))
-    FSQ([8, 8, 8], dim=16)(torch.randn(4096, 16))  # tanh
     FSQ([8, 8, 8], dim=16, inward_clamp=True)(torch.randn(100, 16))  # no code table
+    FSQ([8, 8, 8], dim=16, projection_has_bias=False)(torch.randn(4096, 16))  # no biases
     assert not called
-    x = torch.randn(4096, 16)
-    x[7, 3] = float("nan")
-    with pytest.raises(ValueError, match="(?i)nan|finite"):
-        FSQ([8, 8, 8], dim=16, inward_clamp=True)(x)
-    assert called  # tried, found the NaN, handed over
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(4096, 16)
+        x[7, 3] = bad
+        with pytest.raises(ValueError, match="(?i)nan|inf|finite"):
+            FSQ([8, 8, 8], dim=16)(x)
+    assert len(called) == 2  # tried, found the value, handed over

@@ -280,10 +280,11 @@ def _configure(library: ctypes.CDLL, compiler: str) -> ctypes.CDLL:
         "vq_estimator_backward": ([pointer, pointer, pointer, pointer, pointer, pointer, size,
                                    size, ctypes.c_int, number, number, number, pointer,
                                    pointer], None),
-        "vq_fsq_clamp_forward": ([pointer, size, size] + [pointer] * 7 + [ctypes.c_int, pointer,
-                                  size, pointer, pointer, pointer, pointer], ctypes.c_int),
-        "vq_fsq_clamp_backward": ([pointer] * 7 + [ctypes.c_int, size, size, size]
-                                  + [pointer] * 5, ctypes.c_int),
+        "vq_fsq_forward": ([pointer, pointer, size, size] + [pointer] * 6
+                           + [ctypes.c_int, pointer, size, pointer, pointer, pointer],
+                           ctypes.c_int),
+        "vq_fsq_backward": ([pointer] * 7 + [ctypes.c_int, size, size, size] + [pointer] * 5,
+                            ctypes.c_int),
         "vq_int8_recheck": ([pointer, pointer, pointer, pointer, pointer, pointer, size, size,
                              size, size, pointer], ctypes.c_int),
     }
@@ -686,52 +687,74 @@ def estimator_backward(grad: Tensor, x: Tensor, q: Tensor, norms: tuple[Tensor, 
     return grad_x, grad_q
 
 
-# ---------------------------------------------------------------------------- FSQ, clamp bound
+# ---------------------------------------------------------------------------- FSQ
+
+#: ``bound`` of :func:`fsq_backward`: tanh (saved ``t``), clamp, inward clamp (saved ``u``)
+FSQ_TANH, FSQ_CLAMP, FSQ_INWARD = 0, 1, 2
 
 
-def fsq_clamp_forward(h: Tensor, constants: tuple[Tensor, ...], levels: Tensor, basis: Tensor,
-                      symmetric: bool, rows: Tensor
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """The clamp-bound FSQ call past ``project_in`` (``h`` ``(N, c)`` float32), one pass over
-    the rows: ``(out (N, dim), index (N,) int64, u (N, c), code (N, c))``, ``out`` gathered from
-    ``rows`` (``project_out`` of every code, in index order), or None at a NaN in ``h``.
-    ``constants``: the bound's ``(shift, scale, bias, centre, step)`` per channel (float32);
+def fsq_forward(u: Tensor, bounded: Tensor | None, constants: tuple[Tensor, ...],
+                levels: Tensor, basis: Tensor, symmetric: bool, rows: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The projected FSQ call past ``project_in`` by row blocks: ``u`` ``(N, c)`` float32 is
+    ``project_in(x) + shift``, ``bounded`` its tanh (None: the clamp, taken here). Returns
+    ``(out (N, dim), index (N,) int64, code (N, c))``, ``out`` gathered from ``rows``
+    (``project_out`` of every code, in index order), or None where ``u`` is not finite.
+    ``constants``: the bound's ``(scale, bias, centre, step)`` per channel (float32);
     ``levels``, ``basis``: int64 per channel."""
-    num_rows, channels = h.shape
-    shift, scale, bias, centre, step = (t.contiguous() for t in constants)
+    num_rows, channels = u.shape
+    scale, bias, centre, step = (t.contiguous() for t in constants)
     levels, basis, rows = levels.contiguous(), basis.contiguous(), rows.contiguous()
-    out = h.new_empty(num_rows, rows.shape[1])
+    out = u.new_empty(num_rows, rows.shape[1])
     index = torch.empty(num_rows, dtype=torch.long)
-    u, code = torch.empty_like(h), torch.empty_like(h)
-    status = _checked_library().vq_fsq_clamp_forward(
-        h.data_ptr(), num_rows, channels, shift.data_ptr(), scale.data_ptr(), bias.data_ptr(),
-        centre.data_ptr(), step.data_ptr(), levels.data_ptr(), basis.data_ptr(), int(symmetric),
-        rows.data_ptr(), rows.shape[1], out.data_ptr(), index.data_ptr(), u.data_ptr(),
-        code.data_ptr())
-    return (out, index, u, code) if status == 0 else None
+    code = torch.empty_like(u)
+    library = _checked_library()
+
+    def block(start: int, stop: int) -> int:
+        return library.vq_fsq_forward(
+            u[start].data_ptr(), bounded[start].data_ptr() if bounded is not None else None,
+            stop - start, channels, scale.data_ptr(), bias.data_ptr(), centre.data_ptr(),
+            step.data_ptr(), levels.data_ptr(), basis.data_ptr(), int(symmetric),
+            rows.data_ptr(), rows.shape[1], out[start].data_ptr(), index[start].data_ptr(),
+            code[start].data_ptr())
+
+    if num_rows and any(in_row_blocks(block, num_rows)):
+        return None
+    return out, index, code
 
 
-def fsq_clamp_backward(grad: Tensor, x: Tensor, u: Tensor, code: Tensor, w_in: Tensor,
-                       w_out: Tensor, slope: Tensor, inward: bool, in_bias: bool,
-                       out_bias: bool) -> tuple[Tensor, ...]:
+def fsq_backward(grad: Tensor, x: Tensor, saved: Tensor, code: Tensor, w_in: Tensor,
+                 w_out: Tensor, slope: Tensor, bound: int, in_bias: bool,
+                 out_bias: bool) -> tuple[Tensor, ...]:
     """``(grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out)`` of that call (biases None
-    when absent), one pass over the rows; the clamp's gradient as
-    :func:`.fsq.clamp_gradient` keeps it (``inward``: also where it points back into range)."""
+    when absent), one pass over the rows by row blocks; ``bound`` one of :data:`FSQ_TANH`
+    (``saved`` the bounded ``t``), :data:`FSQ_CLAMP`, :data:`FSQ_INWARD` (``saved`` ``u``; the
+    clamp's gradient as :func:`.fsq.clamp_gradient` keeps it)."""
     num_rows, dim = x.shape
-    channels = u.shape[1]
-    grad_x = torch.empty_like(x)
-    grad_w_in, grad_w_out = torch.empty_like(w_in), torch.empty_like(w_out)
-    grad_b_in = w_in.new_empty(channels) if in_bias else None
-    grad_b_out = w_out.new_empty(dim) if out_bias else None
-    status = _checked_library().vq_fsq_clamp_backward(
-        grad.data_ptr(), x.data_ptr(), u.data_ptr(), code.data_ptr(), w_in.data_ptr(),
-        w_out.data_ptr(), slope.contiguous().data_ptr(), int(inward), num_rows, channels, dim,
-        grad_x.data_ptr(), grad_w_in.data_ptr(),
-        grad_b_in.data_ptr() if grad_b_in is not None else None, grad_w_out.data_ptr(),
-        grad_b_out.data_ptr() if grad_b_out is not None else None)
-    if status == 2:
-        raise MemoryError("vq_fsq_clamp_backward could not allocate its sums")
-    if status != 0:
-        raise ValueError(f"vq_fsq_clamp_backward takes at most {FSQ_MAX_CHANNELS} channels, "
+    channels = saved.shape[1]
+    if channels > FSQ_MAX_CHANNELS:
+        raise ValueError(f"the FSQ kernels take at most {FSQ_MAX_CHANNELS} channels, "
                          f"got {channels}")
+    grad_x = torch.empty_like(x)
+    library, slope = _checked_library(), slope.contiguous()
+
+    def block(start: int, stop: int) -> Tensor:
+        sums = x.new_empty(2 * channels * dim + channels + dim)  # w_in, w_out, b_in, b_out
+        status = library.vq_fsq_backward(
+            grad[start].data_ptr(), x[start].data_ptr(), saved[start].data_ptr(),
+            code[start].data_ptr(), w_in.data_ptr(), w_out.data_ptr(), slope.data_ptr(), bound,
+            stop - start, channels, dim, grad_x[start].data_ptr(), sums.data_ptr(),
+            sums[2 * channels * dim].data_ptr(), sums[channels * dim].data_ptr(),
+            sums[2 * channels * dim + channels].data_ptr())
+        if status:
+            raise MemoryError("vq_fsq_backward could not allocate its sums")
+        return sums
+
+    sums = functools.reduce(torch.add, in_row_blocks(block, num_rows)) if num_rows \
+        else x.new_zeros(2 * channels * dim + channels + dim)
+    cd = channels * dim
+    grad_w_in = sums[:cd].view(channels, dim)
+    grad_w_out = sums[cd:2 * cd].view(dim, channels)
+    grad_b_in = sums[2 * cd:2 * cd + channels] if in_bias else None
+    grad_b_out = sums[2 * cd + channels:] if out_bias else None
     return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out

@@ -530,33 +530,35 @@ void vq_estimator_backward(const float *g, const float *x, const float *q, const
     }
 }
 
-/* ------------------------------------------------------------------ FSQ with the clamp bound
- * The projected FSQ call of fsq.py (_ProjectedFSQ, its code-table form) past project_in, for
- * the clamp bounds: one pass over the rows forward and one backward, where the tensor form
- * takes some twenty operations (and as many Python calls) on narrow (n, c) blocks.
+/* ------------------------------------------------------------------ FSQ
+ * The projected FSQ call of fsq.py (_ProjectedFSQ, its code-table form) past project_in: one
+ * pass over the rows forward and one backward, where the tensor form takes some twenty
+ * operations (and as many Python calls) on narrow (n, c) blocks and several passes over the
+ * (n, dim) ones.
  *
  * The forward's products are not contracted into fused multiply-adds: its values are then
  * those of the tensor form, bit for bit, and so are its codes at rounding ties. */
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 
-/* h (n, c) = project_in(x). Per channel j: u = h + shift_j; t = clamp(u, -1, 1);
+/* u (n, c) = project_in(x) + shift. Per channel j: t = clamp(u, -1, 1), or bounded[i, j]
+ * when given (tanh(u), which the caller computes with torch's tanh);
  * standard: level = rint(bias_j + t scale_j), code = level / centre_j, digit = level + centre_j;
  * symmetric: level = floor((t + 1) scale_j + 0.5), code = level step_j - 1, digit = level.
  * index = sum_j digit_j basis_j; out row = rows[index] (rows: project_out of every code,
- * (codebook_size, dim)). Writes u and code (n, c) for the backward. Returns 1 (out partly
- * written) at the first NaN in h, or a digit outside [0, levels_j). */
-int vq_fsq_clamp_forward(const float *h, int64_t n, int64_t c, const float *shift,
-                         const float *scale, const float *bias, const float *centre,
-                         const float *step, const int64_t *levels, const int64_t *basis,
-                         int symmetric, const float *rows, int64_t dim, float *out,
-                         int64_t *index, float *u_out, float *code_out) {
+ * (codebook_size, dim)). Writes code (n, c) for the backward. Returns 1 (out partly written)
+ * at the first u that is not finite, or a digit outside [0, levels_j). */
+int vq_fsq_forward(const float *u, const float *bounded, int64_t n, int64_t c,
+                   const float *scale, const float *bias, const float *centre, const float *step,
+                   const int64_t *levels, const int64_t *basis, int symmetric, const float *rows,
+                   int64_t dim, float *out, int64_t *index, float *code_out) {
     for (int64_t i = 0; i < n; i++) {
         int64_t at = 0;
         for (int64_t j = 0; j < c; j++) {
-            float u = h[i * c + j] + shift[j];
-            if (u != u) return 1;
-            float t = u < -1.0f ? -1.0f : (u > 1.0f ? 1.0f : u);
+            float value = u[i * c + j];
+            if (!isfinite(value)) return 1;
+            float t = bounded ? bounded[i * c + j]
+                              : (value < -1.0f ? -1.0f : (value > 1.0f ? 1.0f : value));
             float level, code, digit;
             if (symmetric) {
                 float scaled = (t + 1.0f) * scale[j];
@@ -570,10 +572,8 @@ int vq_fsq_clamp_forward(const float *h, int64_t n, int64_t c, const float *shif
                 code = level / centre[j];
                 digit = level + centre[j];
             }
-            int64_t whole = (int64_t)digit;
-            if (whole < 0 || whole >= levels[j]) return 1;
-            at += whole * basis[j];
-            u_out[i * c + j] = u;
+            if (!(digit >= 0.0f && digit < (float)levels[j])) return 1;
+            at += (int64_t)digit * basis[j];
             code_out[i * c + j] = code;
         }
         index[i] = at;
@@ -586,7 +586,8 @@ int vq_fsq_clamp_forward(const float *h, int64_t n, int64_t c, const float *shif
 /* The backward of that call with project_in and project_out (w_in (c, dim), w_out (dim, c)):
  * from g (n, dim), the gradient of the output,
  *   grad_w_out = g^T [code], grad_b_out = sum g          (into grad_w_out (dim, c), grad_b_out)
- *   grad_h = (g w_out) slope, kept where |u| <= 1 (inward: or where u grad_h > 0)
+ *   s = (g w_out) slope; grad_h = s - s t^2 (bound 0, tanh: saved = t), or s kept where
+ *   |u| <= 1 (bound 1, clamp: saved = u; bound 2, inward clamp: also where u s > 0)
  *   grad_x = grad_h w_in, grad_w_in = grad_h^T x, grad_b_in = sum grad_h
  * Sums over rows in float32 by blocks of 64 rows, the blocks added in double. */
 #define FSQ_MAX_CHANNELS 32
@@ -620,11 +621,10 @@ static void add_scaled(float *acc, const float *v, float scale, int64_t dim) {
     for (; d < dim; d++) acc[d] += v[d] * scale;
 }
 
-int vq_fsq_clamp_backward(const float *g, const float *x, const float *u, const float *code,
-                          const float *w_in, const float *w_out, const float *slope,
-                          int inward, int64_t n, int64_t c, int64_t dim, float *grad_x,
-                          float *grad_w_in, float *grad_b_in, float *grad_w_out,
-                          float *grad_b_out) {
+int vq_fsq_backward(const float *g, const float *x, const float *saved, const float *code,
+                    const float *w_in, const float *w_out, const float *slope, int bound,
+                    int64_t n, int64_t c, int64_t dim, float *grad_x, float *grad_w_in,
+                    float *grad_b_in, float *grad_w_out, float *grad_b_out) {
     if (c > FSQ_MAX_CHANNELS) return 1;
     int64_t sums = 2 * c * dim + c + dim;
     double *total = calloc((size_t)sums, sizeof(double));
@@ -652,10 +652,14 @@ int vq_fsq_clamp_backward(const float *g, const float *x, const float *u, const 
             for (; d + LANES <= dim; d += LANES) acc += load(gr + d) * load(column + d);
             float s = fold(acc);
             for (; d < dim; d++) s += gr[d] * column[d];
-            float uj = u[i * c + j];
-            int keep = uj >= -1.0f && uj <= 1.0f;
-            if (inward) keep |= uj * s > 0.0f;
-            h[j] = keep ? s : 0.0f;
+            float v = saved[i * c + j];
+            if (bound == 0) {
+                h[j] = s - s * (v * v); /* tanh' = 1 - t^2 */
+            } else {
+                int keep = v >= -1.0f && v <= 1.0f;
+                if (bound == 2) keep |= v * s > 0.0f;
+                h[j] = keep ? s : 0.0f;
+            }
         }
         int64_t d = 0; /* grad_x = h w_in, summed in registers and stored once */
         for (; d + LANES <= dim; d += LANES) {

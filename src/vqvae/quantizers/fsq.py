@@ -556,9 +556,9 @@ class FSQ(nn.Module):
         if repeat > 1:
             constants = tuple(c.repeat(repeat) for c in constants)
         table = self._table_for(flat.shape[0], z.dtype, z.device)
-        if fsq_cpu.usable(flat, pin, pout, table, self._clamp):
+        if fsq_cpu.usable(flat, pin, pout, table):
             found = fsq_cpu.projected_call(flat, pin, pout, constants, self._levels, self._basis,
-                                           self.preserve_symmetry, self._clamp == INWARD, table)
+                                           self.preserve_symmetry, self._clamp, table)
             if found is not None:
                 out, index = found
                 indices = index.view(*z.shape[:-1], 1) if self.return_indices else None
