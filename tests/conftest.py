@@ -42,12 +42,13 @@ def _share_the_cores_among_workers() -> None:
     """Under pytest-xdist (``-n N``) each worker gets its share of the cores: N processes at
     torch's default of one thread per core would each spin waiting for cores the others hold.
     The same goes for the processes the tests start (the CLI, torchrun, notebook kernels),
-    which read OMP_NUM_THREADS. Without xdist nothing changes."""
+    which read OMP_NUM_THREADS. Without xdist, or with OMP_NUM_THREADS already set, nothing
+    changes."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if not os.environ.get("PYTEST_XDIST_WORKER") or workers < 1:
+    if not os.environ.get("PYTEST_XDIST_WORKER") or workers < 1 or "OMP_NUM_THREADS" in os.environ:
         return
     threads = max(1, _usable_cores() // workers)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
 
 
