@@ -15,8 +15,12 @@ setup:
 run: setup
 	@$(PY) -m vqvae train
 
+# -n auto: one pytest-xdist worker per usable core (tests/conftest.py), each with its share of
+# torch's threads; `pytest -q` without it runs the same tests in one process. Not for
+# test-fast: its tests are short, and with a neighbour on one core two workers ran it slower
+# than one process (README, "Development").
 test: setup
-	@$(PY) -m pytest -q
+	@$(PY) -m pytest -q -n auto
 	@$(PY) -m ruff check src tests benchmarks
 
 # The tests that start no processes, compile nothing and run no command end to end.

@@ -10,7 +10,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 stamp=.venv/.installed
 
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && .venv/bin/python -c "import vqvae" 2>/dev/null; then
+# xdist too: `make test` runs pytest -n auto, and a .venv from before it was a dev dependency
+# lacks it
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] \
+        && .venv/bin/python -c "import vqvae, xdist" 2>/dev/null; then
     exit 0
 fi
 

@@ -94,18 +94,19 @@ def _run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
-    """A run SIGKILLed right after epoch 1's checkpoint, then resumed, ends bit-identical."""
+    """A run SIGKILLed right after epoch 1's checkpoint, then resumed, ends bit-identical.
+
+    One process trains the uninterrupted run, then starts the same run in another directory
+    and dies after its first epoch; a fresh process resumes it. The resumed run shares no
+    process with the uninterrupted one, and a process start (importing torch) is most of what
+    each of these small runs costs."""
     args = "train --epochs 3 --train-subset 1200 --test-subset 200 --batch-size 100 --no-progress"
-    common = """
+    killed = _run_python(f"""
         import os, signal, sys
         from vqvae.cli import main
-    """
-    full = _run_python(common + f"""
-        sys.exit(main({(args + f' --out-dir {tmp_path / "full"}').split()!r}))
-    """, tmp_path)
-    assert full.returncode == 0, full.stderr
-    killed = _run_python(common + f"""
         from vqvae import train as t
+        if main({(args + f' --out-dir {tmp_path / "full"}').split()!r}) != 0:
+            sys.exit("the uninterrupted run failed")
         original = t.atomic_write_json
         def write_then_die(path, value):
             original(path, value)
@@ -115,8 +116,11 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
         main({(args + f' --out-dir {tmp_path / "killed"}').split()!r})
     """, tmp_path)
     assert killed.returncode == -9, killed.stderr
+    assert json.loads((tmp_path / "full" / "metrics.json").read_text())["epochs_done"] == 3
     assert json.loads((tmp_path / "killed" / "metrics.json").read_text())["epochs_done"] == 1
-    resumed = _run_python(common + f"""
+    resumed = _run_python(f"""
+        import sys
+        from vqvae.cli import main
         sys.exit(main(["train", "--resume", {str(tmp_path / "killed")!r}, "--no-progress"]))
     """, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
