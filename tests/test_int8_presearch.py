@@ -194,10 +194,12 @@ def test_dispatch_follows_the_environment(monkeypatch):
         for native in (False, True):  # AVX2 only, or with bf16 dot products: int8 first
             monkeypatch.setattr(bf16_presearch, "native_bf16", lambda native=native: native)
             assert bf16_presearch.presearch_kind(x, codes) == "int8"
-        torch.set_num_threads(2)  # more threads: the previous choice, bf16 where native
-        assert bf16_presearch.presearch_kind(x, codes) == "bf16"
+        torch.set_num_threads(2)  # more threads: int8 with its second stage in C, else
+        # the previous choice, bf16 where native
+        c_kernels = int8_presearch._c_kernels()
+        assert bf16_presearch.presearch_kind(x, codes) == ("int8" if c_kernels else "bf16")
         monkeypatch.setattr(bf16_presearch, "native_bf16", lambda: False)
-        assert bf16_presearch.presearch_kind(x, codes) is None
+        assert bf16_presearch.presearch_kind(x, codes) == ("int8" if c_kernels else None)
         torch.set_num_threads(1)
         monkeypatch.setattr(bf16_presearch, "native_bf16", lambda: True)
         monkeypatch.setattr(int8_presearch, "levels", lambda: None)  # no exact int8 product

@@ -50,15 +50,17 @@ from .presearch import (
 from .search import DEFAULT_BLOCK_BYTES, nearest_code, search_defaults
 
 UNIT = 2.0 ** -8  # bfloat16 unit roundoff (8 significant bits, round to nearest)
-#: environment variable choosing the CPU pre-search of :func:`nearest`: ``auto`` (default: with
-#: one torch thread the int8 one wherever torch's int8 product runs, else the bfloat16 one where
-#: the CPU has native bfloat16 dot products), ``bf16``, ``int8`` (each where it can run, else
-#: the float32 search), or ``off`` (the float32 search). On the AMD EPYC with AVX-512 VNNI the
-#: int8 search took 4.4 ms against 4.7 (bf16) and 5.3 (float32) for 1024 rows against 1024
-#: codes of 512 dimensions, 13.4 against 17.9 and 21.0 ms for 4096 codes, one thread. With two
-#: threads on the loaded machine its some 25 parallel regions (the float32 search has four)
-#: each waited for a scheduler slice: SimVQ's call went from 0.57 to 1.23 of the library's held
-#: to AVX2, hence ``auto`` keeps it to one thread
+#: environment variable choosing the CPU pre-search of :func:`nearest`: ``auto`` (default: the
+#: int8 one wherever torch's int8 product runs, with several torch threads only when its second
+#: stage runs in C; else the bfloat16 one where the CPU has native bfloat16 dot products),
+#: ``bf16``, ``int8`` (each where it can run, else the float32 search), or ``off`` (the float32
+#: search). On the AMD EPYC with AVX-512 VNNI the int8 search took 4.4 ms against 4.7 (bf16) and
+#: 5.3 (float32) for 1024 rows against 1024 codes of 512 dimensions, 13.4 against 17.9 and 21.0
+#: ms for 4096 codes, one thread. Two threads, SimVQ's call at that size with the C second
+#: stage: 0.36 of the library's against 0.42 with bf16, and held to AVX2 0.55 against 0.61 in
+#: float32. In tensor operations its some 25 parallel regions (the float32 search has four)
+#: each waited for a scheduler slice on a loaded machine: 0.57 -> 1.23 of the library's held
+#: to AVX2, hence one thread only there
 PRESEARCH_ENV = "VQVAE_CPU_PRESEARCH"
 PRESEARCH_CHOICES = ("auto", "bf16", "int8", "off")
 
@@ -133,7 +135,8 @@ def presearch_kind(x: Tensor, codebook: Tensor) -> str | None:
         raise ValueError(f"{PRESEARCH_ENV} must be one of {PRESEARCH_CHOICES}, got {choice!r}")
     if choice == "off" or not plain_usable(x, codebook):
         return None
-    if (choice == "int8" or (choice == "auto" and torch.get_num_threads() == 1)) \
+    if (choice == "int8" or (choice == "auto" and (torch.get_num_threads() == 1
+                                                    or int8_presearch._c_kernels()))) \
             and int8_presearch.usable(x, codebook):
         return "int8"
     if choice in ("auto", "bf16") and native_bf16():
