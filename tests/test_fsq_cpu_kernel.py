@@ -16,6 +16,15 @@ pytestmark = pytest.mark.skipif(not cpu_kernel.available(),
                                 reason=f"no C kernels: {cpu_kernel.unavailable_reason()}")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: where the C call takes calls of every size (see fsq_cpu.usable)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(fsq: FSQ, x: torch.Tensor, grad: torch.Tensor, c_path: bool, monkeypatch):
     calls = []
     if c_path:
@@ -104,3 +113,17 @@ def test_few_rows_and_non_finite_values_take_the_tensor_form(monkeypatch):
         with pytest.raises(ValueError, match="(?i)nan|inf|finite"):
             FSQ([8, 8, 8], dim=16)(x)
     assert len(called) == 2  # tried, found the value, handed over
+
+
+def test_wide_features_and_large_calls_on_several_threads_take_the_tensor_form():
+    fsq = FSQ([8, 8, 8], dim=16)
+    table = fsq._table_for(8192, torch.float32, torch.device("cpu"))
+    pin, pout = fsq.project_in, fsq.project_out
+    assert fsq_cpu.usable(torch.randn(8192, 16), pin, pout, table)  # one thread: any size
+    wide = FSQ([8, 8, 8], dim=fsq_cpu.MAX_DIM + 1)
+    assert not fsq_cpu.usable(torch.randn(8192, fsq_cpu.MAX_DIM + 1), wide.project_in,
+                              wide.project_out, table)
+    torch.set_num_threads(2)
+    rows = fsq_cpu.MAX_PARALLEL_WORK // 16
+    assert fsq_cpu.usable(torch.randn(rows, 16), pin, pout, table)
+    assert not fsq_cpu.usable(torch.randn(rows + 1, 16), pin, pout, table)

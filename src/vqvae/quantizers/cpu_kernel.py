@@ -696,7 +696,7 @@ FSQ_TANH, FSQ_CLAMP, FSQ_INWARD = 0, 1, 2
 def fsq_forward(u: Tensor, bounded: Tensor | None, constants: tuple[Tensor, ...],
                 levels: Tensor, basis: Tensor, symmetric: bool, rows: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The projected FSQ call past ``project_in`` by row blocks: ``u`` ``(N, c)`` float32 is
+    """The projected FSQ call past ``project_in``, one pass over the rows: ``u`` ``(N, c)`` is
     ``project_in(x) + shift``, ``bounded`` its tanh (None: the clamp, taken here). Returns
     ``(out (N, dim), index (N,) int64, code (N, c))``, ``out`` gathered from ``rows``
     (``project_out`` of every code, in index order), or None where ``u`` is not finite.
@@ -708,17 +708,11 @@ def fsq_forward(u: Tensor, bounded: Tensor | None, constants: tuple[Tensor, ...]
     out = u.new_empty(num_rows, rows.shape[1])
     index = torch.empty(num_rows, dtype=torch.long)
     code = torch.empty_like(u)
-    library = _checked_library()
-
-    def block(start: int, stop: int) -> int:
-        return library.vq_fsq_forward(
-            u[start].data_ptr(), bounded[start].data_ptr() if bounded is not None else None,
-            stop - start, channels, scale.data_ptr(), bias.data_ptr(), centre.data_ptr(),
-            step.data_ptr(), levels.data_ptr(), basis.data_ptr(), int(symmetric),
-            rows.data_ptr(), rows.shape[1], out[start].data_ptr(), index[start].data_ptr(),
-            code[start].data_ptr())
-
-    if num_rows and any(in_row_blocks(block, num_rows)):
+    if num_rows and _checked_library().vq_fsq_forward(
+            u.data_ptr(), bounded.data_ptr() if bounded is not None else None, num_rows,
+            channels, scale.data_ptr(), bias.data_ptr(), centre.data_ptr(), step.data_ptr(),
+            levels.data_ptr(), basis.data_ptr(), int(symmetric), rows.data_ptr(),
+            rows.shape[1], out.data_ptr(), index.data_ptr(), code.data_ptr()):
         return None
     return out, index, code
 
@@ -727,7 +721,7 @@ def fsq_backward(grad: Tensor, x: Tensor, saved: Tensor, code: Tensor, w_in: Ten
                  w_out: Tensor, slope: Tensor, bound: int, in_bias: bool,
                  out_bias: bool) -> tuple[Tensor, ...]:
     """``(grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out)`` of that call (biases None
-    when absent), one pass over the rows by row blocks; ``bound`` one of :data:`FSQ_TANH`
+    when absent), one pass over the rows; ``bound`` one of :data:`FSQ_TANH`
     (``saved`` the bounded ``t``), :data:`FSQ_CLAMP`, :data:`FSQ_INWARD` (``saved`` ``u``; the
     clamp's gradient as :func:`.fsq.clamp_gradient` keeps it)."""
     num_rows, dim = x.shape
@@ -736,23 +730,14 @@ def fsq_backward(grad: Tensor, x: Tensor, saved: Tensor, code: Tensor, w_in: Ten
         raise ValueError(f"the FSQ kernels take at most {FSQ_MAX_CHANNELS} channels, "
                          f"got {channels}")
     grad_x = torch.empty_like(x)
-    library, slope = _checked_library(), slope.contiguous()
-
-    def block(start: int, stop: int) -> Tensor:
-        sums = x.new_empty(2 * channels * dim + channels + dim)  # w_in, w_out, b_in, b_out
-        status = library.vq_fsq_backward(
-            grad[start].data_ptr(), x[start].data_ptr(), saved[start].data_ptr(),
-            code[start].data_ptr(), w_in.data_ptr(), w_out.data_ptr(), slope.data_ptr(), bound,
-            stop - start, channels, dim, grad_x[start].data_ptr(), sums.data_ptr(),
-            sums[2 * channels * dim].data_ptr(), sums[channels * dim].data_ptr(),
-            sums[2 * channels * dim + channels].data_ptr())
-        if status:
-            raise MemoryError("vq_fsq_backward could not allocate its sums")
-        return sums
-
-    sums = functools.reduce(torch.add, in_row_blocks(block, num_rows)) if num_rows \
-        else x.new_zeros(2 * channels * dim + channels + dim)
     cd = channels * dim
+    sums = x.new_zeros(2 * cd + channels + dim)  # w_in, w_out, b_in, b_out
+    if num_rows and _checked_library().vq_fsq_backward(
+            grad.data_ptr(), x.data_ptr(), saved.data_ptr(), code.data_ptr(), w_in.data_ptr(),
+            w_out.data_ptr(), slope.contiguous().data_ptr(), bound, num_rows, channels, dim,
+            grad_x.data_ptr(), sums.data_ptr(), sums[2 * cd].data_ptr(), sums[cd].data_ptr(),
+            sums[2 * cd + channels].data_ptr()):
+        raise MemoryError("vq_fsq_backward could not allocate its sums")
     grad_w_in = sums[:cd].view(channels, dim)
     grad_w_out = sums[cd:2 * cd].view(dim, channels)
     grad_b_in = sums[2 * cd:2 * cd + channels] if in_bias else None
