@@ -11,7 +11,8 @@ Per call the implicit codebook is computed once (one matmul), the nearest code i
 CPU for big enough searches by the same answer's faster two-stage search, an int8 pre-search
 (:mod:`vqvae.quantizers.int8_presearch`) or a bfloat16 one
 (:mod:`vqvae.quantizers.bf16_presearch`), each with a float32 re-check), and the output, loss
-and gradients come from one fused autograd function.
+and gradients come from one fused autograd function (on CPU one pass over the rows each way in
+C, :func:`.cpu_kernel.estimator_forward` and ``estimator_backward``, where built).
 
 Loss, as in the reference library (``vector_quantize_pytorch.SimVQ``)::
 
