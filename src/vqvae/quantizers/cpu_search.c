@@ -611,14 +611,22 @@ static float fold(vfloat v) {
     return sum;
 }
 
-static void add_scaled(float *acc, const float *v, float scale, int64_t dim) {
-    vfloat s = splat(scale);
+/* acc += sum_r rows[r] * scales[r] over dim entries, for up to FSQ_GROUP rows: one load and
+ * one store of acc per vector for the whole group */
+#define FSQ_GROUP 4
+static void add_scaled_rows(float *acc, const float *const *rows, const float *scales,
+                            int count, int64_t dim) {
     int64_t d = 0;
     for (; d + LANES <= dim; d += LANES) {
-        vfloat sum = load(acc + d) + load(v + d) * s;
+        vfloat sum = load(acc + d);
+        for (int r = 0; r < count; r++) sum += load(rows[r] + d) * splat(scales[r]);
         memcpy(acc + d, &sum, sizeof sum);
     }
-    for (; d < dim; d++) acc[d] += v[d] * scale;
+    for (; d < dim; d++) {
+        float sum = acc[d];
+        for (int r = 0; r < count; r++) sum += rows[r][d] * scales[r];
+        acc[d] = sum;
+    }
 }
 
 int vq_fsq_backward(const float *g, const float *x, const float *saved, const float *code,
@@ -641,44 +649,59 @@ int vq_fsq_backward(const float *g, const float *x, const float *saved, const fl
         for (int64_t d = 0; d < dim; d++) columns[j * dim + d] = w_out[d * c + j] * slope[j];
     float *b_w_out = block, *b_w_in = block + c * dim, *b_b_in = block + 2 * c * dim,
           *b_b_out = block + 2 * c * dim + c;
-    for (int64_t i = 0; i < n; i++) {
-        const float *gr = g + i * dim, *xr = x + i * dim;
-        float *gx = grad_x + i * dim;
-        float h[FSQ_MAX_CHANNELS];
-        for (int64_t j = 0; j < c; j++) {
-            const float *column = columns + j * dim;
-            vfloat acc = splat(0.0f);
-            int64_t d = 0;
-            for (; d + LANES <= dim; d += LANES) acc += load(gr + d) * load(column + d);
-            float s = fold(acc);
-            for (; d < dim; d++) s += gr[d] * column[d];
-            float v = saved[i * c + j];
-            if (bound == 0) {
-                h[j] = s - s * (v * v); /* tanh' = 1 - t^2 */
-            } else {
-                int keep = v >= -1.0f && v <= 1.0f;
-                if (bound == 2) keep |= v * s > 0.0f;
-                h[j] = keep ? s : 0.0f;
+    static const float ones[FSQ_GROUP] = {1.0f, 1.0f, 1.0f, 1.0f};
+    for (int64_t first = 0; first < n; first += FSQ_GROUP) {
+        int count = n - first < FSQ_GROUP ? (int)(n - first) : FSQ_GROUP;
+        const float *g_rows[FSQ_GROUP], *x_rows[FSQ_GROUP];
+        float h[FSQ_GROUP][FSQ_MAX_CHANNELS];
+        for (int r = 0; r < count; r++) {
+            int64_t i = first + r;
+            const float *gr = g + i * dim;
+            float *gx = grad_x + i * dim;
+            g_rows[r] = gr;
+            x_rows[r] = x + i * dim;
+            for (int64_t j = 0; j < c; j++) {
+                const float *column = columns + j * dim;
+                vfloat acc = splat(0.0f);
+                int64_t d = 0;
+                for (; d + LANES <= dim; d += LANES) acc += load(gr + d) * load(column + d);
+                float s = fold(acc);
+                for (; d < dim; d++) s += gr[d] * column[d];
+                float v = saved[i * c + j];
+                if (bound == 0) {
+                    h[r][j] = s - s * (v * v); /* tanh' = 1 - t^2 */
+                } else {
+                    int keep = v >= -1.0f && v <= 1.0f;
+                    if (bound == 2) keep |= v * s > 0.0f;
+                    h[r][j] = keep ? s : 0.0f;
+                }
+            }
+            int64_t d = 0; /* grad_x = h w_in, summed in registers and stored once */
+            for (; d + LANES <= dim; d += LANES) {
+                vfloat sum = splat(0.0f);
+                for (int64_t j = 0; j < c; j++) sum += splat(h[r][j]) * load(w_in + j * dim + d);
+                memcpy(gx + d, &sum, sizeof sum);
+            }
+            for (; d < dim; d++) {
+                float sum = 0.0f;
+                for (int64_t j = 0; j < c; j++) sum += h[r][j] * w_in[j * dim + d];
+                gx[d] = sum;
             }
         }
-        int64_t d = 0; /* grad_x = h w_in, summed in registers and stored once */
-        for (; d + LANES <= dim; d += LANES) {
-            vfloat sum = splat(0.0f);
-            for (int64_t j = 0; j < c; j++) sum += splat(h[j]) * load(w_in + j * dim + d);
-            memcpy(gx + d, &sum, sizeof sum);
-        }
-        for (; d < dim; d++) {
-            float sum = 0.0f;
-            for (int64_t j = 0; j < c; j++) sum += h[j] * w_in[j * dim + d];
-            gx[d] = sum;
-        }
+        /* the weight sums: each accumulator loaded and stored once for the group's rows */
         for (int64_t j = 0; j < c; j++) {
-            add_scaled(b_w_out + j * dim, gr, code[i * c + j], dim);
-            add_scaled(b_w_in + j * dim, xr, h[j], dim);
-            b_b_in[j] += h[j];
+            float codes[FSQ_GROUP], grads[FSQ_GROUP];
+            for (int r = 0; r < count; r++) {
+                codes[r] = code[(first + r) * c + j];
+                grads[r] = h[r][j];
+                b_b_in[j] += h[r][j];
+            }
+            add_scaled_rows(b_w_out + j * dim, g_rows, codes, count, dim);
+            add_scaled_rows(b_w_in + j * dim, x_rows, grads, count, dim);
         }
-        add_scaled(b_b_out, gr, 1.0f, dim);
-        if ((i + 1) % FSQ_BLOCK == 0 || i + 1 == n) {
+        add_scaled_rows(b_b_out, g_rows, ones, count, dim);
+        int64_t done = first + count;
+        if (done % FSQ_BLOCK == 0 || done == n) {
             for (int64_t k = 0; k < sums; k++) {
                 total[k] += block[k];
                 block[k] = 0.0f;
