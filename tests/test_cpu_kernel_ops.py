@@ -1,5 +1,9 @@
 """The C kernels as torch.library custom ops: schemas, fake implementations, tracing, compile."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -123,3 +127,30 @@ def test_compiled_step_matches_eager():
     assert torch.equal(compiled_state[0], eager_state[0])  # the in-place update happened
     assert torch.equal(compiled_state[1], eager_state[1])
     assert not torch.equal(compiled_state[0], codebook)
+
+
+def test_the_constant_mark_is_dynamos_own():
+    """cpu_kernel marks its build queries constant to torch.compile without importing
+    torch._dynamo (a second of every import): the mark must be what Dynamo's decorator sets."""
+    import torch._dynamo
+
+    def ours():
+        return 0
+
+    def dynamos():
+        return 0
+
+    assert cpu_kernel.constant_to_compile(ours) is ours
+    assert torch._dynamo.assume_constant_result(dynamos) is dynamos
+    assert vars(ours) == vars(dynamos) and vars(ours)
+    for query in (cpu_kernel.available, cpu_kernel.simd_lanes, cpu_kernel.unavailable_reason):
+        assert vars(query).items() >= vars(dynamos).items()
+
+
+@pytest.mark.slow
+def test_import_leaves_dynamo_unloaded():
+    code = "import sys, vqvae; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
