@@ -120,37 +120,3 @@ def test_int8_recheck_refuses_mismatched_inputs():
     with pytest.raises(ValueError, match="int32 products"):
         cpu_kernel.int8_recheck(products, torch.ones(5), codebook.pow(2).sum(1), x, codebook,
                                 torch.ones(4), 10)
-
-
-def test_row_blocks_on_several_threads_give_the_one_thread_answer():
-    g = torch.Generator().manual_seed(3)
-    x, codebook = torch.randn(1100, 64, generator=g), torch.randn(300, 64, generator=g)
-    grad = torch.randn(1100, 64, generator=g)
-    q = codebook[torch.randint(0, 300, (1100,), generator=g)]
-
-    def everything():
-        qx, sx, dx = int8_presearch.quantize_rows(x)
-        qc, sc, _ = int8_presearch.quantize_rows(codebook, per_row=False)
-        products = qx.int() @ qc.int().t()
-        code_sq = codebook.pow(2).sum(1)
-        found = cpu_kernel.int8_recheck(products, sx * sc[0], code_sq, x, codebook,
-                                        torch.full((1100,), 0.5), 10**6)
-        total, *norms = cpu_kernel.estimator_forward(x, q, True, 1e-6)
-        grads = cpu_kernel.estimator_backward(grad, x, q, tuple(norms), 0.1, -0.2, 1e-12, True)
-        return [qx, sx, dx, found, torch.tensor(total), *norms, *grads]
-
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = everything()
-        torch.set_num_threads(4)  # blocks of 275 rows
-        assert cpu_kernel.in_row_blocks(lambda a, b: (a, b), 1100) == [
-            (0, 275), (275, 550), (550, 825), (825, 1100)]
-        several = everything()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(one, several, strict=True):
-        if a.dtype.is_floating_point and a.ndim == 0:  # the loss: blocks add in another order
-            assert float(a) == pytest.approx(float(b), rel=1e-12)
-        else:
-            assert torch.equal(a, b)

@@ -540,31 +540,11 @@ def _(codebook: Tensor, cluster_size: Tensor, counts: Tensor, sums: Tensor, deca
     return codebook.new_empty((), dtype=torch.long)  # how many codes are below threshold
 
 
-# ---------------------------------------------------------------------------- row blocks
-
-# rows below which a call stays on one thread (a hand-off to a pool thread costs some 20 µs)
-MIN_ROWS_PER_THREAD = 256
-
-
-@functools.cache
-def _pool(workers: int):
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vqvae-rows")
-
-
-def in_row_blocks(call, num_rows: int) -> list:
-    """``[call(start, stop), ...]`` over contiguous blocks of ``range(num_rows)``, one block per
-    torch thread (``torch.get_num_threads()``) but at least :data:`MIN_ROWS_PER_THREAD` rows
-    each, the first on this thread and the others on a pool's: ctypes lets go of the GIL for
-    the C call, so the blocks run side by side as torch's own threads would."""
-    blocks = max(1, min(torch.get_num_threads(), num_rows // MIN_ROWS_PER_THREAD))
-    if blocks == 1:
-        return [call(0, num_rows)]
-    bounds = [num_rows * b // blocks for b in range(blocks + 1)]
-    others = [_pool(blocks - 1).submit(call, bounds[b], bounds[b + 1])
-              for b in range(1, blocks)]
-    return [call(bounds[0], bounds[1])] + [future.result() for future in others]
+# The row kernels below run on the calling thread, one call each. Splitting their rows over a
+# pool thread (ctypes lets go of the GIL) was slower on two threads: right after torch's own
+# parallel operations the pool thread waited behind torch's spinning workers (SimVQ's call:
+# 5.9 ms in two blocks against 5.5 in one, AVX-512; a row pass after a matmul: 0.52 against
+# 0.42 ms).
 
 
 # ---------------------------------------------------------------------------- int8 re-check
@@ -572,7 +552,7 @@ def in_row_blocks(call, num_rows: int) -> list:
 
 def int8_recheck(products: Tensor, row_scale: Tensor, code_sq: Tensor, x: Tensor,
                  codebook: Tensor, slack: Tensor, max_candidates: int) -> Tensor | None:
-    """The second stage of the int8 pre-search (:mod:`.int8_presearch`) for one row block:
+    """The second stage of the int8 pre-search (:mod:`.int8_presearch`) for a block of rows:
     ``(N,)`` int64 indices, or None when the block has more than ``max_candidates``
     candidates (the caller then searches it in float32).
 
@@ -602,15 +582,11 @@ def int8_recheck(products: Tensor, row_scale: Tensor, code_sq: Tensor, x: Tensor
     out = torch.empty(num_rows, dtype=torch.long)
     if num_rows == 0:
         return out
-    library, dim = _checked_library(), x.shape[1]
-
-    def rows(start: int, stop: int) -> int:  # the block's share of the candidate budget
-        return library.vq_int8_recheck(
-            products[start].data_ptr(), row_scale[start].data_ptr(), code_sq.data_ptr(),
-            x[start].data_ptr(), codebook.data_ptr(), slack[start].data_ptr(), stop - start,
-            dim, num_codes, max_candidates * (stop - start) // num_rows, out[start].data_ptr())
-
-    return out if not any(in_row_blocks(rows, num_rows)) else None
+    status = _checked_library().vq_int8_recheck(
+        products.data_ptr(), row_scale.data_ptr(), code_sq.data_ptr(), x.data_ptr(),
+        codebook.data_ptr(), slack.data_ptr(), num_rows, x.shape[1], num_codes,
+        max_candidates, out.data_ptr())
+    return out if status == 0 else None
 
 
 def quantize_rows(v: Tensor, qmax: int, pairs: bool, per_row: bool,
@@ -628,17 +604,9 @@ def quantize_rows(v: Tensor, qmax: int, pairs: bool, per_row: bool,
     scale, residual = v.new_empty(v.shape[0]), v.new_empty(v.shape[0])
     if not v.numel():
         return q, scale, residual
-    library = _checked_library()
-
-    def rows(start: int, stop: int) -> None:
-        library.vq_quantize_rows(v[start].data_ptr(), stop - start, v.shape[1], float(qmax),
-                                 int(pairs), int(per_row), peak_floor, q[start].data_ptr(),
-                                 scale[start].data_ptr(), residual[start].data_ptr())
-
-    if per_row:  # (one scale for all: one block, which reads every row for the peak)
-        in_row_blocks(rows, v.shape[0])
-    else:
-        rows(0, v.shape[0])
+    _checked_library().vq_quantize_rows(v.data_ptr(), v.shape[0], v.shape[1], float(qmax),
+                                        int(pairs), int(per_row), peak_floor, q.data_ptr(),
+                                        scale.data_ptr(), residual.data_ptr())
     return q, scale, residual
 
 
@@ -662,14 +630,10 @@ def estimator_forward(x: Tensor, q: Tensor, rotation: bool,
     ``rotation``. The forward of :class:`.simvq._Estimator`."""
     num_rows, dim = x.shape
     norms = [x.new_empty(num_rows) for _ in range(3)] if rotation else None
-    library = _checked_library()
-
-    def rows(start: int, stop: int) -> float:
-        pointers = [t[start].data_ptr() for t in norms] if rotation else [None] * 3
-        return library.vq_estimator_forward(x[start].data_ptr(), q[start].data_ptr(),
-                                            stop - start, dim, int(rotation), eps, *pointers)
-
-    total = sum(in_row_blocks(rows, num_rows)) if num_rows else 0.0
+    pointers = [t.data_ptr() for t in norms] if rotation else [None] * 3
+    total = _checked_library().vq_estimator_forward(
+        x.data_ptr(), q.data_ptr(), num_rows, dim, int(rotation), eps, *pointers) \
+        if num_rows else 0.0
     return (total, *norms) if rotation else (total, None, None, None)
 
 
@@ -682,17 +646,12 @@ def estimator_backward(grad: Tensor, x: Tensor, q: Tensor, norms: tuple[Tensor, 
     num_rows, dim = x.shape
     grad_x = torch.empty_like(x)
     grad_q = torch.empty_like(q) if with_grad_q else None
-    library = _checked_library()
-
-    def rows(start: int, stop: int) -> None:
-        pointers = [t[start].data_ptr() for t in norms] if norms is not None else [None] * 3
-        library.vq_estimator_backward(
-            grad[start].data_ptr(), x[start].data_ptr(), q[start].data_ptr(), *pointers,
-            stop - start, dim, int(norms is not None), commit, codebook, floor,
-            grad_x[start].data_ptr(), grad_q[start].data_ptr() if grad_q is not None else None)
-
     if num_rows:
-        in_row_blocks(rows, num_rows)
+        pointers = [t.data_ptr() for t in norms] if norms is not None else [None] * 3
+        _checked_library().vq_estimator_backward(
+            grad.data_ptr(), x.data_ptr(), q.data_ptr(), *pointers, num_rows, dim,
+            int(norms is not None), commit, codebook, floor, grad_x.data_ptr(),
+            grad_q.data_ptr() if grad_q is not None else None)
     return grad_x, grad_q
 
 

@@ -3,8 +3,8 @@
 The projected FSQ call in tensor operations (:class:`.fsq._ProjectedFSQ`) is some twenty
 operations on narrow ``(N, c)`` blocks, with their Python calls, and several passes over the
 ``(N, dim)`` ones. Here ``project_in``, the bound's tanh and the projection of the code table
-stay torch operations, and the rest is one pass over the rows each way, by row blocks on
-torch's threads (:func:`.cpu_kernel.fsq_forward`, :func:`.cpu_kernel.fsq_backward`): the same
+stay torch operations, and the rest is one pass over the rows each way on the calling thread
+(:func:`.cpu_kernel.fsq_forward`, :func:`.cpu_kernel.fsq_backward`): the same
 codes, indices and output, bit for bit (the forward's arithmetic is the tensor form's, without
 fused multiply-adds; tanh is torch's, whose last bits a C ``tanhf`` would not reproduce), and
 the same gradients up to float32 rounding.
