@@ -75,7 +75,7 @@ ISA_LIMITS = {"AVX2": ["-mno-avx512f"], "DEFAULT": ["-mno-avx"]}
 #: Longest vectors the kernel takes; from about 48 on, ``addmm`` is as fast or faster.
 MAX_DIM = 32
 ENV_SWITCH = "VQVAE_CPU_KERNEL"
-# FSQ channels the clamp-bound kernels take (cpu_search.c's FSQ_MAX_CHANNELS)
+# FSQ channels the FSQ kernels take (cpu_search.c's FSQ_MAX_CHANNELS)
 FSQ_MAX_CHANNELS = 32
 
 _reason: str | None = None

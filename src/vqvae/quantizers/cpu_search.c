@@ -58,6 +58,24 @@ static vfloat select_float(vint mask, vfloat a, vfloat b) {
     return (vfloat)(((vint)a & mask) | ((vint)b & ~mask));
 }
 
+/* the sum of a vector's lanes, halves folded onto each other in registers (a vector stored
+ * and read back by lanes stalls the load on the store) */
+static float fold(vfloat v) {
+#if LANES == 16
+    v += __builtin_shuffle(v, (vint){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+#endif
+#if LANES >= 8
+    v += __builtin_shuffle(v, (vint){4, 5, 6, 7, 0, 1, 2, 3
+#if LANES == 16
+                                     , 12, 13, 14, 15, 8, 9, 10, 11
+#endif
+                                    });
+#endif
+    float sum = 0.0f;
+    for (int l = 0; l < 4; l++) sum += v[l];
+    return sum;
+}
+
 static void search_rows(const float *x, const float *code_t, const float *code_sq, int64_t n,
                         int64_t d, int64_t k, int64_t *out) {
     vint lane;
@@ -220,9 +238,7 @@ static float dot(const float *a, const float *b, int64_t d) {
     for (; j + 4 * LANES <= d; j += 4 * LANES)
         for (int u = 0; u < 4; u++) acc[u] += load(a + j + u * LANES) * load(b + j + u * LANES);
     for (; j + LANES <= d; j += LANES) acc[0] += load(a + j) * load(b + j);
-    vfloat sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    float total = 0.0f;
-    for (int l = 0; l < LANES; l++) total += sum[l];
+    float total = fold((acc[0] + acc[1]) + (acc[2] + acc[3]));
     for (; j < d; j++) total += a[j] * b[j];
     return total;
 }
@@ -233,6 +249,11 @@ static int any_set(vint mask) {
     memcpy(words, &mask, sizeof words);
     for (int w = 0; w < LANES / 2; w++) any |= words[w];
     return any != 0;
+}
+
+/* approximate distance of code c: code_sq_c - 2 (scale . P_c), the vector form's order */
+static float approx_at(const int32_t *p, const float *code_sq, int64_t c, float scale) {
+    return code_sq[c] - 2.0f * ((float)p[c] * scale);
 }
 
 static vfloat load_approx(const int32_t *p, const float *sq, vfloat scale) {
@@ -267,7 +288,7 @@ static int64_t first_smallest(const int32_t *p, const float *code_sq, float scal
             index = best_index[l];
         }
     for (; c < k; c++) {
-        float a = code_sq[c] - 2.0f * ((float)p[c] * scale);
+        float a = approx_at(p, code_sq, c, scale);
         if (a < value) {
             value = a;
             index = c;
@@ -304,7 +325,7 @@ int vq_int8_recheck(const int32_t *products, const float *row_scale, const float
                 passed = a <= threshold_v;
             } else {
                 for (int l = 0; l < width; l++) {
-                    a[l] = code_sq[start + l] - 2.0f * ((float)p[start + l] * scale);
+                    a[l] = approx_at(p, code_sq, start + l, scale);
                     passed[l] = a[l] <= threshold ? -1 : 0;
                 }
             }
@@ -433,12 +454,6 @@ void vq_quantize_rows(const float *v, int64_t n, int64_t d, float qmax, int pair
  * Forward: returns the sum of ||x - q||^2 over all rows; with rotation also writes each row's
  * ||x|| and ||q|| (floored at eps) and cos = x.q / (||x|| ||q||). */
 
-static float hsum(vfloat v) {
-    float total = 0.0f;
-    for (int l = 0; l < LANES; l++) total += v[l];
-    return total;
-}
-
 double vq_estimator_forward(const float *x, const float *q, int64_t n, int64_t d, int rotation,
                             float eps, float *x_norm, float *q_norm, float *cos) {
     double total = 0.0;
@@ -459,7 +474,7 @@ double vq_estimator_forward(const float *x, const float *q, int64_t n, int64_t d
                 xq += a0 * b0 + a1 * b1;
             }
         }
-        float diff = hsum(dd0 + dd1), sx = hsum(xx), sq = hsum(qq), sxq = hsum(xq);
+        float diff = fold(dd0 + dd1), sx = fold(xx), sq = fold(qq), sxq = fold(xq);
         for (; j < d; j++) {
             float e = xr[j] - qr[j];
             diff += e * e;
@@ -499,7 +514,7 @@ void vq_estimator_backward(const float *g, const float *x, const float *q, const
                 xg += load(xr + j) * gv;
                 qg += load(qr + j) * gv;
             }
-            float sxg = hsum(xg), sqg = hsum(qg);
+            float sxg = fold(xg), sqg = fold(qg);
             for (; j < d; j++) {
                 sxg += xr[j] * gr[j];
                 sqg += qr[j] * gr[j];
@@ -592,24 +607,6 @@ int vq_fsq_forward(const float *u, const float *bounded, int64_t n, int64_t c,
  * Sums over rows in float32 by blocks of 64 rows, the blocks added in double. */
 #define FSQ_MAX_CHANNELS 32
 #define FSQ_BLOCK 64
-
-/* the sum of a vector's lanes, halves folded onto each other in registers (a vector stored
- * and read back by lanes stalls the load on the store) */
-static float fold(vfloat v) {
-#if LANES == 16
-    v += __builtin_shuffle(v, (vint){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-#endif
-#if LANES >= 8
-    v += __builtin_shuffle(v, (vint){4, 5, 6, 7, 0, 1, 2, 3
-#if LANES == 16
-                                     , 12, 13, 14, 15, 8, 9, 10, 11
-#endif
-                                    });
-#endif
-    float sum = 0.0f;
-    for (int l = 0; l < 4; l++) sum += v[l];
-    return sum;
-}
 
 /* acc += sum_r rows[r] * scales[r] over dim entries, for up to FSQ_GROUP rows: one load and
  * one store of acc per vector for the whole group */

@@ -158,9 +158,10 @@ class _Estimator(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_loss: Tensor):
         commitment, codebook = ctx.weights
-        if ctx.in_c and ctx.needs_input_grad[0] and grad_out.dtype == torch.float32 \
-                and grad_out.shape == ctx.saved_tensors[0].shape:
+        if ctx.in_c:
             x, q, *norms = ctx.saved_tensors
+        if ctx.in_c and ctx.needs_input_grad[0] and grad_out.dtype == torch.float32 \
+                and grad_out.shape == x.shape:
             scale = 2.0 * float(grad_loss) / max(ctx.numel, 1)
             # (contiguous: the gradient of a sum arrives as one expanded value)
             return (*cpu_kernel.estimator_backward(
@@ -168,7 +169,6 @@ class _Estimator(torch.autograd.Function):
                 scale * commitment, -scale * codebook, NORM_EPS**2, ctx.needs_input_grad[1]),
                 None, None, None)
         if ctx.in_c:  # (the rare call the kernel does not take: the same in tensor operations)
-            x, q, *norms = ctx.saved_tensors
             saved = [x, q, *(n.unsqueeze(1) for n in norms)] if ctx.rotation else []
             diff = x - q
         else:
