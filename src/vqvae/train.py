@@ -120,6 +120,11 @@ class Processes:
         return self.world_size > 1
 
 
+def launched_processes() -> int:
+    """How many processes ``torchrun`` started for this run (``WORLD_SIZE``; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def start_processes(config: TrainConfig) -> tuple[Processes, torch.device]:
     """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1).
 
@@ -131,8 +136,7 @@ def start_processes(config: TrainConfig) -> tuple[Processes, torch.device]:
 
     import torch.distributed as dist
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if launched_processes() <= 1:
         return Processes(), resolve_device(config.device)
     device = resolve_device(config.device)
     if device.type == "cuda":
@@ -436,8 +440,13 @@ def _summary(history: list[dict], model_config: ModelConfig, train_config: Train
 
 
 def train(train_config: TrainConfig, model_config: ModelConfig, *,
-          resume_from: Path | None = None, on_epoch_end=None) -> Run:
+          resume_from: Path | None = None, on_epoch_end=None,
+          pause_after: int | None = None) -> Run:
     """Train (or, with ``resume_from``, continue) a run; returns the trained model and metrics.
+
+    ``pause_after``: stop once that many epochs are done (of ``train_config.epochs``, which
+    keeps setting the learning-rate schedule): the run is left to be resumed, and ends as
+    an uninterrupted one would.
 
     Started by ``torchrun``, every process trains its shard of each batch under
     DistributedDataParallel and only rank 0 writes the run directory.
@@ -447,27 +456,29 @@ def train(train_config: TrainConfig, model_config: ModelConfig, *,
     """
     processes, device = start_processes(train_config)
     try:
-        return _train(train_config, model_config, resume_from, on_epoch_end, processes, device)
+        return _train(train_config, model_config, resume_from, on_epoch_end, processes, device,
+                      pause_after)
     finally:
         stop_processes(processes)
 
 
-def _train(train_config, model_config, resume_from, on_epoch_end, processes, device) -> Run:
+def _train(train_config, model_config, resume_from, on_epoch_end, processes, device,
+           pause_after) -> Run:
     run_dir = Path(resume_from or train_config.out_dir)
     if not processes.is_main:
         return _train_in(run_dir, train_config, model_config, resume_from, on_epoch_end,
-                         processes, device)
+                         processes, device, pause_after)
     check_writable_dir(run_dir)  # before the data is loaded
     with lock_run_dir(run_dir):
         if resume_from is not None and not (run_dir / CHECKPOINT).is_file():
             print(f"note: {run_dir} has no checkpoint yet (the run ended before its first "
                   "epoch did): starting it from scratch with its settings", flush=True)
         return _train_in(run_dir, train_config, model_config, resume_from, on_epoch_end,
-                         processes, device)
+                         processes, device, pause_after)
 
 
 def _train_in(run_dir, train_config, model_config, resume_from, on_epoch_end, processes,
-              device) -> Run:
+              device, pause_after) -> Run:
     data = load_data(train_config, device, model_config)
 
     torch.manual_seed(train_config.seed)
@@ -498,7 +509,8 @@ def _train_in(run_dir, train_config, model_config, resume_from, on_epoch_end, pr
             else {"broadcast_buffers": False}
         trained = DistributedDataParallel(model, **no_buffer_sync)
 
-    for epoch in range(len(history), train_config.epochs):
+    last = train_config.epochs if pause_after is None else min(pause_after, train_config.epochs)
+    for epoch in range(len(history), last):
         stats = train_epoch(trained, optimizer, data, train_config, epoch, device, processes)
         if not processes.is_main:
             continue

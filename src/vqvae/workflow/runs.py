@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from torch import Tensor
 from .. import plots
 from ..models import VQVAE, ModelConfig
 from ..rundir import atomic_write_json, atomic_write_text
-from ..train import Run, TrainConfig, train
+from ..train import Run, TrainConfig, launched_processes, train
 
 RECONSTRUCTION_COUNT = 10
 SAMPLE_COUNT = 64
@@ -61,23 +60,11 @@ COMPARISON_FIELDS = ("quantizer", "test_mse", "test_psnr", "test_ssim", "perplex
                      "seconds_per_epoch")
 
 
-class _Turn(Exception):
-    """Raised after an epoch's checkpoint: the next quantizer's turn (see :func:`compare`)."""
-
-
-def _pause_after(epoch: int):
-    def pause(finished: int, metrics: dict) -> None:
-        if finished == epoch:
-            raise _Turn
-    return pause
-
-
 def in_turns(train_config: TrainConfig) -> bool:
     """Whether :func:`compare` trains its quantizers an epoch each in turn: one process (under
     ``torchrun`` every turn would restart the process group) and no ``torch.compile`` (every
     turn would compile again, inside the epoch's time)."""
-    return (train_config.epochs > 1 and not train_config.compile
-            and int(os.environ.get("WORLD_SIZE", "1")) <= 1)
+    return train_config.epochs > 1 and not train_config.compile and launched_processes() <= 1
 
 
 def compare(quantizers: Sequence[str], train_config: TrainConfig, model_config: ModelConfig,
@@ -101,13 +88,10 @@ def compare(quantizers: Sequence[str], train_config: TrainConfig, model_config: 
                         dataclasses.replace(model_config, quantizer=name,
                                             quantizer_options=options)))
     if in_turns(train_config):
-        for epoch in range(train_config.epochs - 1):
+        for epoch in range(1, train_config.epochs):
             for config, quantizer_config in configs:
-                try:
-                    train(config, quantizer_config, on_epoch_end=_pause_after(epoch),
-                          resume_from=Path(config.out_dir) if epoch else None)
-                except _Turn:
-                    pass
+                train(config, quantizer_config, pause_after=epoch,
+                      resume_from=Path(config.out_dir) if epoch > 1 else None)
         resume_from = [Path(config.out_dir) for config, _ in configs]
     else:
         resume_from = [None] * len(configs)
