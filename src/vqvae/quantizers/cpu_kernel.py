@@ -669,10 +669,11 @@ def fsq_forward(u: Tensor, bounded: Tensor | None, constants: tuple[Tensor, ...]
     ``(out (N, dim), index (N,) int64, code (N, c))``, ``out`` gathered from ``rows``
     (``project_out`` of every code, in index order), or None where ``u`` is not finite.
     ``constants``: the bound's ``(scale, bias, centre, step)`` per channel (float32);
-    ``levels``, ``basis``: int64 per channel."""
+    ``levels`` (int32, as FSQ keeps them) and ``basis`` (int64) per channel."""
     num_rows, channels = u.shape
     scale, bias, centre, step = (t.contiguous() for t in constants)
-    levels, basis, rows = levels.contiguous(), basis.contiguous(), rows.contiguous()
+    levels = levels.to(torch.int32).contiguous()  # (no copy for FSQ's own)
+    basis, rows = basis.to(torch.int64).contiguous(), rows.contiguous()
     out = u.new_empty(num_rows, rows.shape[1])
     index = torch.empty(num_rows, dtype=torch.long)
     code = torch.empty_like(u)

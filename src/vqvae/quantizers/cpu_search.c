@@ -565,7 +565,7 @@ void vq_estimator_backward(const float *g, const float *x, const float *q, const
  * at the first u that is not finite, or a digit outside [0, levels_j). */
 int vq_fsq_forward(const float *u, const float *bounded, int64_t n, int64_t c,
                    const float *scale, const float *bias, const float *centre, const float *step,
-                   const int64_t *levels, const int64_t *basis, int symmetric, const float *rows,
+                   const int32_t *levels, const int64_t *basis, int symmetric, const float *rows,
                    int64_t dim, float *out, int64_t *index, float *code_out) {
     for (int64_t i = 0; i < n; i++) {
         int64_t at = 0;

@@ -80,8 +80,8 @@ def projected_call(x: Tensor, project_in, project_out, constants: tuple[Tensor, 
         u = torch.addmm(b_in, x, w_in.t()).add_(shift)  # as the tensor form computes it
         bounded = None if clamp else torch.tanh(u)
         rows = torch.addmm(b_out, table[0], w_out.t())  # project_out of every code
-    found = cpu_kernel.fsq_forward(u, bounded, (scale, bias, centre, step), levels.long(),
-                                   basis, symmetric, rows)
+    found = cpu_kernel.fsq_forward(u, bounded, (scale, bias, centre, step), levels, basis,
+                                   symmetric, rows)
     if found is None:
         return None
     out, index, code = found
