@@ -52,14 +52,6 @@ def _mosaic(images: np.ndarray, columns: int) -> np.ndarray:
     return mosaic
 
 
-def _bare(ax) -> None:
-    """No ticks and no frame (a y label still shows)."""
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-
-
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,10 +71,11 @@ def image_rows(rows: Sequence[Tensor | np.ndarray], labels: Sequence[str], path:
     fig, axes = plt.subplots(len(arrays), 1, figsize=(cell * n + 1.6, cell * len(arrays) + 0.6),
                              squeeze=False, gridspec_kw={"hspace": 0.08})
     for ax, array, label in zip(axes[:, 0], arrays, labels, strict=True):
-        _bare(ax)
-        padded = np.ones((n,) + array.shape[1:], dtype=array.dtype)
-        padded[:len(array)] = array
-        _show(ax, _mosaic(padded, n))
+        ax.set_xticks([])  # no ticks and no frame; the y label stays
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        _show(ax, _mosaic(array, n))  # (a shorter row ends in white)
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9, labelpad=6)
     if title:
         fig.suptitle(title, fontsize=10)
