@@ -53,6 +53,12 @@ static vfloat load(const float *p) {
     return v;
 }
 
+/* every lane value (a scalar operand of a vector operation is broadcast: one instruction,
+ * where filling the lanes one by one compiled to a masked broadcast per lane) */
+static vfloat splat(float value) {
+    return (vfloat){0} + value;
+}
+
 /* where mask is set, a; elsewhere b (masks from vector comparisons are all ones or zeros) */
 static vfloat select_float(vint mask, vfloat a, vfloat b) {
     return (vfloat)(((vint)a & mask) | ((vint)b & ~mask));
@@ -251,6 +257,12 @@ static int any_set(vint mask) {
     return any != 0;
 }
 
+/* float32 distance of code c, as the float32 search forms it: code_sq_c - 2 x.c */
+static float exact_at(const float *row, const float *codebook, const float *code_sq,
+                      int64_t c, int64_t d) {
+    return code_sq[c] - 2.0f * dot(row, codebook + c * d, d);
+}
+
 /* approximate distance of code c: code_sq_c - 2 (scale . P_c), the vector form's order */
 static float approx_at(const int32_t *p, const float *code_sq, int64_t c, float scale) {
     return code_sq[c] - 2.0f * ((float)p[c] * scale);
@@ -264,15 +276,9 @@ static vfloat load_approx(const int32_t *p, const float *sq, vfloat scale) {
 
 /* the first code at the smallest approximate distance of one row (NaN never wins) */
 static int64_t first_smallest(const int32_t *p, const float *code_sq, float scale, int64_t k) {
-    vint lane;
-    vfloat best, scale_v;
-    vint best_index;
-    for (int l = 0; l < LANES; l++) {
-        lane[l] = l;
-        best[l] = INFINITY;
-        best_index[l] = 0;
-        scale_v[l] = scale;
-    }
+    vint lane, best_index = {0};
+    for (int l = 0; l < LANES; l++) lane[l] = l;
+    vfloat best = splat(INFINITY), scale_v = splat(scale);
     int64_t c = 0;
     for (; c + LANES <= k; c += LANES) {
         vfloat a = load_approx(p + c, code_sq + c, scale_v);
@@ -306,36 +312,26 @@ int vq_int8_recheck(const int32_t *products, const float *row_scale, const float
         const float *row = x + i * d;
         float scale = row_scale[i];
         int64_t anchor = first_smallest(p, code_sq, scale, k);
-        float anchor_exact = code_sq[anchor] - 2.0f * dot(row, codebook + anchor * d, d);
+        float anchor_exact = exact_at(row, codebook, code_sq, anchor, d);
         float threshold = anchor_exact + slack[i];
         if (isnan(threshold)) threshold = INFINITY;
         int64_t first = -1, count = 0, best_index = k - 1;
         float best = INFINITY;
-        vfloat scale_v, threshold_v;
-        for (int l = 0; l < LANES; l++) {
-            scale_v[l] = scale;
-            threshold_v[l] = threshold;
-        }
+        vfloat scale_v = splat(scale), threshold_v = splat(threshold);
         for (int64_t start = 0; start < k; start += LANES) {
             int64_t width = k - start < LANES ? k - start : LANES;
             vint passed = {0};
-            vfloat a = {0};
-            if (width == LANES) {
-                a = load_approx(p + start, code_sq + start, scale_v);
-                passed = a <= threshold_v;
-            } else {
-                for (int l = 0; l < width; l++) {
-                    a[l] = approx_at(p, code_sq, start + l, scale);
-                    passed[l] = a[l] <= threshold ? -1 : 0;
-                }
-            }
+            if (width == LANES)
+                passed = load_approx(p + start, code_sq + start, scale_v) <= threshold_v;
+            else
+                for (int l = 0; l < width; l++)
+                    passed[l] = approx_at(p, code_sq, start + l, scale) <= threshold ? -1 : 0;
             if (!any_set(passed)) continue; /* the common case: no candidate among these */
             for (int l = 0; l < width; l++) {
                 if (!passed[l]) continue;
                 int64_t c = start + l;
                 if (++total > max_candidates) return 1;
-                float exact = c == anchor ? anchor_exact
-                                          : code_sq[c] - 2.0f * dot(row, codebook + c * d, d);
+                float exact = c == anchor ? anchor_exact : exact_at(row, codebook, code_sq, c, d);
                 if (count++ == 0) first = c;
                 if (exact < best) { /* strict: the first code at the minimum stays */
                     best = exact;
@@ -357,12 +353,6 @@ int vq_int8_recheck(const int32_t *products, const float *row_scale, const float
  * q = rint(v m) (ties to even, as torch.round), scale = peak / qmax, and the float32 norm of
  * v - scale q. A NaN anywhere in a row (anywhere, unless per_row) makes its peak NaN, an Inf
  * makes it Inf: the caller sees a non-finite scale. */
-
-/* every lane value (a scalar operand of a vector operation is broadcast: one instruction,
- * where filling the lanes one by one compiled to a masked broadcast per lane) */
-static vfloat splat(float value) {
-    return (vfloat){0} + value;
-}
 
 static vfloat vabs(vfloat v) {
     return (vfloat)((vint)v & 0x7fffffff);
