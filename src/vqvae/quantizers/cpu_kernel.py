@@ -12,6 +12,11 @@ The EMA update of a float32 CPU codebook (:func:`code_statistics`, :func:`ema_up
 there too, for any dimension: two calls instead of some twenty tensor operations of a few
 microseconds each, which on CPU cost more than their arithmetic.
 
+Threads. Where torch runs on GNU OpenMP (its Linux builds), the kernels are built with
+``-fopenmp`` against the very runtime torch loaded, and split their rows over torch's threads
+(``torch.set_num_threads``); elsewhere, or with ``VQVAE_CPU_KERNEL_THREADS=0``, each runs on
+the calling thread (:func:`parallel` says which).
+
 Build and cache. The C file is compiled on first use with the system's C compiler (``$CC``, else
 ``cc`` or ``gcc``) and ``-O3 -march=native`` (held to AVX2 under ``ATEN_CPU_CAPABILITY=avx2``,
 as torch is; see :data:`ISA_LIMITS`), into ``$XDG_CACHE_HOME/vqvae/kernels`` (``~/.cache``)
@@ -75,6 +80,8 @@ ISA_LIMITS = {"AVX2": ["-mno-avx512f"], "DEFAULT": ["-mno-avx"]}
 #: Longest vectors the kernel takes; from about 48 on, ``addmm`` is as fast or faster.
 MAX_DIM = 32
 ENV_SWITCH = "VQVAE_CPU_KERNEL"
+#: ``VQVAE_CPU_KERNEL_THREADS=0`` builds the kernels without OpenMP: one thread each
+THREADS_SWITCH = "VQVAE_CPU_KERNEL_THREADS"
 # FSQ channels the FSQ kernels take (cpu_search.c's FSQ_MAX_CHANNELS)
 FSQ_MAX_CHANNELS = 32
 
@@ -92,12 +99,35 @@ def _cpu_identity() -> str:
 
 
 def build_flags() -> list[str]:
-    """The compiler flags: :data:`FLAGS`, and on x86 the limit of :data:`ISA_LIMITS` that
-    torch's CPU capability asks for."""
+    """The compiler flags: :data:`FLAGS`, on x86 the limit of :data:`ISA_LIMITS` that
+    torch's CPU capability asks for, and ``-fopenmp`` where :func:`_shares_openmp`."""
     limit = []
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
         limit = ISA_LIMITS.get(torch.backends.cpu.get_cpu_capability(), [])
-    return [*FLAGS, *limit]
+    return [*FLAGS, *limit, *(["-fopenmp"] if _shares_openmp() else [])]
+
+
+@functools.cache
+def _shares_openmp() -> bool:
+    """Whether a ``-fopenmp`` build of the kernels would run on torch's own OpenMP threads.
+
+    True on Linux where torch runs its parallel operations on OpenMP and the runtime it loaded
+    is GNU's ``libgomp.so.1``: the build asks for a library of that name, which the loader
+    then finds already loaded, so the kernels and torch share one runtime and one pool of
+    worker threads (a second runtime would bring a second pool, each spinning against the
+    other). Anything else (another OpenMP runtime, macOS, ``VQVAE_CPU_KERNEL_THREADS=0``):
+    False, and the kernels run on the calling thread."""
+    if os.environ.get(THREADS_SWITCH, "1") == "0" or platform.system() != "Linux":
+        return False
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        with open("/proc/self/maps") as maps:
+            runtimes = {os.path.basename(line.split()[-1]) for line in maps
+                        if "libgomp" in line or "libiomp" in line or "libomp" in line}
+    except OSError:
+        return False
+    return runtimes == {"libgomp.so.1"}
 
 
 def _compiler() -> str | None:
@@ -263,6 +293,7 @@ class NoSimdError(RuntimeError):
 def _configure(library: ctypes.CDLL, compiler: str) -> ctypes.CDLL:
     """Declare the C signatures; AttributeError if a symbol is missing."""
     library.vq_simd_lanes.restype = ctypes.c_int
+    library.vq_parallel.restype = ctypes.c_int
     if library.vq_simd_lanes() <= 0:
         # emulated vectors are many times slower than torch's kernels
         raise NoSimdError(f"{compiler} targets no SIMD instruction set that cpu_search.c knows")
@@ -283,7 +314,8 @@ def _configure(library: ctypes.CDLL, compiler: str) -> ctypes.CDLL:
         "vq_fsq_forward": ([pointer, pointer, size, size] + [pointer] * 6
                            + [ctypes.c_int, pointer, size, pointer, pointer, pointer],
                            ctypes.c_int),
-        "vq_fsq_backward": ([pointer] * 7 + [ctypes.c_int, size, size, size] + [pointer] * 5,
+        "vq_fsq_backward": ([pointer] * 7 + [ctypes.c_int, size, size, size, size]
+                            + [pointer] * 5,
                             ctypes.c_int),
         "vq_int8_recheck": ([pointer, pointer, pointer, pointer, pointer, pointer, size, size,
                              size, size, pointer], ctypes.c_int),
@@ -354,6 +386,15 @@ def simd_lanes() -> int:
 
 # a constant to torch.compile: built and loaded once, outside the graph
 @constant_to_compile
+def parallel() -> bool:
+    """Whether the built kernels split their rows over torch's threads (an OpenMP build, see
+    :func:`_shares_openmp`); False also when they are not available."""
+    library = _library()
+    return library is not None and bool(library.vq_parallel())
+
+
+# a constant to torch.compile: built and loaded once, outside the graph
+@constant_to_compile
 def available() -> bool:
     """Whether the C search could be built and loaded here (built on the first call)."""
     return _library() is not None
@@ -401,10 +442,9 @@ def _check_search_inputs(x: Tensor, codebook: Tensor) -> None:
 def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
     """Index of the nearest row of ``codebook`` ``(K, D)`` for each row of ``x`` ``(N, D)``.
 
-    float32 on CPU, ``D <= MAX_DIM``; the first index among equal distances. One thread: a
-    second one, started per call, lost more to torch's own spinning worker threads than it
-    gained (training step 1.43x the network alone with two threads, 1.19x with one, before
-    the EMA update moved to C too).
+    float32 on CPU, ``D <= MAX_DIM``; the first index among equal distances. The rows are
+    split over torch's threads in an OpenMP build (:func:`parallel`); a thread of our own,
+    started per call, had lost more to torch's spinning worker threads than it gained.
     """
     if _tracing():
         return torch.ops.vqvae.nearest_code_cpu(x, codebook)
@@ -540,11 +580,11 @@ def _(codebook: Tensor, cluster_size: Tensor, counts: Tensor, sums: Tensor, deca
     return codebook.new_empty((), dtype=torch.long)  # how many codes are below threshold
 
 
-# The row kernels below run on the calling thread, one call each. Splitting their rows over a
-# pool thread (ctypes lets go of the GIL) was slower on two threads: right after torch's own
-# parallel operations the pool thread waited behind torch's spinning workers (SimVQ's call:
-# 5.9 ms in two blocks against 5.5 in one, AVX-512; a row pass after a matmul: 0.52 against
-# 0.42 ms).
+# The row kernels below split their rows over torch's threads in an OpenMP build (see
+# _shares_openmp). Splitting them over a pool thread of our own (ctypes lets go of the GIL) had
+# been slower on two threads: right after torch's parallel operations that thread waited
+# behind torch's spinning workers (SimVQ's call: 5.9 ms in two blocks against 5.5 in one,
+# AVX-512). Handing the rows to those same workers has no such wait.
 
 
 # ---------------------------------------------------------------------------- int8 re-check
@@ -662,50 +702,62 @@ FSQ_TANH, FSQ_CLAMP, FSQ_INWARD = 0, 1, 2
 
 
 def fsq_forward(u: Tensor, bounded: Tensor | None, constants: tuple[Tensor, ...],
-                levels: Tensor, basis: Tensor, symmetric: bool, rows: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor] | None:
+                levels: Tensor, basis: Tensor, symmetric: bool, rows: Tensor | None
+                ) -> tuple[Tensor | None, Tensor, Tensor] | None:
     """The projected FSQ call past ``project_in``, one pass over the rows: ``u`` ``(N, c)`` is
     ``project_in(x) + shift``, ``bounded`` its tanh (None: the clamp, taken here). Returns
     ``(out (N, dim), index (N,) int64, code (N, c))``, ``out`` gathered from ``rows``
-    (``project_out`` of every code, in index order), or None where ``u`` is not finite.
+    (``project_out`` of every code, in index order; None without ``rows``), or None where
+    ``u`` is not finite.
     ``constants``: the bound's ``(scale, bias, centre, step)`` per channel (float32);
     ``levels`` (int32, as FSQ keeps them) and ``basis`` (int64) per channel."""
     num_rows, channels = u.shape
     scale, bias, centre, step = (t.contiguous() for t in constants)
     levels = levels.to(torch.int32).contiguous()  # (no copy for FSQ's own)
-    basis, rows = basis.to(torch.int64).contiguous(), rows.contiguous()
-    out = u.new_empty(num_rows, rows.shape[1])
+    basis = basis.to(torch.int64).contiguous()
+    rows = rows.contiguous() if rows is not None else None
+    out = u.new_empty(num_rows, rows.shape[1]) if rows is not None else None
     index = torch.empty(num_rows, dtype=torch.long)
     code = torch.empty_like(u)
     if num_rows and _checked_library().vq_fsq_forward(
             u.data_ptr(), bounded.data_ptr() if bounded is not None else None, num_rows,
             channels, scale.data_ptr(), bias.data_ptr(), centre.data_ptr(), step.data_ptr(),
-            levels.data_ptr(), basis.data_ptr(), int(symmetric), rows.data_ptr(),
-            rows.shape[1], out.data_ptr(), index.data_ptr(), code.data_ptr()):
+            levels.data_ptr(), basis.data_ptr(), int(symmetric),
+            rows.data_ptr() if rows is not None else None,
+            rows.shape[1] if rows is not None else 0,
+            out.data_ptr() if out is not None else None, index.data_ptr(), code.data_ptr()):
         return None
     return out, index, code
 
 
 def fsq_backward(grad: Tensor, x: Tensor, saved: Tensor, code: Tensor, w_in: Tensor,
                  w_out: Tensor, slope: Tensor, bound: int, in_bias: bool,
-                 out_bias: bool) -> tuple[Tensor, ...]:
+                 out_bias: bool, in_place: bool = False) -> tuple[Tensor, ...]:
     """``(grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out)`` of that call (biases None
     when absent), one pass over the rows; ``bound`` one of :data:`FSQ_TANH`
     (``saved`` the bounded ``t``), :data:`FSQ_CLAMP`, :data:`FSQ_INWARD` (``saved`` ``u``; the
-    clamp's gradient as :func:`.fsq.clamp_gradient` keeps it)."""
+    clamp's gradient as :func:`.fsq.clamp_gradient` keeps it). ``grad`` float32 ``(N, dim)``
+    with contiguous rows, or one row broadcast to all (row stride 0, as the gradient of a sum
+    arrives: read where it is, not copied ``N`` times). ``in_place``: ``grad_x`` is written
+    over ``grad`` (each row is read before it is written), no new ``(N, dim)`` buffer."""
     num_rows, dim = x.shape
+    if grad.dtype != torch.float32 or grad.shape != x.shape or grad.stride(-1) != 1 \
+            or grad.stride(0) not in (0, dim) or (in_place and grad.stride(0) == 0):
+        raise ValueError(f"expected a float32 gradient {tuple(x.shape)} with contiguous or "
+                         f"broadcast rows, got {grad.dtype} {tuple(grad.shape)} strides "
+                         f"{grad.stride()}")
     channels = saved.shape[1]
     if channels > FSQ_MAX_CHANNELS:
         raise ValueError(f"the FSQ kernels take at most {FSQ_MAX_CHANNELS} channels, "
                          f"got {channels}")
-    grad_x = torch.empty_like(x)
+    grad_x = grad if in_place else torch.empty_like(x)
     cd = channels * dim
     sums = x.new_zeros(2 * cd + channels + dim)  # w_in, w_out, b_in, b_out
     if num_rows and _checked_library().vq_fsq_backward(
             grad.data_ptr(), x.data_ptr(), saved.data_ptr(), code.data_ptr(), w_in.data_ptr(),
             w_out.data_ptr(), slope.contiguous().data_ptr(), bound, num_rows, channels, dim,
-            grad_x.data_ptr(), sums.data_ptr(), sums[2 * cd].data_ptr(), sums[cd].data_ptr(),
-            sums[2 * cd + channels].data_ptr()):
+            grad.stride(0), grad_x.data_ptr(), sums.data_ptr(), sums[2 * cd].data_ptr(),
+            sums[cd].data_ptr(), sums[2 * cd + channels].data_ptr()):
         raise MemoryError("vq_fsq_backward could not allocate its sums")
     grad_w_in = sums[:cd].view(channels, dim)
     grad_w_out = sums[cd:2 * cd].view(dim, channels)

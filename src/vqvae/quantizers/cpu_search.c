@@ -17,6 +17,44 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Threads. Built with -fopenmp (cpu_kernel.py does so where torch's own OpenMP runtime,
+ * libgomp.so.1, is the one loaded, so the two share one pool of worker threads), a kernel with
+ * enough work splits its rows over omp_get_max_threads() threads, which is what torch's
+ * set_num_threads sets: the workers that torch's last parallel operation left spinning take
+ * the rows at once. Sums over rows are kept per thread and added in thread order afterwards,
+ * so that a given thread count always gives the same bits. Without OpenMP, one thread. */
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_ID() omp_get_thread_num()
+#else
+#define THREAD_ID() 0
+#endif
+#define PRAGMA(text) _Pragma(#text)
+/* the threads of a parallel region: all of torch's for at least PARALLEL_WORK units of work
+ * (floats read or written by a row kernel; multiply-adds / 32 in the search), else one;
+ * as torch's GRAIN_SIZE, the work below which a second thread costs more than it saves */
+#define PARALLEL_WORK 32768
+/* most threads whose sums a kernel keeps on its stack; more are not used */
+#define MAX_THREADS 256
+static int team(double work) {
+#ifdef _OPENMP
+    int most = omp_get_max_threads();
+    return work < PARALLEL_WORK ? 1 : (most < MAX_THREADS ? most : MAX_THREADS);
+#else
+    (void)work;
+    return 1;
+#endif
+}
+
+/* whether this build runs its kernels on several threads */
+int vq_parallel(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* LANES: floats per vector, the width of the machine's registers (wider vector types than the
  * hardware has are emulated by GCC, here 45x slower). ROWS: vectors per block, so that the
  * 2 * ROWS accumulators and two code vectors fit in the register file. */
@@ -86,6 +124,8 @@ static void search_rows(const float *x, const float *code_t, const float *code_s
                         int64_t d, int64_t k, int64_t *out) {
     vint lane;
     for (int j = 0; j < LANES; j++) lane[j] = j;
+    int threads = team((double)n * (double)d * (double)k / 32.0);
+    PRAGMA(omp parallel for schedule(static) num_threads(threads))
     for (int64_t i = 0; i < n; i += ROWS) {
         const float *row[ROWS];
         vfloat best[ROWS];
@@ -303,47 +343,87 @@ static int64_t first_smallest(const int32_t *p, const float *code_sq, float scal
     return index;
 }
 
+/* one row of the re-check; adds its candidates to *count and returns 1 as soon as that
+ * exceeds max_candidates */
+static int recheck_row(const int32_t *p, float scale, const float *code_sq, const float *row,
+                       const float *codebook, float slack, int64_t d, int64_t k,
+                       int64_t max_candidates, int64_t *count_so_far, int64_t *out) {
+    int64_t anchor = first_smallest(p, code_sq, scale, k);
+    float anchor_exact = exact_at(row, codebook, code_sq, anchor, d);
+    float threshold = anchor_exact + slack;
+    if (isnan(threshold)) threshold = INFINITY;
+    int64_t first = -1, count = 0, best_index = k - 1;
+    float best = INFINITY;
+    vfloat scale_v = splat(scale), threshold_v = splat(threshold);
+    for (int64_t start = 0; start < k; start += LANES) {
+        int64_t width = k - start < LANES ? k - start : LANES;
+        vint passed = {0};
+        if (width == LANES)
+            passed = load_approx(p + start, code_sq + start, scale_v) <= threshold_v;
+        else
+            for (int l = 0; l < width; l++)
+                passed[l] = approx_at(p, code_sq, start + l, scale) <= threshold ? -1 : 0;
+        if (!any_set(passed)) continue; /* the common case: no candidate among these */
+        for (int l = 0; l < width; l++) {
+            if (!passed[l]) continue;
+            int64_t c = start + l;
+            if (++*count_so_far > max_candidates) return 1;
+            float exact = c == anchor ? anchor_exact : exact_at(row, codebook, code_sq, c, d);
+            if (count++ == 0) first = c;
+            if (exact < best) { /* strict: the first code at the minimum stays */
+                best = exact;
+                best_index = c;
+            }
+        }
+    }
+    /* one candidate: it, unchecked; none (NaN distances): an index in range, as the
+     * float32 search gives, for the caller's finiteness check to report */
+    *out = count == 1 ? first : (count == 0 ? k - 1 : (best < INFINITY ? best_index : first));
+    return 0;
+}
+
+/* the candidate count is the block's: each thread adds its rows' count to a shared total
+ * every RECHECK_SHARE rows and stops once that total is over the limit */
+#define RECHECK_SHARE 16
 int vq_int8_recheck(const int32_t *products, const float *row_scale, const float *code_sq,
                     const float *x, const float *codebook, const float *slack, int64_t n,
                     int64_t d, int64_t k, int64_t max_candidates, int64_t *out) {
-    int64_t total = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const int32_t *p = products + i * k;
-        const float *row = x + i * d;
-        float scale = row_scale[i];
-        int64_t anchor = first_smallest(p, code_sq, scale, k);
-        float anchor_exact = exact_at(row, codebook, code_sq, anchor, d);
-        float threshold = anchor_exact + slack[i];
-        if (isnan(threshold)) threshold = INFINITY;
-        int64_t first = -1, count = 0, best_index = k - 1;
-        float best = INFINITY;
-        vfloat scale_v = splat(scale), threshold_v = splat(threshold);
-        for (int64_t start = 0; start < k; start += LANES) {
-            int64_t width = k - start < LANES ? k - start : LANES;
-            vint passed = {0};
-            if (width == LANES)
-                passed = load_approx(p + start, code_sq + start, scale_v) <= threshold_v;
-            else
-                for (int l = 0; l < width; l++)
-                    passed[l] = approx_at(p, code_sq, start + l, scale) <= threshold ? -1 : 0;
-            if (!any_set(passed)) continue; /* the common case: no candidate among these */
-            for (int l = 0; l < width; l++) {
-                if (!passed[l]) continue;
-                int64_t c = start + l;
-                if (++total > max_candidates) return 1;
-                float exact = c == anchor ? anchor_exact : exact_at(row, codebook, code_sq, c, d);
-                if (count++ == 0) first = c;
-                if (exact < best) { /* strict: the first code at the minimum stays */
-                    best = exact;
-                    best_index = c;
+    int64_t shared = 0;
+    int over = 0;
+    int threads = team((double)n * (double)k);
+    PRAGMA(omp parallel num_threads(threads))
+    {
+        int64_t mine = 0, rows = 0;
+        PRAGMA(omp for schedule(static))
+        for (int64_t i = 0; i < n; i++) {
+            int stop;
+            PRAGMA(omp atomic read)
+            stop = over;
+            if (stop) continue;
+            int64_t seen; /* a stale total only raises this row's limit */
+            PRAGMA(omp atomic read)
+            seen = shared;
+            int64_t limit = max_candidates - seen;
+            if (recheck_row(products + i * k, row_scale[i], code_sq, x + i * d, codebook,
+                            slack[i], d, k, limit, &mine, out + i)
+                || ++rows % RECHECK_SHARE == 0) {
+                int64_t total;
+                PRAGMA(omp atomic capture)
+                {
+                    shared += mine;
+                    total = shared;
+                }
+                mine = 0;
+                if (total > max_candidates) {
+                    PRAGMA(omp atomic write)
+                    over = 1;
                 }
             }
         }
-        /* one candidate: it, unchecked; none (NaN distances): an index in range, as the
-         * float32 search gives, for the caller's finiteness check to report */
-        out[i] = count == 1 ? first : (count == 0 ? k - 1 : (best < INFINITY ? best_index : first));
+        PRAGMA(omp atomic)
+        shared += mine;
     }
-    return 0;
+    return over || shared > max_candidates;
 }
 
 /* ------------------------------------------------------------------ int8 rounding of rows
@@ -395,12 +475,18 @@ void vq_quantize_rows(const float *v, int64_t n, int64_t d, float qmax, int pair
                       float peak_floor, int8_t *q, float *scale, float *residual_norm) {
     float shared = 0.0f;
     int shared_nan = 0;
-    if (!per_row) {
+    int threads = team((double)n * (double)d);
+    if (!per_row) { /* the maximum and the OR do not depend on the order of the rows */
+        PRAGMA(omp parallel for schedule(static) num_threads(threads)
+               reduction(max:shared) reduction(|:shared_nan))
         for (int64_t i = 0; i < n; i++) {
-            float peak = row_peak(v + i * d, d, pairs, &shared_nan);
+            int nan = 0;
+            float peak = row_peak(v + i * d, d, pairs, &nan);
             shared = peak > shared ? peak : shared;
+            shared_nan |= nan;
         }
     }
+    PRAGMA(omp parallel for schedule(static) num_threads(threads))
     for (int64_t i = 0; i < n; i++) {
         const float *row = v + i * d;
         int nan = shared_nan;
@@ -444,44 +530,59 @@ void vq_quantize_rows(const float *v, int64_t n, int64_t d, float qmax, int pair
  * Forward: returns the sum of ||x - q||^2 over all rows; with rotation also writes each row's
  * ||x|| and ||q|| (floored at eps) and cos = x.q / (||x|| ||q||). */
 
-double vq_estimator_forward(const float *x, const float *q, int64_t n, int64_t d, int rotation,
-                            float eps, float *x_norm, float *q_norm, float *cos) {
-    double total = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        const float *xr = x + i * d, *qr = q + i * d;
-        vfloat dd0 = splat(0.0f), dd1 = splat(0.0f), xx = splat(0.0f), qq = splat(0.0f),
-               xq = splat(0.0f);
-        int64_t j = 0;
-        for (; j + 2 * LANES <= d; j += 2 * LANES) {
-            vfloat a0 = load(xr + j), b0 = load(qr + j);
-            vfloat a1 = load(xr + j + LANES), b1 = load(qr + j + LANES);
-            vfloat e0 = a0 - b0, e1 = a1 - b1;
-            dd0 += e0 * e0;
-            dd1 += e1 * e1;
-            if (rotation) {
-                xx += a0 * a0 + a1 * a1;
-                qq += b0 * b0 + b1 * b1;
-                xq += a0 * b0 + a1 * b1;
-            }
-        }
-        float diff = fold(dd0 + dd1), sx = fold(xx), sq = fold(qq), sxq = fold(xq);
-        for (; j < d; j++) {
-            float e = xr[j] - qr[j];
-            diff += e * e;
-            sx += xr[j] * xr[j];
-            sq += qr[j] * qr[j];
-            sxq += xr[j] * qr[j];
-        }
-        total += diff;
+/* one row of the forward: ||x - q||^2, and with rotation the row's norms and cosine */
+static float estimator_row(const float *xr, const float *qr, int64_t d, int rotation,
+                           float eps, float *x_norm, float *q_norm, float *cos) {
+    vfloat dd0 = splat(0.0f), dd1 = splat(0.0f), xx = splat(0.0f), qq = splat(0.0f),
+           xq = splat(0.0f);
+    int64_t j = 0;
+    for (; j + 2 * LANES <= d; j += 2 * LANES) {
+        vfloat a0 = load(xr + j), b0 = load(qr + j);
+        vfloat a1 = load(xr + j + LANES), b1 = load(qr + j + LANES);
+        vfloat e0 = a0 - b0, e1 = a1 - b1;
+        dd0 += e0 * e0;
+        dd1 += e1 * e1;
         if (rotation) {
-            float nx = sqrtf(sx), nq = sqrtf(sq);
-            nx = nx < eps ? eps : nx;
-            nq = nq < eps ? eps : nq;
-            x_norm[i] = nx;
-            q_norm[i] = nq;
-            cos[i] = sxq / (nx * nq);
+            xx += a0 * a0 + a1 * a1;
+            qq += b0 * b0 + b1 * b1;
+            xq += a0 * b0 + a1 * b1;
         }
     }
+    float diff = fold(dd0 + dd1), sx = fold(xx), sq = fold(qq), sxq = fold(xq);
+    for (; j < d; j++) {
+        float e = xr[j] - qr[j];
+        diff += e * e;
+        sx += xr[j] * xr[j];
+        sq += qr[j] * qr[j];
+        sxq += xr[j] * qr[j];
+    }
+    if (rotation) {
+        float nx = sqrtf(sx), nq = sqrtf(sq);
+        nx = nx < eps ? eps : nx;
+        nq = nq < eps ? eps : nq;
+        *x_norm = nx;
+        *q_norm = nq;
+        *cos = sxq / (nx * nq);
+    }
+    return diff;
+}
+
+double vq_estimator_forward(const float *x, const float *q, int64_t n, int64_t d, int rotation,
+                            float eps, float *x_norm, float *q_norm, float *cos) {
+    int threads = team(2.0 * (double)n * (double)d);
+    double partial[MAX_THREADS] = {0}; /* each thread's sum, added in thread order */
+    PRAGMA(omp parallel num_threads(threads))
+    {
+        double total = 0.0;
+        PRAGMA(omp for schedule(static))
+        for (int64_t i = 0; i < n; i++)
+            total += estimator_row(x + i * d, q + i * d, d, rotation, eps,
+                                   rotation ? x_norm + i : NULL, rotation ? q_norm + i : NULL,
+                                   rotation ? cos + i : NULL);
+        partial[THREAD_ID()] = total;
+    }
+    double total = 0.0;
+    for (int t = 0; t < threads; t++) total += partial[t];
     return total;
 }
 
@@ -492,6 +593,8 @@ void vq_estimator_backward(const float *g, const float *x, const float *q, const
                            const float *q_norm, const float *cos, int64_t n, int64_t d,
                            int rotation, float commit, float codebook, float floor,
                            float *grad_x, float *grad_q) {
+    int threads = team(4.0 * (double)n * (double)d);
+    PRAGMA(omp parallel for schedule(static) num_threads(threads))
     for (int64_t i = 0; i < n; i++) {
         const float *gr = g + i * d, *xr = x + i * d, *qr = q + i * d;
         float *gx = grad_x + i * d;
@@ -543,6 +646,7 @@ void vq_estimator_backward(const float *g, const float *x, const float *q, const
  *
  * The forward's products are not contracted into fused multiply-adds: its values are then
  * those of the tensor form, bit for bit, and so are its codes at rounding ties. */
+
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 
@@ -551,45 +655,58 @@ void vq_estimator_backward(const float *g, const float *x, const float *q, const
  * standard: level = rint(bias_j + t scale_j), code = level / centre_j, digit = level + centre_j;
  * symmetric: level = floor((t + 1) scale_j + 0.5), code = level step_j - 1, digit = level.
  * index = sum_j digit_j basis_j; out row = rows[index] (rows: project_out of every code,
- * (codebook_size, dim)). Writes code (n, c) for the backward. Returns 1 (out partly written)
- * at the first u that is not finite, or a digit outside [0, levels_j). */
+ * (codebook_size, dim)); without rows, out is not written (the caller projects the codes).
+ * Writes code (n, c) for the backward. Returns 1 (out partly written)
+ * where a u is not finite, or a digit is outside [0, levels_j). */
+static int fsq_row(const float *u, const float *bounded, int64_t c, const float *scale,
+                   const float *bias, const float *centre, const float *step,
+                   const int32_t *levels, const int64_t *basis, int symmetric, const float *rows,
+                   int64_t dim, float *out, int64_t *index, float *code_out) {
+    int64_t at = 0;
+    for (int64_t j = 0; j < c; j++) {
+        float value = u[j];
+        if (!isfinite(value)) return 1;
+        float t = bounded ? bounded[j] : (value < -1.0f ? -1.0f : (value > 1.0f ? 1.0f : value));
+        float level, code, digit;
+        if (symmetric) {
+            float scaled = (t + 1.0f) * scale[j];
+            level = floorf(scaled + 0.5f);
+            float spaced = level * step[j];
+            code = spaced - 1.0f;
+            digit = level;
+        } else {
+            float scaled = t * scale[j];
+            level = rintf(bias[j] + scaled);
+            code = level / centre[j];
+            digit = level + centre[j];
+        }
+        if (!(digit >= 0.0f && digit < (float)levels[j])) return 1;
+        at += (int64_t)digit * basis[j];
+        code_out[j] = code;
+    }
+    *index = at;
+    if (rows) memcpy(out, rows + at * dim, (size_t)dim * sizeof(float));
+    return 0;
+}
+
 int vq_fsq_forward(const float *u, const float *bounded, int64_t n, int64_t c,
                    const float *scale, const float *bias, const float *centre, const float *step,
                    const int32_t *levels, const int64_t *basis, int symmetric, const float *rows,
                    int64_t dim, float *out, int64_t *index, float *code_out) {
-    for (int64_t i = 0; i < n; i++) {
-        int64_t at = 0;
-        for (int64_t j = 0; j < c; j++) {
-            float value = u[i * c + j];
-            if (!isfinite(value)) return 1;
-            float t = bounded ? bounded[i * c + j]
-                              : (value < -1.0f ? -1.0f : (value > 1.0f ? 1.0f : value));
-            float level, code, digit;
-            if (symmetric) {
-                float scaled = (t + 1.0f) * scale[j];
-                level = floorf(scaled + 0.5f);
-                float spaced = level * step[j];
-                code = spaced - 1.0f;
-                digit = level;
-            } else {
-                float scaled = t * scale[j];
-                level = rintf(bias[j] + scaled);
-                code = level / centre[j];
-                digit = level + centre[j];
-            }
-            if (!(digit >= 0.0f && digit < (float)levels[j])) return 1;
-            at += (int64_t)digit * basis[j];
-            code_out[i * c + j] = code;
-        }
-        index[i] = at;
-        memcpy(out + i * dim, rows + at * dim, (size_t)dim * sizeof(float));
-    }
-    return 0;
+    int bad = 0;
+    int threads = team((double)n * (double)((rows ? dim : 0) + 2 * c));
+    PRAGMA(omp parallel for schedule(static) num_threads(threads) reduction(|:bad))
+    for (int64_t i = 0; i < n; i++)
+        bad |= fsq_row(u + i * c, bounded ? bounded + i * c : NULL, c, scale, bias, centre, step,
+                       levels, basis, symmetric, rows, dim, rows ? out + i * dim : NULL,
+                       index + i, code_out + i * c);
+    return bad;
 }
 #pragma GCC pop_options
 
 /* The backward of that call with project_in and project_out (w_in (c, dim), w_out (dim, c)):
- * from g (n, dim), the gradient of the output,
+ * from g (n, dim), the gradient of the output (its rows g_stride floats apart: dim, or 0
+ * for one row broadcast to all, as the gradient of a sum arrives),
  *   grad_w_out = g^T [code], grad_b_out = sum g          (into grad_w_out (dim, c), grad_b_out)
  *   s = (g w_out) slope; grad_h = s - s t^2 (bound 0, tanh: saved = t), or s kept where
  *   |u| <= 1 (bound 1, clamp: saved = u; bound 2, inward clamp: also where u s > 0)
@@ -598,32 +715,126 @@ int vq_fsq_forward(const float *u, const float *bounded, int64_t n, int64_t c,
 #define FSQ_MAX_CHANNELS 32
 #define FSQ_BLOCK 64
 
-/* acc += sum_r rows[r] * scales[r] over dim entries, for up to FSQ_GROUP rows: one load and
- * one store of acc per vector for the whole group */
-#define FSQ_GROUP 4
-static void add_scaled_rows(float *acc, const float *const *rows, const float *scales,
-                            int count, int64_t dim) {
+/* the gradient of the bound at one channel: s, the gradient of the code, times tanh' or the
+ * clamp's mask (see vq_fsq_backward) */
+static float bound_gradient(float s, float v, int bound) {
+    if (bound == 0) return s - s * (v * v); /* tanh' = 1 - t^2 */
+    int keep = v >= -1.0f && v <= 1.0f;
+    if (bound == 2) keep |= v * s > 0.0f;
+    return keep ? s : 0.0f;
+}
+
+/* rows i .. i + rows - 1 of the backward (rows at most FSQ_ROWS, a constant where it is
+ * called, so that the loops over it unroll): grad_x written, the sums (w_out, w_in, b_in,
+ * b_out: the layout of vq_fsq_backward's) added to block. Several rows at a time load and
+ * store each accumulator once for all of them; how many is vq_fsq_backward's choice. */
+#define FSQ_ROWS 4
+static inline __attribute__((always_inline)) void fsq_backward_step(
+        const float *g, int64_t g_stride, const float *x, const float *saved, const float *code,
+        const float *w_in, const float *columns, int bound, int64_t i, int rows, int64_t c,
+        int64_t dim, float *grad_x, float *block) {
+    float *b_w_out = block, *b_w_in = block + c * dim, *b_b_in = block + 2 * c * dim,
+          *b_b_out = block + 2 * c * dim + c;
+    const float *gr[FSQ_ROWS], *xr[FSQ_ROWS];
+    float *gx[FSQ_ROWS];
+    float h[FSQ_ROWS][FSQ_MAX_CHANNELS], cd[FSQ_ROWS][FSQ_MAX_CHANNELS];
+    /* the c products g . column_j of each row side by side: independent chains of additions
+     * (one product after another waits on each addition's latency) */
+    vfloat acc[FSQ_ROWS][FSQ_MAX_CHANNELS];
+    for (int r = 0; r < rows; r++) {
+        gr[r] = g + (i + r) * g_stride;
+        xr[r] = x + (i + r) * dim;
+        gx[r] = grad_x + (i + r) * dim;
+        for (int64_t j = 0; j < c; j++) acc[r][j] = splat(0.0f);
+    }
+    int64_t e = 0;
+    for (; e + LANES <= dim; e += LANES) {
+        for (int64_t j = 0; j < c; j++) {
+            vfloat column = load(columns + j * dim + e);
+            for (int r = 0; r < rows; r++) acc[r][j] += load(gr[r] + e) * column;
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        for (int64_t j = 0; j < c; j++) {
+            float s = fold(acc[r][j]);
+            for (int64_t d = e; d < dim; d++) s += gr[r][d] * columns[j * dim + d];
+            h[r][j] = bound_gradient(s, saved[(i + r) * c + j], bound);
+            cd[r][j] = code[(i + r) * c + j];
+            b_b_in[j] += h[r][j];
+        }
+    }
+    /* grad_x = h w_in, summed in registers and stored once; the weight sums: each
+     * accumulator loaded and stored once for the rows */
     int64_t d = 0;
     for (; d + LANES <= dim; d += LANES) {
-        vfloat sum = load(acc + d);
-        for (int r = 0; r < count; r++) sum += load(rows[r] + d) * splat(scales[r]);
-        memcpy(acc + d, &sum, sizeof sum);
+        vfloat gv[FSQ_ROWS], xv[FSQ_ROWS], sum[FSQ_ROWS], b_out = load(b_b_out + d);
+        for (int r = 0; r < rows; r++) {
+            gv[r] = load(gr[r] + d);
+            xv[r] = load(xr[r] + d);
+            sum[r] = splat(0.0f);
+            b_out += gv[r];
+        }
+        for (int64_t j = 0; j < c; j++) {
+            vfloat w = load(w_in + j * dim + d);
+            vfloat out_sum = load(b_w_out + j * dim + d), in_sum = load(b_w_in + j * dim + d);
+            for (int r = 0; r < rows; r++) {
+                sum[r] += splat(h[r][j]) * w;
+                out_sum += splat(cd[r][j]) * gv[r];
+                in_sum += splat(h[r][j]) * xv[r];
+            }
+            memcpy(b_w_out + j * dim + d, &out_sum, sizeof out_sum);
+            memcpy(b_w_in + j * dim + d, &in_sum, sizeof in_sum);
+        }
+        memcpy(b_b_out + d, &b_out, sizeof b_out);
+        for (int r = 0; r < rows; r++) memcpy(gx[r] + d, &sum[r], sizeof sum[r]);
     }
     for (; d < dim; d++) {
-        float sum = acc[d];
-        for (int r = 0; r < count; r++) sum += rows[r][d] * scales[r];
-        acc[d] = sum;
+        for (int r = 0; r < rows; r++) {
+            float sum = 0.0f;
+            for (int64_t j = 0; j < c; j++) {
+                sum += h[r][j] * w_in[j * dim + d];
+                b_w_out[j * dim + d] += cd[r][j] * gr[r][d];
+                b_w_in[j * dim + d] += h[r][j] * xr[r][d];
+            }
+            b_b_out[d] += gr[r][d];
+            gx[r][d] = sum;
+        }
     }
 }
 
+/* the rows [first, end) of the backward, step rows at a time, their sums added to block;
+ * inlined where c and step are constants (see vq_fsq_backward) */
+static inline __attribute__((always_inline)) void fsq_backward_rows(
+        const float *g, int64_t g_stride, const float *x, const float *saved,
+        const float *code, const float *w_in, const float *columns, int bound, int64_t first,
+        int64_t end,
+        int64_t c, int64_t dim, int step, float *grad_x, float *block) {
+    int64_t i = first;
+    for (; i + step <= end; i += step)
+        fsq_backward_step(g, g_stride, x, saved, code, w_in, columns, bound, i, step, c, dim,
+                          grad_x, block);
+    for (; i < end; i++)
+        fsq_backward_step(g, g_stride, x, saved, code, w_in, columns, bound, i, 1, c, dim,
+                          grad_x, block);
+}
+
+/* the backward's rows per step: at 128 features or more 4, else 2 (measured with a cold cache,
+ * one and two threads: at (8192, 256) rows and 4 channels, 4 rows took 0.86x the time of 2; at
+ * (4096, 512) and 8 channels 0.58-0.81x; at (2048, 16) and 3 channels 0.9-1.0x, at (8192, 64)
+ * and 4 channels 1.3-1.7x) */
+#define FSQ_WIDE 128
+
 int vq_fsq_backward(const float *g, const float *x, const float *saved, const float *code,
                     const float *w_in, const float *w_out, const float *slope, int bound,
-                    int64_t n, int64_t c, int64_t dim, float *grad_x, float *grad_w_in,
+                    int64_t n, int64_t c, int64_t dim, int64_t g_stride, float *grad_x,
+                    float *grad_w_in,
                     float *grad_b_in, float *grad_w_out, float *grad_b_out) {
     if (c > FSQ_MAX_CHANNELS) return 1;
+    int threads = team(3.0 * (double)n * (double)dim);
     int64_t sums = 2 * c * dim + c + dim;
-    double *total = calloc((size_t)sums, sizeof(double));
-    float *block = calloc((size_t)sums, sizeof(float));
+    /* per thread: its sums in double, and the current block's in float */
+    double *total = calloc((size_t)(threads * sums), sizeof(double));
+    float *block = calloc((size_t)(threads * sums), sizeof(float));
     float *columns = malloc((size_t)(c * dim) * sizeof(float));
     if (!total || !block || !columns) {
         free(total);
@@ -634,67 +845,41 @@ int vq_fsq_backward(const float *g, const float *x, const float *saved, const fl
     /* column j of w_out times the channel's slope, contiguous */
     for (int64_t j = 0; j < c; j++)
         for (int64_t d = 0; d < dim; d++) columns[j * dim + d] = w_out[d * c + j] * slope[j];
-    float *b_w_out = block, *b_w_in = block + c * dim, *b_b_in = block + 2 * c * dim,
-          *b_b_out = block + 2 * c * dim + c;
-    static const float ones[FSQ_GROUP] = {1.0f, 1.0f, 1.0f, 1.0f};
-    for (int64_t first = 0; first < n; first += FSQ_GROUP) {
-        int count = n - first < FSQ_GROUP ? (int)(n - first) : FSQ_GROUP;
-        const float *g_rows[FSQ_GROUP], *x_rows[FSQ_GROUP];
-        float h[FSQ_GROUP][FSQ_MAX_CHANNELS];
-        for (int r = 0; r < count; r++) {
-            int64_t i = first + r;
-            const float *gr = g + i * dim;
-            float *gx = grad_x + i * dim;
-            g_rows[r] = gr;
-            x_rows[r] = x + i * dim;
-            for (int64_t j = 0; j < c; j++) {
-                const float *column = columns + j * dim;
-                vfloat acc = splat(0.0f);
-                int64_t d = 0;
-                for (; d + LANES <= dim; d += LANES) acc += load(gr + d) * load(column + d);
-                float s = fold(acc);
-                for (; d < dim; d++) s += gr[d] * column[d];
-                float v = saved[i * c + j];
-                if (bound == 0) {
-                    h[r][j] = s - s * (v * v); /* tanh' = 1 - t^2 */
-                } else {
-                    int keep = v >= -1.0f && v <= 1.0f;
-                    if (bound == 2) keep |= v * s > 0.0f;
-                    h[r][j] = keep ? s : 0.0f;
-                }
+    int64_t blocks = (n + FSQ_BLOCK - 1) / FSQ_BLOCK;
+    PRAGMA(omp parallel num_threads(threads))
+    {
+        double *mine = total + THREAD_ID() * sums;
+        float *current = block + THREAD_ID() * sums;
+        PRAGMA(omp for schedule(static))
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t first = b * FSQ_BLOCK, end = first + FSQ_BLOCK < n ? first + FSQ_BLOCK : n;
+            /* with c a constant the loops over the channels unroll and the products stay in
+             * registers (with c a variable they went through memory: 1.5-2x slower) */
+            switch (c) {
+#define FSQ_CHANNELS_CASE(C)                                                                  \
+            case C:                                                                           \
+                if (dim >= FSQ_WIDE)                                                          \
+                    fsq_backward_rows(g, g_stride, x, saved, code, w_in, columns, bound,     \
+                                      first, end, C, dim, 4, grad_x, current);               \
+                else                                                                          \
+                    fsq_backward_rows(g, g_stride, x, saved, code, w_in, columns, bound,     \
+                                      first, end, C, dim, 2, grad_x, current);               \
+                break;
+            FSQ_CHANNELS_CASE(1) FSQ_CHANNELS_CASE(2) FSQ_CHANNELS_CASE(3) FSQ_CHANNELS_CASE(4)
+            FSQ_CHANNELS_CASE(5) FSQ_CHANNELS_CASE(6) FSQ_CHANNELS_CASE(7) FSQ_CHANNELS_CASE(8)
+#undef FSQ_CHANNELS_CASE
+            default:
+                fsq_backward_rows(g, g_stride, x, saved, code, w_in, columns, bound, first, end,
+                                  c, dim, 2, grad_x, current);
             }
-            int64_t d = 0; /* grad_x = h w_in, summed in registers and stored once */
-            for (; d + LANES <= dim; d += LANES) {
-                vfloat sum = splat(0.0f);
-                for (int64_t j = 0; j < c; j++) sum += splat(h[r][j]) * load(w_in + j * dim + d);
-                memcpy(gx + d, &sum, sizeof sum);
-            }
-            for (; d < dim; d++) {
-                float sum = 0.0f;
-                for (int64_t j = 0; j < c; j++) sum += h[r][j] * w_in[j * dim + d];
-                gx[d] = sum;
-            }
-        }
-        /* the weight sums: each accumulator loaded and stored once for the group's rows */
-        for (int64_t j = 0; j < c; j++) {
-            float codes[FSQ_GROUP], grads[FSQ_GROUP];
-            for (int r = 0; r < count; r++) {
-                codes[r] = code[(first + r) * c + j];
-                grads[r] = h[r][j];
-                b_b_in[j] += h[r][j];
-            }
-            add_scaled_rows(b_w_out + j * dim, g_rows, codes, count, dim);
-            add_scaled_rows(b_w_in + j * dim, x_rows, grads, count, dim);
-        }
-        add_scaled_rows(b_b_out, g_rows, ones, count, dim);
-        int64_t done = first + count;
-        if (done % FSQ_BLOCK == 0 || done == n) {
             for (int64_t k = 0; k < sums; k++) {
-                total[k] += block[k];
-                block[k] = 0.0f;
+                mine[k] += current[k];
+                current[k] = 0.0f;
             }
         }
     }
+    for (int t = 1; t < threads; t++) /* in thread order: the same bits for a thread count */
+        for (int64_t k = 0; k < sums; k++) total[k] += total[t * sums + k];
     for (int64_t j = 0; j < c; j++) {
         for (int64_t d = 0; d < dim; d++) {
             grad_w_out[d * c + j] = (float)total[j * dim + d];

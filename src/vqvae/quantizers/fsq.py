@@ -556,7 +556,7 @@ class FSQ(nn.Module):
         if repeat > 1:
             constants = tuple(c.repeat(repeat) for c in constants)
         table = self._table_for(flat.shape[0], z.dtype, z.device)
-        if fsq_cpu.usable(flat, pin, pout, table):
+        if fsq_cpu.usable(flat, pin, pout, self.num_codebooks):
             found = fsq_cpu.projected_call(flat, pin, pout, constants, self._levels, self._basis,
                                            self.preserve_symmetry, self._clamp, table)
             if found is not None:
