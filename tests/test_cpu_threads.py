@@ -60,6 +60,26 @@ def test_threads_switch_builds_for_one_thread(monkeypatch):
         cpu_kernel._shares_openmp.cache_clear()
 
 
+def test_a_compiler_without_openmp_builds_for_one_thread(tmp_path, monkeypatch):
+    if "-fopenmp" not in cpu_kernel.build_flags():
+        pytest.skip("this build has no OpenMP to refuse")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    compile_for_real = cpu_kernel._compile
+
+    def no_openmp(compiler, directory):
+        if "-fopenmp" in cpu_kernel.build_flags():
+            raise RuntimeError("cc failed: unsupported option '-fopenmp'")
+        return compile_for_real(compiler, directory)
+
+    monkeypatch.setattr(cpu_kernel, "_compile", no_openmp)
+    try:
+        library = cpu_kernel._open_or_without_openmp(cpu_kernel._compiler())
+        assert library.vq_parallel() == 0 and "-fopenmp" not in cpu_kernel.build_flags()
+        assert "unsupported option" in cpu_kernel._openmp_refused
+    finally:
+        monkeypatch.setattr(cpu_kernel, "_openmp_refused", None)
+
+
 def test_nearest_code_and_rounding_give_the_one_thread_answer(threads):
     g = torch.Generator().manual_seed(0)
     x, codebook = torch.randn(4099, 16, generator=g), torch.randn(515, 16, generator=g)

@@ -104,7 +104,13 @@ def build_flags() -> list[str]:
     limit = []
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
         limit = ISA_LIMITS.get(torch.backends.cpu.get_cpu_capability(), [])
-    return [*FLAGS, *limit, *(["-fopenmp"] if _shares_openmp() else [])]
+    threads = _shares_openmp() and _openmp_refused is None
+    return [*FLAGS, *limit, *(["-fopenmp"] if threads else [])]
+
+
+#: why the compiler refused ``-fopenmp`` (say, a clang without an OpenMP library), after which
+#: the kernels are built without it; None while it has not
+_openmp_refused: str | None = None
 
 
 @functools.cache
@@ -347,6 +353,21 @@ def _open(compiler: str) -> ctypes.CDLL:
     return _configure(_load(_build_into(directory, compiler, key), directory), compiler)
 
 
+def _open_or_without_openmp(compiler: str) -> ctypes.CDLL:
+    """:func:`_open`, and if the compiler fails with ``-fopenmp``, :func:`_open` without it
+    (kernels on the calling thread; :data:`_openmp_refused` keeps the compiler's message)."""
+    global _openmp_refused
+    try:
+        return _open(compiler)
+    except NoSimdError:
+        raise
+    except RuntimeError as error:
+        if "-fopenmp" not in build_flags():
+            raise
+        _openmp_refused = str(error)
+        return _open(compiler)
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     global _reason
@@ -358,7 +379,7 @@ def _library() -> ctypes.CDLL | None:
         _reason = "no C compiler found ($CC, cc or gcc)"
         return None
     try:
-        return _open(compiler)
+        return _open_or_without_openmp(compiler)
     except NoSimdError as error:
         _reason = str(error)
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
