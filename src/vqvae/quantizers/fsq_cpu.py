@@ -73,14 +73,14 @@ def rows_of(grad: Tensor) -> tuple[Tensor, bool]:
 def usable(x: Tensor, project_in, project_out, num_codebooks: int) -> bool:
     """Whether :func:`projected_call` takes this call (see the module docstring)."""
     weights = (project_in.weight, project_out.weight, project_in.bias, project_out.bias)
-    return (num_codebooks == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
+    # supports_rows first: it is false while tracing, where get_num_threads would break the
+    # graph (a traced call takes the tensor form)
+    return (cpu_kernel.supports_rows(x) and num_codebooks == 1
             and all(w is not None and w.dtype == torch.float32 and w.device.type == "cpu"
                     for w in weights)
             and project_in.weight.shape[0] <= cpu_kernel.FSQ_MAX_CHANNELS
-            and x.ndim == 2
             and (torch.get_num_threads() == 1 or x.numel() <= MAX_PARALLEL_WORK
-                 or cpu_kernel.parallel())
-            and cpu_kernel.supports_rows(x))
+                 or cpu_kernel.parallel()))
 
 
 def projected_call(x: Tensor, project_in, project_out, constants: tuple[Tensor, ...],
