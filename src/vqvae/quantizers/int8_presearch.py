@@ -24,8 +24,9 @@ instead of 12.5 for 1024 Gaussian codes of 512 dimensions (5.1 held to AVX2, who
 range is narrower). The candidates are then re-checked in float32 (:func:`.presearch.resolve`);
 blocks with too many candidates, or with non-finite values, are searched in float32 instead.
 
-With the C kernels (:mod:`.cpu_kernel`) the rounding and the whole second stage run there, on
-the calling thread: the anchor, candidates and re-check in two passes over each row
+With the C kernels (:mod:`.cpu_kernel`) the rounding and the whole second stage run there,
+their rows split over torch's threads where the kernels are built with OpenMP
+(:func:`.cpu_kernel.parallel`): the anchor, candidates and re-check in two passes over each row
 of the integer products (:func:`.cpu_kernel.int8_recheck`), where the tensor form above takes
 some thirty operations over the block (held to AVX2, one thread, 1024 rows against 1024 codes
 of 512 dimensions: 9.1 ms for the whole search before, 6.9 after, of which the product is 4.9).
