@@ -6,6 +6,9 @@ order so that machine noise hits both alike, and prints medians and the ratio ou
 Both sides get the same weights. The cases:
 
     fsq      FSQ levels [8, 5, 5, 5], dim 256, at (8, 1024, 256)
+    fsq64    the same at dim 64, (8, 1024, 64)
+    fsq512   FSQ levels [8, 8, 8, 5, 5, 5] (64000 codes: no code table), dim 512, at
+             (4, 1024, 512)
     rfsq     ResidualFSQ levels [8, 5, 5, 3], 8 layers, dim 256, at (1, 1024, 256) (README)
     grfsq    GroupedResidualFSQ as rfsq in 2 groups, at (1, 1024, 256)
     latent   LatentQuantize levels [5, 5, 8], dim 16, at (1, 16, 32, 32) (README)
@@ -41,6 +44,8 @@ RESIDUAL = dict(dim=256, levels=[8, 5, 5, 3], num_quantizers=8)
 FSP_README = dict(levels=[8, 5, 5, 5], act_name="normal", quantize_rate=0.5, vector_norm="var")
 CASES: dict[str, tuple[Callable, str, dict, tuple[int, ...]]] = {
     "fsq": (FSQ, "FSQ", dict(levels=[8, 5, 5, 5], dim=256), (8, 1024, 256)),
+    "fsq64": (FSQ, "FSQ", dict(levels=[8, 5, 5, 5], dim=64), (8, 1024, 64)),
+    "fsq512": (FSQ, "FSQ", dict(levels=[8, 8, 8, 5, 5, 5], dim=512), (4, 1024, 512)),
     "rfsq": (ResidualFSQ, "ResidualFSQ", RESIDUAL, (1, 1024, 256)),
     "grfsq": (GroupedResidualFSQ, "GroupedResidualFSQ", dict(RESIDUAL, groups=2),
               (1, 1024, 256)),
